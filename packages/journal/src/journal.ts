@@ -1,0 +1,702 @@
+/**
+ * The journal: a durable, ordered, CRC-chained log of records on one LevelDB database.
+ *
+ * Write path (group commit): `append` encodes its record at once and queues it; every append issued
+ * before the queue is flushed (one event-loop turn, plus whatever arrives while the previous batch is
+ * being written) goes into one atomic LevelDB batch. Sequence numbers are assigned when a batch is
+ * written, so a failed batch consumes none and nothing after it can commit out of order. A batch is
+ * written with `sync: true` if any member asked for it or a `sync()` call is waiting.
+ *
+ * After a batch commits, the `onCommit` hook sees its records in seq order, synchronously, before any
+ * member's promise resolves: a consumer that applies records there applies them in exactly journal
+ * order (the live path and replay cannot disagree about order).
+ *
+ * Replay is an RxJS Observable that reads frames in chunks from a LevelDB iterator, verifies each frame
+ * (chained CRC, no gap, chains to its predecessor) and each payload, and errors, never skips, on the
+ * first bad record, naming its seq. It stops reading as soon as it is unsubscribed.
+ */
+import { existsSync } from 'node:fs';
+import { readdir, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { crc32c } from '@node-rs/crc32';
+import { Level } from 'level';
+import { Packr } from 'msgpackr';
+import { Observable, Subject } from 'rxjs';
+import { decodeFrame, encodeFrame, encodeRecord, type EncodedRecord, hex } from './batch-codec.js';
+import { type Checkpoint, decodeCheckpoint, encodeCheckpoint } from './checkpoint-codec.js';
+import { assert, JournalCorruptionError, JournalError } from './errors.js';
+import {
+  checkpointKey,
+  checkpointRange,
+  metaKey,
+  payloadKey,
+  payloadRange,
+  recordKey,
+  recordRange,
+  seqOfKey,
+} from './keys.js';
+import {
+  journalFormatVersion,
+  maxBatchValueBytes,
+  maxPayloadBytes,
+  maxSeq,
+  replayChunkBytes,
+  replayChunkValues,
+} from './limits.js';
+
+const formatName = 'cowstack-journal';
+const metaPackr = new Packr({ useRecords: false });
+
+/** One committed record, as replay and the commit hook see it. */
+export interface JournalRecord<M = unknown> {
+  readonly seq: number;
+  /** Commit time of the record's batch, ms since the epoch. */
+  readonly timeMs: number;
+  readonly meta: M;
+  /** Length of the payload when it was appended (kept after retention drops the payload). */
+  readonly payloadLength: number;
+  readonly payloadCrc: number;
+  /** The payload, or undefined when there is none, it was not asked for, or retention dropped it. */
+  readonly payload: Buffer | undefined;
+  /** The record's chained CRC32C. */
+  readonly crc: number;
+}
+
+export interface AppendOptions {
+  /** Bytes stored beside the record (write data). Retention may drop them later; the CRC stays. */
+  readonly payload?: Buffer;
+  /** Make this record (and everything before it) durable before the promise resolves. */
+  readonly sync?: boolean;
+}
+
+export interface ReplayOptions {
+  /** Read, verify and return payloads (default true). */
+  readonly payloads?: boolean;
+  /** Recompute every record's chained CRC instead of one check per frame (default false). */
+  readonly fullCheck?: boolean;
+}
+
+export interface BatchCommitted {
+  readonly firstSeq: number;
+  readonly records: number;
+  readonly bytes: number;
+  readonly sync: boolean;
+  readonly durationMs: number;
+}
+
+export interface JournalStats {
+  /** Records retained (first..last). */
+  readonly records: number;
+  /** First retained seq; last committed seq (0 when the journal is empty). */
+  readonly firstSeq: number;
+  readonly lastSeq: number;
+  /** Payloads of records at or below this seq were dropped by retention (0: none dropped). */
+  readonly payloadsDroppedThroughSeq: number;
+  /** Bytes of the database's files on disk (records, payloads, checkpoints, LevelDB overhead). */
+  readonly diskBytes: number;
+  readonly checkpointSeqs: number[];
+}
+
+export interface VerifyProblem {
+  readonly seq: number;
+  readonly kind: string;
+  readonly message: string;
+}
+
+export interface VerifyReport {
+  readonly ok: boolean;
+  readonly recordsChecked: number;
+  readonly payloadsChecked: number;
+  readonly firstSeq: number;
+  readonly lastSeq: number;
+  /** The first bad record (the walk stops there), then every bad checkpoint. */
+  readonly problems: VerifyProblem[];
+}
+
+export interface OpenOptions<M> {
+  /** Create the journal when the directory holds none (default false). */
+  readonly create?: boolean;
+  /** Called synchronously, in seq order, with each committed batch before its appends resolve. */
+  readonly onCommit?: (records: ReadonlyArray<JournalRecord<M>>) => void;
+}
+
+interface Retention {
+  /** First retained seq (records below were dropped). */
+  firstSeq: number;
+  /** Chained CRC of the record before firstSeq. */
+  chainBefore: number;
+  /** Payloads of records <= this seq are dropped. */
+  payloadsThrough: number;
+}
+
+interface Pending<M> {
+  readonly meta: M;
+  readonly encoded: EncodedRecord;
+  readonly payload: Buffer | undefined;
+  readonly resolve: (seq: number) => void;
+  readonly reject: (err: unknown) => void;
+}
+
+type Db = Level<Buffer, Buffer>;
+
+export class Journal<M = unknown> {
+  readonly path: string;
+  /** Called with each committed batch, in seq order, before the batch's appends resolve. */
+  onCommit: ((records: ReadonlyArray<JournalRecord<M>>) => void) | undefined;
+  /** Every committed batch, for metrics. */
+  readonly batches$ = new Subject<BatchCommitted>();
+  /** Every committed record (payloads omitted), for live tailing. */
+  readonly records$ = new Subject<JournalRecord<M>>();
+
+  private readonly db: Db;
+  private nextSeq: number;
+  private lastChain: number;
+  private durableSeq: number;
+  private retention: Retention;
+  private pending: Pending<M>[] = [];
+  private pendingSync = false;
+  private syncWaiters: Array<{ resolve: () => void; reject: (err: unknown) => void }> = [];
+  private flushScheduled = false;
+  private flushActive = false;
+  private flushDone: Promise<void> = Promise.resolve();
+  private closed = false;
+
+  private constructor(path: string, db: Db, retention: Retention, nextSeq: number, lastChain: number, onCommit: OpenOptions<M>['onCommit']) {
+    this.path = path;
+    this.db = db;
+    this.retention = retention;
+    this.nextSeq = nextSeq;
+    this.lastChain = lastChain;
+    this.durableSeq = nextSeq - 1;
+    this.onCommit = onCommit;
+  }
+
+  /** Open (or, with `create`, create) the journal in directory `path`. */
+  static async open<M = unknown>(path: string, options: OpenOptions<M> = {}): Promise<Journal<M>> {
+    const create = options.create ?? false;
+    if (!create && !existsSync(join(path, 'CURRENT'))) {
+      throw new JournalError('ENOENT', `no journal at ${path}`);
+    }
+    const db: Db = new Level<Buffer, Buffer>(path, { keyEncoding: 'buffer', valueEncoding: 'buffer', createIfMissing: create });
+    try {
+      await db.open();
+    } catch (err) {
+      const cause = (err as { cause?: { code?: string } }).cause;
+      if (cause?.code === 'LEVEL_LOCKED') {
+        throw new JournalError('ELOCKED', `journal ${path} is in use by another process (its LevelDB LOCK is held)`, { cause: err });
+      }
+      throw new JournalError('EIO', `cannot open journal ${path}: ${(cause as Error | undefined)?.message ?? (err as Error).message}`, { cause: err });
+    }
+    try {
+      await Journal.checkFormat(path, db);
+      const retention = await Journal.readRetention(db);
+      const [lastKey, lastValue] = await Journal.lastEntry(db, recordRange);
+      let nextSeq = retention.firstSeq;
+      let lastChain = retention.chainBefore;
+      if (lastKey !== undefined && lastValue !== undefined) {
+        const frame = decodeFrame(seqOfKey(lastKey), lastValue, undefined, true);
+        nextSeq = frame.firstSeq + frame.count;
+        lastChain = frame.lastChain;
+      }
+      return new Journal<M>(path, db, retention, nextSeq, lastChain, options.onCommit);
+    } catch (err) {
+      await db.close();
+      throw err;
+    }
+  }
+
+  private static async checkFormat(path: string, db: Db): Promise<void> {
+    const raw = await db.get(metaKey('format'));
+    if (raw === undefined) {
+      const any = await db.keys({ limit: 1 }).all();
+      if (any.length > 0) throw new JournalError('EFORMAT', `${path} is a LevelDB database but not a cowstack journal (no format record)`);
+      await db.put(metaKey('format'), metaPackr.pack({ format: formatName, version: journalFormatVersion, createdMs: Date.now() }), { sync: true });
+      return;
+    }
+    let format: { format?: unknown; version?: unknown };
+    try {
+      format = metaPackr.unpack(raw) as typeof format;
+    } catch {
+      throw new JournalError('EFORMAT', `${path}: the journal format record cannot be decoded`);
+    }
+    if (format?.format !== formatName) throw new JournalError('EFORMAT', `${path} is not a cowstack journal (format ${String(format?.format)})`);
+    if (format.version !== journalFormatVersion) {
+      throw new JournalError(
+        'EFORMAT',
+        `${path}: journal format version ${String(format.version)} is not supported; this build reads version ${journalFormatVersion}`,
+      );
+    }
+  }
+
+  private static async readRetention(db: Db): Promise<Retention> {
+    const raw = await db.get(metaKey('retention'));
+    if (raw === undefined) return { firstSeq: 1, chainBefore: 0, payloadsThrough: 0 };
+    return metaPackr.unpack(raw) as Retention;
+  }
+
+  private static async lastEntry(db: Db, range: { gte: Buffer; lt: Buffer }): Promise<[Buffer | undefined, Buffer | undefined]> {
+    const entries = await db.iterator({ ...range, reverse: true, limit: 1 }).all();
+    return entries.length === 0 ? [undefined, undefined] : entries[0];
+  }
+
+  /** The last committed seq (0 before the first record). */
+  get lastSeq(): number {
+    return this.nextSeq - 1;
+  }
+
+  /** The first retained seq. */
+  get firstSeq(): number {
+    return this.retention.firstSeq;
+  }
+
+  /** Payloads of records at or below this seq were dropped by retention. */
+  get payloadsDroppedThroughSeq(): number {
+    return this.retention.payloadsThrough;
+  }
+
+  /**
+   * Append one record. Resolves with its seq once its batch is committed (and durable, with `sync`).
+   * Rejects, and consumes no seq, when its batch fails.
+   */
+  append(meta: M, options?: AppendOptions): Promise<number> {
+    if (this.closed) return Promise.reject(new JournalError('ECLOSED', `journal ${this.path} is closed`));
+    const payload = options?.payload;
+    let payloadCrc = 0;
+    if (payload !== undefined && payload.length > 0) {
+      if (payload.length > maxPayloadBytes) {
+        return Promise.reject(new JournalError('EINVAL', `payload of ${payload.length} bytes is over maxPayloadBytes (${maxPayloadBytes})`));
+      }
+      payloadCrc = crc32c(payload);
+    }
+    let encoded: EncodedRecord;
+    try {
+      encoded = encodeRecord(meta, payload?.length ?? 0, payloadCrc);
+    } catch (err) {
+      return Promise.reject(new JournalError('EINVAL', `record cannot be encoded: ${(err as Error).message}`, { cause: err }));
+    }
+    if (options?.sync) this.pendingSync = true;
+    return new Promise<number>((resolve, reject) => {
+      this.pending.push({ meta, encoded, payload: payload !== undefined && payload.length > 0 ? payload : undefined, resolve, reject });
+      this.scheduleFlush();
+    });
+  }
+
+  /** Resolves when every record committed before the call is durable. */
+  sync(): Promise<void> {
+    if (this.closed) return Promise.reject(new JournalError('ECLOSED', `journal ${this.path} is closed`));
+    if (this.durableSeq === this.lastSeq) return Promise.resolve();
+    return new Promise<void>((resolve, reject) => {
+      this.syncWaiters.push({ resolve, reject });
+      this.scheduleFlush();
+    });
+  }
+
+  private scheduleFlush(): void {
+    if (this.flushScheduled || this.flushActive) return;
+    this.flushScheduled = true;
+    setImmediate(() => {
+      this.flushScheduled = false;
+      this.flushDone = this.flushLoop();
+    });
+  }
+
+  /** Writes batches one at a time until the queue is empty; `flushActive` drops in the same turn. */
+  private async flushLoop(): Promise<void> {
+    this.flushActive = true;
+    try {
+      while (this.pending.length > 0 || this.syncWaiters.length > 0) {
+        const items = this.pending;
+        const waiters = this.syncWaiters;
+        const sync = this.pendingSync || waiters.length > 0;
+        this.pending = [];
+        this.syncWaiters = [];
+        this.pendingSync = false;
+        await this.commitBatch(items, waiters, sync);
+      }
+    } finally {
+      this.flushActive = false;
+    }
+  }
+
+  private async commitBatch(items: Pending<M>[], waiters: Journal['syncWaiters'], sync: boolean): Promise<void> {
+    const startedMs = performance.now();
+    const timeMs = Date.now();
+    const firstSeq = this.nextSeq;
+    const ops: Array<{ type: 'put'; key: Buffer; value: Buffer }> = [];
+    const chains = new Uint32Array(items.length);
+    let prev = this.lastChain;
+    let bytes = 0;
+    let start = 0;
+    while (start < items.length) {
+      let end = start;
+      let frameBytes = 0;
+      while (end < items.length && (end === start || frameBytes + items[end].encoded.recordBytes.length <= maxBatchValueBytes)) {
+        frameBytes += items[end].encoded.recordBytes.length;
+        end++;
+      }
+      const frame = encodeFrame(firstSeq + start, timeMs, prev, items.slice(start, end).map((i) => i.encoded));
+      ops.push({ type: 'put', key: recordKey(firstSeq + start), value: frame.value });
+      chains.set(frame.chains, start);
+      bytes += frame.value.length;
+      prev = frame.chains[frame.chains.length - 1];
+      start = end;
+    }
+    for (let i = 0; i < items.length; i++) {
+      const payload = items[i].payload;
+      if (payload !== undefined) {
+        ops.push({ type: 'put', key: payloadKey(firstSeq + i), value: payload });
+        bytes += payload.length;
+      }
+    }
+    if (items.length === 0) ops.push({ type: 'put', key: metaKey('durable'), value: metaPackr.pack(this.lastSeq) });
+    try {
+      await this.db.batch(ops, { sync });
+    } catch (err) {
+      const failure = new JournalError('EIO', `journal ${this.path}: batch of ${items.length} records failed: ${(err as Error).message}`, { cause: err });
+      for (const item of items) item.reject(failure);
+      for (const waiter of waiters) waiter.reject(failure);
+      return;
+    }
+    this.nextSeq = firstSeq + items.length;
+    this.lastChain = prev;
+    if (sync) this.durableSeq = this.lastSeq;
+    assert(this.nextSeq <= maxSeq, 'sequence numbers stay below 2^53');
+    if (items.length > 0) {
+      const records: JournalRecord<M>[] = new Array(items.length);
+      for (let i = 0; i < items.length; i++) {
+        const item = items[i];
+        records[i] = {
+          seq: firstSeq + i,
+          timeMs,
+          meta: item.meta,
+          payloadLength: item.encoded.payloadLength,
+          payloadCrc: item.encoded.payloadCrc,
+          payload: item.payload,
+          crc: chains[i],
+        };
+      }
+      let hookError: unknown;
+      if (this.onCommit !== undefined) {
+        try {
+          this.onCommit(records);
+        } catch (err) {
+          hookError = err;
+        }
+      }
+      for (let i = 0; i < items.length; i++) {
+        if (hookError === undefined) items[i].resolve(firstSeq + i);
+        else items[i].reject(hookError);
+      }
+      if (this.records$.observed) for (const r of records) this.records$.next({ ...r, payload: undefined });
+    }
+    for (const waiter of waiters) waiter.resolve();
+    if (this.batches$.observed) {
+      this.batches$.next({ firstSeq, records: items.length, bytes, sync, durationMs: performance.now() - startedMs });
+    }
+  }
+
+  /**
+   * Records from `fromSeq` to `toSeq` (inclusive) in seq order. Errors with JournalCorruptionError on
+   * the first bad record and with ERETAINED when `fromSeq` was dropped by retention.
+   */
+  replay(fromSeq: number = this.retention.firstSeq, toSeq: number = maxSeq, options: ReplayOptions = {}): Observable<JournalRecord<M>> {
+    return new Observable<JournalRecord<M>>((subscriber) => {
+      let stopped = false;
+      const run = async (): Promise<void> => {
+        for await (const chunk of this.replayChunks(fromSeq, toSeq, options, () => stopped)) {
+          for (const record of chunk) {
+            if (stopped) return;
+            subscriber.next(record);
+          }
+        }
+      };
+      run().then(
+        () => subscriber.complete(),
+        (err: unknown) => subscriber.error(err),
+      );
+      return () => {
+        stopped = true;
+      };
+    });
+  }
+
+  /** The replay engine: yields verified records a chunk of frames at a time. */
+  private async *replayChunks(fromSeq: number, toSeq: number, options: ReplayOptions, isStopped: () => boolean): AsyncGenerator<JournalRecord<M>[]> {
+    if (this.closed) throw new JournalError('ECLOSED', `journal ${this.path} is closed`);
+    if (!Number.isSafeInteger(fromSeq) || !Number.isSafeInteger(toSeq) || fromSeq < 0) {
+      throw new JournalError('EINVAL', `replay range ${fromSeq}..${toSeq} is not a range of sequence numbers`);
+    }
+    const retention = { ...this.retention };
+    if (fromSeq < retention.firstSeq) fromSeq = retention.firstSeq;
+    const lastAtStart = this.lastSeq;
+    const end = Math.min(toSeq, lastAtStart);
+    if (fromSeq > end) return;
+    const wantPayloads = options.payloads ?? true;
+    const fullCheck = options.fullCheck ?? false;
+    const startKey = await this.frameKeyAtOrBefore(fromSeq);
+    const frames = this.db.iterator({ gte: startKey, lt: recordRange.lt, highWaterMarkBytes: replayChunkBytes });
+    const payloads = wantPayloads ? new PayloadCursor(this.db, Math.max(fromSeq, retention.payloadsThrough + 1), retention.payloadsThrough) : undefined;
+    let expectSeq: number | undefined;
+    let expectPrev: number | undefined;
+    try {
+      while (!isStopped()) {
+        const entries = await frames.nextv(replayChunkValues);
+        if (entries.length === 0) break;
+        const out: JournalRecord<M>[] = [];
+        let done = false;
+        for (const [key, value] of entries) {
+          const keySeq = seqOfKey(key);
+          if (expectSeq === undefined) {
+            if (keySeq > fromSeq) {
+              throw new JournalCorruptionError(fromSeq, 'gap', `no frame holds seq ${fromSeq}; the first frame at or after it starts at seq ${keySeq}`);
+            }
+            if (keySeq === retention.firstSeq) expectPrev = retention.chainBefore;
+          } else if (keySeq !== expectSeq) {
+            throw new JournalCorruptionError(expectSeq, 'gap', `record seq ${expectSeq} is missing; the next frame starts at seq ${keySeq}`);
+          }
+          const frame = decodeFrame(keySeq, value, expectPrev, fullCheck);
+          for (let i = 0; i < frame.count; i++) {
+            const seq = frame.firstSeq + i;
+            if (seq < fromSeq) continue;
+            if (seq > end) {
+              done = true;
+              break;
+            }
+            const [payloadLength, payloadCrc, meta] = frame.records[i];
+            let payload: Buffer | undefined;
+            if (payloads !== undefined && payloadLength > 0 && seq > retention.payloadsThrough) {
+              payload = await payloads.take(seq);
+              if (payload.length !== payloadLength || crc32c(payload) !== payloadCrc) {
+                throw new JournalCorruptionError(seq, 'payload-crc', `payload of ${payload.length} bytes does not match its length ${payloadLength} and CRC ${hex(payloadCrc)}`);
+              }
+            }
+            out.push({ seq, timeMs: frame.timeMs, meta: meta as M, payloadLength, payloadCrc, payload, crc: frame.chains[i] });
+          }
+          expectSeq = frame.firstSeq + frame.count;
+          expectPrev = frame.lastChain;
+          if (done) break;
+        }
+        if (out.length > 0) yield out;
+        if (done) return;
+      }
+      if (!isStopped() && (expectSeq === undefined || expectSeq <= end)) {
+        const missing = expectSeq ?? fromSeq;
+        throw new JournalCorruptionError(missing, 'gap', `the log ends before seq ${missing}, but records up to seq ${end} were committed`);
+      }
+    } finally {
+      await frames.close();
+      await payloads?.close();
+    }
+  }
+
+  /** Key of the frame holding `seq`: the last frame key at or before it (or the first key, if none). */
+  private async frameKeyAtOrBefore(seq: number): Promise<Buffer> {
+    const keys = await this.db.keys({ gte: recordRange.gte, lte: recordKey(seq), reverse: true, limit: 1 }).all();
+    return keys[0] ?? recordRange.gte;
+  }
+
+  /** Walk the whole retained log with every check on, then every checkpoint. Never throws on damage. */
+  async verify(): Promise<VerifyReport> {
+    const problems: VerifyProblem[] = [];
+    let recordsChecked = 0;
+    let payloadsChecked = 0;
+    let lastSeen = this.retention.firstSeq - 1;
+    try {
+      for await (const chunk of this.replayChunks(this.retention.firstSeq, maxSeq, { payloads: true, fullCheck: true }, () => false)) {
+        recordsChecked += chunk.length;
+        for (const r of chunk) if (r.payload !== undefined) payloadsChecked++;
+        lastSeen = chunk[chunk.length - 1].seq;
+      }
+    } catch (err) {
+      if (!(err instanceof JournalCorruptionError)) throw err;
+      problems.push({ seq: err.seq, kind: err.kind, message: err.message });
+    }
+    for (const key of await this.db.keys(checkpointRange).all()) {
+      const seq = seqOfKey(key);
+      try {
+        const value = await this.db.get(key);
+        if (value !== undefined) decodeCheckpoint(seq, value);
+        if (seq > this.lastSeq) throw new JournalCorruptionError(seq, 'checkpoint', `checkpoint at seq ${seq} is past the end of the log (seq ${this.lastSeq})`);
+      } catch (err) {
+        if (!(err instanceof JournalCorruptionError)) throw err;
+        problems.push({ seq: err.seq, kind: err.kind, message: err.message });
+      }
+    }
+    return {
+      ok: problems.length === 0,
+      recordsChecked,
+      payloadsChecked,
+      firstSeq: this.retention.firstSeq,
+      lastSeq: lastSeen,
+      problems,
+    };
+  }
+
+  /** Store a checkpoint blob for `seq` atomically and durably. */
+  async putCheckpoint(seq: number, blob: Uint8Array): Promise<void> {
+    this.checkOpen();
+    if (!Number.isSafeInteger(seq) || seq < 0 || seq > this.lastSeq) {
+      throw new JournalError('EINVAL', `checkpoint seq ${seq} is not a committed seq (last is ${this.lastSeq})`);
+    }
+    await this.sync();
+    await this.db.put(checkpointKey(seq), encodeCheckpoint(seq, Date.now(), blob), { sync: true });
+  }
+
+  /** The newest checkpoint, verified; undefined when there is none. */
+  async latestCheckpoint(): Promise<Checkpoint | undefined> {
+    this.checkOpen();
+    const [key, value] = await Journal.lastEntry(this.db, checkpointRange);
+    if (key === undefined || value === undefined) return undefined;
+    return decodeCheckpoint(seqOfKey(key), value);
+  }
+
+  /** One checkpoint by seq, verified; undefined when there is none at that seq. */
+  async getCheckpoint(seq: number): Promise<Checkpoint | undefined> {
+    this.checkOpen();
+    const value = await this.db.get(checkpointKey(seq));
+    return value === undefined ? undefined : decodeCheckpoint(seq, value);
+  }
+
+  async checkpointSeqs(): Promise<number[]> {
+    this.checkOpen();
+    return (await this.db.keys(checkpointRange).all()).map(seqOfKey);
+  }
+
+  async deleteCheckpoint(seq: number): Promise<void> {
+    this.checkOpen();
+    await this.db.del(checkpointKey(seq), { sync: true });
+  }
+
+  /** Delete all but the newest `keep` checkpoints. */
+  async pruneCheckpoints(keep: number): Promise<number> {
+    this.checkOpen();
+    if (!Number.isInteger(keep) || keep < 1) throw new JournalError('EINVAL', `pruneCheckpoints keeps at least one checkpoint, not ${keep}`);
+    const seqs = await this.checkpointSeqs();
+    const doomed = seqs.slice(0, Math.max(0, seqs.length - keep));
+    if (doomed.length > 0) await this.db.batch(doomed.map((s) => ({ type: 'del' as const, key: checkpointKey(s) })), { sync: true });
+    return doomed.length;
+  }
+
+  /**
+   * Retention: drop the payloads of records up to `throughSeq`. Records, their payload CRCs and the
+   * chain stay, so the log still verifies; replay returns those records without payloads.
+   */
+  async dropPayloads(throughSeq: number): Promise<void> {
+    this.checkOpen();
+    throughSeq = Math.min(throughSeq, this.lastSeq);
+    if (throughSeq <= this.retention.payloadsThrough) return;
+    this.retention = { ...this.retention, payloadsThrough: throughSeq };
+    await this.db.put(metaKey('retention'), metaPackr.pack(this.retention), { sync: true });
+    await this.db.clear({ gte: payloadRange.gte, lte: payloadKey(throughSeq) });
+  }
+
+  /**
+   * Retention: drop whole records up to `throughSeq` (whole frames only, so the first retained seq
+   * may be lower). The chain stays verifiable from the first retained record. Returns that seq.
+   */
+  async dropRecords(throughSeq: number): Promise<number> {
+    this.checkOpen();
+    throughSeq = Math.min(throughSeq, this.lastSeq);
+    let firstKept: { seq: number; prevChain: number } | undefined;
+    const doomed: Buffer[] = [];
+    for await (const [key, value] of this.db.iterator({ ...recordRange })) {
+      const frame = decodeFrame(seqOfKey(key), value, undefined, false);
+      if (frame.firstSeq + frame.count - 1 > throughSeq) {
+        firstKept = { seq: frame.firstSeq, prevChain: frame.prevChain };
+        break;
+      }
+      doomed.push(key);
+    }
+    if (doomed.length === 0) return this.retention.firstSeq;
+    const firstSeq = firstKept?.seq ?? this.nextSeq;
+    const chainBefore = firstKept?.prevChain ?? this.lastChain;
+    this.retention = { firstSeq, chainBefore, payloadsThrough: Math.max(this.retention.payloadsThrough, firstSeq - 1) };
+    await this.db.put(metaKey('retention'), metaPackr.pack(this.retention), { sync: true });
+    await this.db.batch(doomed.map((key) => ({ type: 'del' as const, key })));
+    await this.db.clear({ gte: payloadRange.gte, lt: payloadKey(firstSeq) });
+    return firstSeq;
+  }
+
+  async stats(): Promise<JournalStats> {
+    this.checkOpen();
+    const first = this.retention.firstSeq;
+    const last = this.lastSeq;
+    let diskBytes = 0;
+    for (const name of await readdir(this.path)) diskBytes += (await stat(join(this.path, name))).size;
+    return {
+      records: Math.max(0, last - first + 1),
+      firstSeq: first,
+      lastSeq: last,
+      payloadsDroppedThroughSeq: this.retention.payloadsThrough,
+      diskBytes,
+      checkpointSeqs: await this.checkpointSeqs(),
+    };
+  }
+
+  /** Caller metadata beside the log (kept apart from the journal's own). */
+  async getMeta<T>(name: string): Promise<T | undefined> {
+    this.checkOpen();
+    const raw = await this.db.get(metaKey(`user:${name}`));
+    return raw === undefined ? undefined : (metaPackr.unpack(raw) as T);
+  }
+
+  async putMeta(name: string, value: unknown): Promise<void> {
+    this.checkOpen();
+    await this.db.put(metaKey(`user:${name}`), metaPackr.pack(value), { sync: true });
+  }
+
+  /** Commit whatever is queued, then close the database. Later calls fail with ECLOSED. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    while (this.flushActive || this.flushScheduled) await (this.flushScheduled ? new Promise((r) => setImmediate(r)) : this.flushDone);
+    if (this.durableSeq < this.lastSeq) await this.sync();
+    this.closed = true;
+    this.batches$.complete();
+    this.records$.complete();
+    await this.db.close();
+  }
+
+  private checkOpen(): void {
+    if (this.closed) throw new JournalError('ECLOSED', `journal ${this.path} is closed`);
+  }
+}
+
+/** Reads payloads in seq order beside a frame iterator. */
+class PayloadCursor {
+  private readonly iterator;
+  private buffered: Array<[Buffer, Buffer]> = [];
+  private at = 0;
+
+  constructor(
+    db: Db,
+    fromSeq: number,
+    private readonly droppedThroughSeq: number,
+  ) {
+    this.iterator = db.iterator({ gte: payloadKey(fromSeq), lt: payloadRange.lt, highWaterMarkBytes: replayChunkBytes });
+  }
+
+  async take(seq: number): Promise<Buffer> {
+    for (;;) {
+      if (this.at >= this.buffered.length) {
+        this.buffered = await this.iterator.nextv(replayChunkValues);
+        this.at = 0;
+        if (this.buffered.length === 0) throw new JournalCorruptionError(seq, 'payload-missing', 'the payload is not stored (the payload key space ends before it)');
+      }
+      const [key, value] = this.buffered[this.at];
+      const keySeq = seqOfKey(key);
+      if (keySeq === seq) {
+        this.at++;
+        return value;
+      }
+      if (keySeq < seq) {
+        this.at++;
+        continue;
+      }
+      throw new JournalCorruptionError(seq, 'payload-missing', `the payload is not stored (next stored payload is for seq ${keySeq}; payloads are dropped only through seq ${this.droppedThroughSeq})`);
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.iterator.close();
+  }
+}

@@ -1,0 +1,18 @@
+/**
+ * Named limits and format constants of the journal. Units are the last word of each name.
+ */
+
+/** The on-disk format this build writes and the only one it reads. */
+export const journalFormatVersion = 1;
+/** Version of the batch frame layout inside a record value. */
+export const batchFrameVersion = 1;
+/** A group-commit batch is split into several LevelDB values (one atomic LevelDB batch) above this. */
+export const maxBatchValueBytes = 8 * 1024 * 1024;
+/** Largest payload one record may carry. */
+export const maxPayloadBytes = 64 * 1024 * 1024;
+/** Values fetched per `nextv` call while replaying. */
+export const replayChunkValues = 256;
+/** Bytes a replay iterator may hold in memory per `nextv` call. */
+export const replayChunkBytes = 16 * 1024 * 1024;
+/** Largest sequence number: seqs are JavaScript numbers, exact below 2^53. */
+export const maxSeq = Number.MAX_SAFE_INTEGER;

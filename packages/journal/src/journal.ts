@@ -442,8 +442,6 @@ export class Journal<M = unknown> {
       while (!isStopped()) {
         const entries = await frames.nextv(replayChunkValues);
         if (entries.length === 0) break;
-        const out: JournalRecord<M>[] = [];
-        let done = false;
         for (const [key, value] of entries) {
           const keySeq = seqOfKey(key);
           if (expectSeq === undefined) {
@@ -455,13 +453,11 @@ export class Journal<M = unknown> {
             throw new JournalCorruptionError(expectSeq, 'gap', `record seq ${expectSeq} is missing; the next frame starts at seq ${keySeq}`);
           }
           const frame = decodeFrame(keySeq, value, expectPrev, fullCheck);
-          for (let i = 0; i < frame.count; i++) {
+          // One array per frame: short-lived, so records die young instead of being promoted.
+          const out: JournalRecord<M>[] = [];
+          const last = Math.min(frame.count - 1, end - frame.firstSeq);
+          for (let i = Math.max(0, fromSeq - frame.firstSeq); i <= last; i++) {
             const seq = frame.firstSeq + i;
-            if (seq < fromSeq) continue;
-            if (seq > end) {
-              done = true;
-              break;
-            }
             const [payloadLength, payloadCrc, meta] = frame.records[i];
             let payload: Buffer | undefined;
             if (payloads !== undefined && payloadLength > 0 && seq > retention.payloadsThrough) {
@@ -474,10 +470,9 @@ export class Journal<M = unknown> {
           }
           expectSeq = frame.firstSeq + frame.count;
           expectPrev = frame.lastChain;
-          if (done) break;
+          if (out.length > 0) yield out;
+          if (expectSeq > end || isStopped()) return;
         }
-        if (out.length > 0) yield out;
-        if (done) return;
       }
       if (!isStopped() && (expectSeq === undefined || expectSeq <= end)) {
         const missing = expectSeq ?? fromSeq;

@@ -1,0 +1,143 @@
+/**
+ * Corruption: alter a stored frame, a payload or a checkpoint, or delete a frame or payload in the
+ * middle; `verify()` and `replay()` must name the damaged seq and kind, never skip it.
+ */
+import { Level } from 'level';
+import { lastValueFrom, toArray } from 'rxjs';
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { rejects } from 'node:assert/strict';
+import { Journal, JournalCorruptionError } from '../src/index.js';
+import { tempDir } from './helpers.js';
+
+/** A closed journal of 5 batches of 4 records (seqs 1..20), each record with a 64-byte payload. */
+async function makeJournal(): Promise<string> {
+  const dir = tempDir('corrupt');
+  const journal = await Journal.open(dir, { create: true });
+  for (let batch = 0; batch < 5; batch++) {
+    await Promise.all(Array.from({ length: 4 }, (_, i) => journal.append({ n: batch * 4 + i + 1 }, { payload: Buffer.alloc(64, batch * 4 + i + 1) })));
+  }
+  await journal.putCheckpoint(20, Buffer.from('projection'));
+  await journal.close();
+  return dir;
+}
+
+function key(prefix: string, seq: number): Buffer {
+  const k = Buffer.alloc(9);
+  k.write(prefix, 0);
+  k.writeUInt32BE(0, 1);
+  k.writeUInt32BE(seq, 5);
+  return k;
+}
+
+async function tamper(dir: string, edit: (db: Level<Buffer, Buffer>) => Promise<void>): Promise<void> {
+  const db = new Level<Buffer, Buffer>(dir, { keyEncoding: 'buffer', valueEncoding: 'buffer' });
+  await db.open();
+  await edit(db);
+  await db.close();
+}
+
+async function expectDamage(dir: string, seq: number, kind: string): Promise<void> {
+  const journal = await Journal.open(dir);
+  try {
+    const report = await journal.verify();
+    assert.not.ok(report.ok);
+    assert.is(report.problems[0].seq, seq, report.problems[0].message);
+    assert.is(report.problems[0].kind, kind);
+    await rejects(
+      () => lastValueFrom(journal.replay().pipe(toArray())),
+      (err: unknown) => err instanceof JournalCorruptionError && err.seq === seq && err.kind === kind && err.message.includes(`seq ${seq}`),
+    );
+  } finally {
+    await journal.close();
+  }
+}
+
+test('a flipped byte inside a record is named by its seq', async () => {
+  const dir = await makeJournal();
+  await tamper(dir, async (db) => {
+    const value = (await db.get(key('r', 9)))!;
+    // Records of the frame starting at seq 9 follow the 32-byte header; flip a byte of the second.
+    const recordBytes = (value.length - 32 - 16) / 4;
+    value[32 + recordBytes + recordBytes - 1] ^= 0x01;
+    await db.put(key('r', 9), value);
+  });
+  await expectDamage(dir, 10, 'crc');
+});
+
+test('a frame deleted from the middle is reported as a gap at its first seq', async () => {
+  const dir = await makeJournal();
+  await tamper(dir, (db) => db.del(key('r', 5)));
+  await expectDamage(dir, 5, 'gap');
+});
+
+test('an altered payload is named by its seq', async () => {
+  const dir = await makeJournal();
+  await tamper(dir, async (db) => {
+    const payload = (await db.get(key('p', 14)))!;
+    payload[3] ^= 0xff;
+    await db.put(key('p', 14), payload);
+  });
+  await expectDamage(dir, 14, 'payload-crc');
+});
+
+test('a deleted payload is named by its seq', async () => {
+  const dir = await makeJournal();
+  await tamper(dir, (db) => db.del(key('p', 7)));
+  await expectDamage(dir, 7, 'payload-missing');
+});
+
+test('an undecodable frame is named by the seq its key holds', async () => {
+  const dir = await makeJournal();
+  await tamper(dir, (db) => db.put(key('r', 13), Buffer.from('garbage')));
+  await expectDamage(dir, 13, 'decode');
+});
+
+test('a frame rewritten to chain to a different predecessor is a broken chain', async () => {
+  const dir = await makeJournal();
+  await tamper(dir, async (db) => {
+    const value = (await db.get(key('r', 13)))!;
+    value.writeUInt32LE((value.readUInt32LE(24) ^ 1) >>> 0, 24);
+    await db.put(key('r', 13), value);
+  });
+  await expectDamage(dir, 13, 'chain');
+});
+
+test('a damaged checkpoint is reported and refused, never loaded', async () => {
+  const dir = await makeJournal();
+  await tamper(dir, async (db) => {
+    const value = (await db.get(key('c', 20)))!;
+    value[value.length - 1] ^= 0x10;
+    await db.put(key('c', 20), value);
+  });
+  const journal = await Journal.open(dir);
+  try {
+    const report = await journal.verify();
+    assert.equal(report.problems.map((p) => [p.seq, p.kind]), [[20, 'checkpoint']]);
+    assert.is(report.recordsChecked, 20);
+    await rejects(() => journal.latestCheckpoint(), /seq 20 is corrupt \(checkpoint\)/);
+  } finally {
+    await journal.close();
+  }
+});
+
+test('a corrupt last frame stops open with its seq, rather than appending after it', async () => {
+  const dir = await makeJournal();
+  await tamper(dir, async (db) => {
+    const value = (await db.get(key('r', 17)))!;
+    value[40] ^= 0x55;
+    await db.put(key('r', 17), value);
+  });
+  await rejects(() => Journal.open(dir), (err: unknown) => err instanceof JournalCorruptionError && err.seq >= 17 && err.seq <= 20);
+});
+
+test('an empty journal verifies and replays nothing (empty is not corrupt)', async () => {
+  const journal = await Journal.open(tempDir('empty'), { create: true });
+  const report = await journal.verify();
+  assert.ok(report.ok);
+  assert.is(report.recordsChecked, 0);
+  assert.equal(await lastValueFrom(journal.replay().pipe(toArray())), []);
+  await journal.close();
+});
+
+test.run();

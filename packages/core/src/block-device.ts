@@ -71,6 +71,7 @@ export interface BlockDevice {
   readonly extentContexts: readonly ExtentContext[];
 
   read(offset: number, length: number): Promise<ReadResult>;
+  /** The device may keep `data` (without copying) until the promise settles: do not reuse it before. */
   write(offset: number, data: Buffer, flags: WriteFlags): Promise<void>;
   zero(offset: number, length: number, flags: ZeroFlags): Promise<void>;
   trim(offset: number, length: number, flags: WriteFlags): Promise<void>;

@@ -1,5 +1,6 @@
 /**
- * @cowstack/core: the copy-on-write engine.
+ * @cowstack/core: the copy-on-write engine. Stores, volumes, snapshots, clones, the reducer and its
+ * projection, recovery and check, and the BlockDevice seam that protocol servers serve.
  */
 export { BlockDeviceError } from './block-device.js';
 export type {
@@ -14,3 +15,26 @@ export type {
   WriteFlags,
   ZeroFlags,
 } from './block-device.js';
+export { LayerDevice, StoreExports, VolumeDevice } from './devices.js';
+export { StoreError } from './errors.js';
+export type { StoreErrorCode } from './errors.js';
+export { EventType, eventTypeCode, eventTypeName, eventTypeNames } from './events.js';
+export type { ExternalSource, LayerKind, StoreConfig, StoreEvent } from './events.js';
+export { ExtentMap } from './extent-map.js';
+export * as limits from './limits.js';
+export { applyEvent, emptyProjection, ProjectionError } from './projection.js';
+export type { Projection } from './projection.js';
+export { decodeProjection, diffProjections, encodeProjection } from './projection-codec.js';
+export { parseSnapshotRef, Store } from './store.js';
+export type {
+  BaseSpec,
+  CreateOptions,
+  DiffExtent,
+  LayerInfo,
+  MapExtent,
+  OpenOptions,
+  OpenReport,
+  ProgressCallback,
+  SnapshotInfo,
+  VolumeInfo,
+} from './store.js';

@@ -1,0 +1,156 @@
+/**
+ * BlockDevice adapters: a volume (read-write) or a frozen layer (read-only) of a store, presented
+ * through the seam packages/nbd serves, and the ExportProvider that names them.
+ *
+ * Export names: a volume by its name (the empty name means "default"), a snapshot as
+ * "VOLUME@SNAPSHOT" (read-only). A device looks its volume or layer up on every call, so a volume
+ * deleted while exported fails further requests with ESHUTDOWN instead of reading freed state.
+ */
+import { BlockDeviceError, type BlockDevice, type ExportInfo, type ExportProvider, type Extent, type ExtentContext, type ReadResult, type WriteFlags, type ZeroFlags } from './block-device.js';
+import { StoreError } from './errors.js';
+import type { Store } from './store.js';
+
+const extentContexts: readonly ExtentContext[] = ['base:allocation', 'qemu:allocation-depth'];
+
+function guard<T>(body: () => T): Promise<T> {
+  try {
+    return Promise.resolve(body());
+  } catch (err) {
+    return Promise.reject(err instanceof BlockDeviceError ? err : new BlockDeviceError('EIO', (err as Error).message, { cause: err }));
+  }
+}
+
+export class VolumeDevice implements BlockDevice {
+  readonly readOnly = false;
+  readonly canMultiConn = true;
+  readonly canFastZero = true;
+  readonly extentContexts = extentContexts;
+  readonly sizeBytes: number;
+  readonly blockSizeBytes: number;
+
+  constructor(
+    private readonly store: Store,
+    readonly volume: string,
+  ) {
+    this.sizeBytes = store.volumeInfo(volume).sizeBytes;
+    this.blockSizeBytes = store.blockSizeBytes;
+  }
+
+  private top(): number {
+    if (!this.store.hasVolume(this.volume)) throw new BlockDeviceError('ESHUTDOWN', `volume ${this.volume} was deleted`);
+    return this.store.resolveView(this.volume).layerId;
+  }
+
+  read(offset: number, length: number): Promise<ReadResult> {
+    return guard(() => this.store.readVolume(this.volume, offset, length));
+  }
+
+  write(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
+    return this.store.writeVolume(this.volume, offset, data, flags.fua);
+  }
+
+  zero(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+    return this.store.zeroVolume(this.volume, offset, length, flags.fua);
+  }
+
+  trim(offset: number, length: number, flags: WriteFlags): Promise<void> {
+    return this.store.trimVolume(this.volume, offset, length, flags.fua);
+  }
+
+  flush(): Promise<void> {
+    return this.store.flush();
+  }
+
+  cache(offset: number, length: number): Promise<void> {
+    return guard(() => {
+      this.store.readVolume(this.volume, offset, length);
+    });
+  }
+
+  extents(offset: number, length: number, context: ExtentContext): Promise<Extent[]> {
+    return guard(() => this.store.extents(this.top(), offset, length, context));
+  }
+}
+
+export class LayerDevice implements BlockDevice {
+  readonly readOnly = true;
+  readonly canMultiConn = true;
+  readonly canFastZero = false;
+  readonly extentContexts = extentContexts;
+  readonly sizeBytes: number;
+  readonly blockSizeBytes: number;
+
+  constructor(
+    private readonly store: Store,
+    readonly layerId: number,
+  ) {
+    this.sizeBytes = store.sizeOfLayer(layerId);
+    this.blockSizeBytes = store.blockSizeBytes;
+  }
+
+  read(offset: number, length: number): Promise<ReadResult> {
+    return guard(() => this.store.readLayer(this.layerId, offset, length));
+  }
+
+  private refuse(): Promise<never> {
+    return Promise.reject(new BlockDeviceError('EPERM', `layer ${this.layerId} is frozen (read-only)`));
+  }
+
+  write(): Promise<void> {
+    return this.refuse();
+  }
+
+  zero(): Promise<void> {
+    return this.refuse();
+  }
+
+  trim(): Promise<void> {
+    return this.refuse();
+  }
+
+  flush(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  cache(offset: number, length: number): Promise<void> {
+    return guard(() => {
+      this.store.readLayer(this.layerId, offset, length);
+    });
+  }
+
+  extents(offset: number, length: number, context: ExtentContext): Promise<Extent[]> {
+    return guard(() => this.store.extents(this.layerId, offset, length, context));
+  }
+}
+
+/** Every volume and snapshot of a store, looked up at each handshake. */
+export class StoreExports implements ExportProvider {
+  constructor(
+    private readonly store: Store,
+    private readonly defaultVolume = 'default',
+  ) {}
+
+  list(): readonly ExportInfo[] {
+    const out: ExportInfo[] = [];
+    for (const v of this.store.volumes()) {
+      out.push({ name: v.name, description: `cowstack volume ${v.name} (${v.stack.length} layers, read-write)` });
+      for (const s of v.snapshots) out.push({ name: `${v.name}@${s}`, description: `cowstack snapshot ${s} of ${v.name} (read-only)` });
+    }
+    for (const s of this.store.snapshots()) {
+      if (!this.store.hasVolume(s.volume)) out.push({ name: `${s.volume}@${s.name}`, description: `cowstack snapshot ${s.name} of deleted volume ${s.volume} (read-only)` });
+    }
+    return out;
+  }
+
+  open(name: string): BlockDevice | undefined {
+    const ref = name === '' ? this.defaultVolume : name;
+    try {
+      if (ref.includes('@')) return new LayerDevice(this.store, this.store.snapshotLayer(ref));
+      if (ref.startsWith('#')) return undefined;
+      return this.store.hasVolume(ref) ? new VolumeDevice(this.store, ref) : undefined;
+    } catch (err) {
+      if (err instanceof StoreError && (err.code === 'ENOENT' || err.code === 'EINVAL')) return undefined;
+      throw err;
+    }
+  }
+}

@@ -1,0 +1,243 @@
+/**
+ * ExtentMap: a map from block index to a small integer, sized by its extents, not by the device.
+ *
+ * It backs both per-layer bitmaps (absent / data / zero) and each volume's merged index (block →
+ * stack position, or zero, or absent). Blocks are grouped in chunks of `chunkBlocks`; a chunk is
+ * either missing (every block has the map's default value), a uniform number, a short run list, or,
+ * once it fragments past `maxRunsPerChunk`, a dense Int32Array. A 1 TiB volume with a handful of
+ * writes therefore costs a handful of small chunks.
+ *
+ * `cloneShared()` is O(chunks) and copy-on-write: both maps share chunk objects until one of them
+ * writes to a chunk, which then gets its own copy. That is how snapshots and clones of a volume's
+ * index stay cheap.
+ *
+ * Pure code, no I/O.
+ */
+
+export const chunkBlocks = 1024;
+export const maxRunsPerChunk = 32;
+
+/** A fragmented chunk: runs [starts[i], starts[i+1]) hold values[i]; starts[0] is 0. */
+class RunChunk {
+  constructor(
+    public starts: number[],
+    public values: number[],
+    public shared: boolean,
+  ) {}
+
+  get(offset: number): number {
+    const starts = this.starts;
+    let lo = 0;
+    let hi = starts.length - 1;
+    while (lo < hi) {
+      const mid = (lo + hi + 1) >> 1;
+      if (starts[mid] <= offset) lo = mid;
+      else hi = mid - 1;
+    }
+    return this.values[lo];
+  }
+
+  /** Set [lo, hi) to value, merging equal neighbours. */
+  set(lo: number, hi: number, value: number): void {
+    const starts: number[] = [];
+    const values: number[] = [];
+    const push = (start: number, v: number): void => {
+      if (values.length > 0 && values[values.length - 1] === v) return;
+      starts.push(start);
+      values.push(v);
+    };
+    const n = this.starts.length;
+    for (let i = 0; i < n && this.starts[i] < lo; i++) push(this.starts[i], this.values[i]);
+    push(lo, value);
+    if (hi < chunkBlocks) {
+      for (let i = 0; i < n; i++) {
+        const end = i + 1 < n ? this.starts[i + 1] : chunkBlocks;
+        if (end > hi) push(Math.max(this.starts[i], hi), this.values[i]);
+      }
+    }
+    this.starts = starts;
+    this.values = values;
+  }
+
+  toDense(): DenseChunk {
+    const dense = new Int32Array(chunkBlocks);
+    for (let i = 0; i < this.starts.length; i++) {
+      dense.fill(this.values[i], this.starts[i], i + 1 < this.starts.length ? this.starts[i + 1] : chunkBlocks);
+    }
+    return new DenseChunk(dense, false);
+  }
+}
+
+class DenseChunk {
+  constructor(
+    public values: Int32Array,
+    public shared: boolean,
+  ) {}
+}
+
+type Chunk = number | RunChunk | DenseChunk;
+
+export type RunCallback = (start: number, length: number, value: number) => void;
+
+export class ExtentMap {
+  private chunks: Map<number, Chunk>;
+
+  /** `defaultValue` is what every block holds until set (e.g. "data" for an external base image). */
+  constructor(
+    readonly defaultValue = 0,
+    chunks?: Map<number, Chunk>,
+  ) {
+    this.chunks = chunks ?? new Map();
+  }
+
+  get(block: number): number {
+    const chunk = this.chunks.get(Math.floor(block / chunkBlocks));
+    if (chunk === undefined) return this.defaultValue;
+    if (typeof chunk === 'number') return chunk;
+    const offset = block % chunkBlocks;
+    return chunk instanceof DenseChunk ? chunk.values[offset] : chunk.get(offset);
+  }
+
+  set(first: number, count: number, value: number): void {
+    let block = first;
+    const end = first + count;
+    while (block < end) {
+      const index = Math.floor(block / chunkBlocks);
+      const chunkStart = index * chunkBlocks;
+      const lo = block - chunkStart;
+      const hi = Math.min(end - chunkStart, chunkBlocks);
+      if (lo === 0 && hi === chunkBlocks) {
+        if (value === this.defaultValue) this.chunks.delete(index);
+        else this.chunks.set(index, value);
+      } else {
+        this.setWithin(index, lo, hi, value);
+      }
+      block = chunkStart + hi;
+    }
+  }
+
+  private setWithin(index: number, lo: number, hi: number, value: number): void {
+    const chunk = this.chunks.get(index) ?? this.defaultValue;
+    if (typeof chunk === 'number') {
+      if (chunk === value) return;
+      const runs = new RunChunk([0], [chunk], false);
+      runs.set(lo, hi, value);
+      this.chunks.set(index, runs);
+      return;
+    }
+    if (chunk instanceof DenseChunk) {
+      const dense = chunk.shared ? new DenseChunk(chunk.values.slice(), false) : chunk;
+      dense.values.fill(value, lo, hi);
+      if (dense !== chunk) this.chunks.set(index, dense);
+      return;
+    }
+    const runs = chunk.shared ? new RunChunk(chunk.starts.slice(), chunk.values.slice(), false) : chunk;
+    runs.set(lo, hi, value);
+    if (runs.starts.length === 1) {
+      if (runs.values[0] === this.defaultValue) this.chunks.delete(index);
+      else this.chunks.set(index, runs.values[0]);
+    } else if (runs.starts.length > maxRunsPerChunk) {
+      this.chunks.set(index, runs.toDense());
+    } else if (runs !== chunk) {
+      this.chunks.set(index, runs);
+    }
+  }
+
+  /**
+   * Calls `fn` for each maximal run of equal values in [first, first + count), in order; runs that
+   * continue across chunk boundaries are reported once.
+   */
+  forEachRun(first: number, count: number, fn: RunCallback): void {
+    let runStart = first;
+    let runValue = NaN;
+    let block = first;
+    const end = first + count;
+    const emit = (start: number, value: number): void => {
+      if (value === runValue) return;
+      if (start > runStart) fn(runStart, start - runStart, runValue);
+      runStart = start;
+      runValue = value;
+    };
+    while (block < end) {
+      const index = Math.floor(block / chunkBlocks);
+      const chunkStart = index * chunkBlocks;
+      const lo = block - chunkStart;
+      const hi = Math.min(end - chunkStart, chunkBlocks);
+      const chunk = this.chunks.get(index) ?? this.defaultValue;
+      if (typeof chunk === 'number') {
+        emit(block, chunk);
+      } else if (chunk instanceof DenseChunk) {
+        const values = chunk.values;
+        for (let i = lo; i < hi; i++) if (values[i] !== runValue) emit(chunkStart + i, values[i]);
+      } else {
+        const { starts, values } = chunk;
+        for (let i = 0; i < starts.length; i++) {
+          const s = starts[i];
+          const e = i + 1 < starts.length ? starts[i + 1] : chunkBlocks;
+          if (e <= lo || s >= hi) continue;
+          emit(chunkStart + Math.max(s, lo), values[i]);
+        }
+      }
+      block = chunkStart + hi;
+    }
+    if (end > runStart) fn(runStart, end - runStart, runValue);
+  }
+
+  /**
+   * Calls `fn` for each maximal run whose value is not the default, over the whole map, in order.
+   * Cost is O(chunks set), whatever the device size.
+   */
+  forEachSetRun(fn: RunCallback): void {
+    const indexes = [...this.chunks.keys()].sort((a, b) => a - b);
+    let pendingStart = -1;
+    let pendingLength = 0;
+    let pendingValue = this.defaultValue;
+    const push = (start: number, length: number, value: number): void => {
+      if (pendingLength > 0 && value === pendingValue && pendingStart + pendingLength === start) {
+        pendingLength += length;
+        return;
+      }
+      if (pendingLength > 0 && pendingValue !== this.defaultValue) fn(pendingStart, pendingLength, pendingValue);
+      pendingStart = start;
+      pendingLength = length;
+      pendingValue = value;
+    };
+    for (const index of indexes) this.forEachRun(index * chunkBlocks, chunkBlocks, push);
+    if (pendingLength > 0 && pendingValue !== this.defaultValue) fn(pendingStart, pendingLength, pendingValue);
+  }
+
+  /** Runs of non-default values as a flat [start, length, value, ...] array (for checkpoints). */
+  toRuns(): number[] {
+    const runs: number[] = [];
+    this.forEachSetRun((start, length, value) => runs.push(start, length, value));
+    return runs;
+  }
+
+  static fromRuns(defaultValue: number, runs: readonly number[]): ExtentMap {
+    const map = new ExtentMap(defaultValue);
+    for (let i = 0; i < runs.length; i += 3) map.set(runs[i], runs[i + 1], runs[i + 2]);
+    return map;
+  }
+
+  /** A copy that shares chunks with this map until either side writes to them. */
+  cloneShared(): ExtentMap {
+    for (const chunk of this.chunks.values()) if (typeof chunk !== 'number') chunk.shared = true;
+    return new ExtentMap(this.defaultValue, new Map(this.chunks));
+  }
+
+  /** Number of chunks held (a proxy for memory). */
+  get chunkCount(): number {
+    return this.chunks.size;
+  }
+
+  /** Approximate bytes of memory held by chunk contents. */
+  approximateBytes(): number {
+    let bytes = 0;
+    for (const chunk of this.chunks.values()) {
+      bytes += 48;
+      if (chunk instanceof DenseChunk) bytes += chunk.values.byteLength;
+      else if (chunk instanceof RunChunk) bytes += 16 * chunk.starts.length;
+    }
+    return bytes;
+  }
+}

@@ -1,0 +1,28 @@
+/**
+ * Named limits of the engine. Units are the last word of each name.
+ */
+
+/** The store layout this build creates and the only one it opens. */
+export const storeFormatVersion = 1;
+export const defaultBlockSizeBytes = 4096;
+export const minBlockSizeBytes = 512;
+export const maxBlockSizeBytes = 65536;
+/** Devices are addressed with JavaScript numbers: exact below 2^53 bytes. */
+export const maxDeviceSizeBytes = Number.MAX_SAFE_INTEGER - maxBlockSizeBytes;
+/** Largest single write the engine accepts (the NBD server caps requests lower). */
+export const maxWriteBytes = 64 * 1024 * 1024;
+/** A checkpoint is written after this many events since the last one... */
+export const checkpointEveryEvents = 200_000;
+/** ...or after this long with any events since the last one. */
+export const checkpointEveryMs = 60_000;
+/** Checkpoints kept; write payloads are kept back to the oldest, so an older one can be used. */
+export const checkpointsKept = 2;
+/** Bytes copied per event by import, commit and flatten. */
+export const copyChunkBytes = 1024 * 1024;
+/** Copy events in flight at once during import, commit and flatten. */
+export const copyWindowEvents = 16;
+/** Bytes of an external base image sampled (at several offsets) for its fingerprint. */
+export const fingerprintSampleBytes = 64 * 1024;
+export const fingerprintSamples = 16;
+/** Volume and snapshot names. */
+export const namePattern = /^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$/;

@@ -1,0 +1,1132 @@
+/**
+ * The store: one directory holding a LevelDB journal (the source of truth), one sparse data file per
+ * layer, and the in-memory projection folded from the journal.
+ *
+ *   STORE/journal/        LevelDB (packages/journal): events, checkpoints; its LOCK makes one
+ *                         process the store's only writer
+ *   STORE/layers/<id>.data
+ *
+ * Write path: build whole blocks (copy-up of partial blocks from the current view) → append a Write
+ * event carrying the blocks as payload (group commit; FUA makes the batch synced) → in the journal's
+ * commit hook, in seq order: pwrite the blocks into the layer file (page cache), apply the event to the
+ * projection with the reducer → resolve. A crash after the commit and before the pwrite is repaired on
+ * the next open, which replays everything after the newest checkpoint and re-applies its writes
+ * (applying a write twice is harmless).
+ *
+ * Copy-up and concurrency: writes to one volume may be in flight together. A partial-block write reads
+ * the rest of the block from the newest in-flight write covering it, else from the committed view, so
+ * concurrent writes to different parts of one block all survive. Operations that change a volume's
+ * stack (snapshot, delete, commit, flatten) raise a barrier: writes issued meanwhile wait for it.
+ *
+ * Checkpoints: on close and every `checkpointEveryEvents` events or `checkpointEveryMs`, the data files
+ * are fdatasynced and the projection is stored with the seq it reflects; payloads older than the
+ * oldest kept checkpoint are then dropped from the journal (their data is durable in the layer files).
+ */
+import { closeSync, existsSync, fstatSync, mkdirSync, openSync, readdirSync, readSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { crc32c } from '@node-rs/crc32';
+import { Journal, JournalCorruptionError, JournalError, type JournalRecord } from '@cowstack/journal';
+import { lastValueFrom, scan, tap } from 'rxjs';
+import { fingerprintImage, verifyImage } from './base-image.js';
+import { BlockDeviceError, type Extent, type ExtentContext, type ReadPiece, type ReadResult } from './block-device.js';
+import { assert, StoreError } from './errors.js';
+import { EventType, eventTypeName, type StoreEvent } from './events.js';
+import { LayerFiles } from './layer-files.js';
+import {
+  checkpointEveryEvents,
+  checkpointEveryMs,
+  checkpointsKept,
+  copyChunkBytes,
+  copyWindowEvents,
+  defaultBlockSizeBytes,
+  maxBlockSizeBytes,
+  maxDeviceSizeBytes,
+  maxWriteBytes,
+  minBlockSizeBytes,
+  namePattern,
+  storeFormatVersion,
+} from './limits.js';
+import type { ExtentMap } from './extent-map.js';
+import { decodeProjection, encodeProjection } from './projection-codec.js';
+import {
+  applyEvent,
+  BlockState,
+  emptyProjection,
+  indexIsZero,
+  indexPosition,
+  type Projection,
+  ProjectionError,
+  snapshotKey,
+  type View,
+  viewOf,
+} from './projection.js';
+
+export type BaseSpec = { kind: 'zero' } | { kind: 'external'; path: string } | { kind: 'import'; path: string };
+
+export interface CreateOptions {
+  /** Size of the default volume; required for a zero base, taken from the image otherwise. */
+  readonly sizeBytes?: number;
+  readonly blockSizeBytes?: number;
+  readonly base?: BaseSpec;
+  /** Name of the volume created on the base (default "default"). */
+  readonly volume?: string;
+  readonly onProgress?: ProgressCallback;
+}
+
+export interface OpenOptions {
+  readonly onProgress?: ProgressCallback;
+}
+
+/** Long work reports (phase, done, total) in units the phase names (bytes, blocks, events). */
+export type ProgressCallback = (phase: string, done: number, total: number) => void;
+
+export interface OpenReport {
+  /** Seq of the checkpoint loaded (0: none, replayed from the start). */
+  readonly checkpointSeq: number;
+  /** Checkpoints that could not be used (damaged), newest first. */
+  readonly checkpointsSkipped: Array<{ seq: number; reason: string }>;
+  readonly lastSeq: number;
+  readonly eventsReplayed: number;
+  readonly writesReapplied: number;
+  readonly orphanFilesRemoved: number;
+  readonly durationMs: number;
+  /** A fresh checkpoint was written because events were replayed. */
+  readonly checkpointWritten: boolean;
+}
+
+export interface VolumeInfo {
+  readonly name: string;
+  readonly sizeBytes: number;
+  readonly topLayerId: number;
+  /** Layer ids, bottom to top. */
+  readonly stack: readonly number[];
+  readonly snapshots: readonly string[];
+}
+
+export interface LayerInfo {
+  readonly id: number;
+  readonly parent: number | null;
+  readonly kind: string;
+  readonly frozen: boolean;
+  readonly sizeBytes: number;
+  /** Bytes held as data in this layer (blocks × block size). */
+  readonly dataBytes: number;
+  /** Bytes recorded as zeroes in this layer. */
+  readonly zeroBytes: number;
+  readonly children: readonly number[];
+  readonly names: readonly string[];
+  readonly volume: string | null;
+  readonly source: string | null;
+}
+
+export interface SnapshotInfo {
+  readonly volume: string;
+  readonly name: string;
+  readonly layerId: number;
+}
+
+/** One changed range between two views. */
+export interface DiffExtent {
+  readonly offset: number;
+  readonly length: number;
+}
+
+/** One extent of a view, with the layer that holds it (for `map`). */
+export interface MapExtent {
+  readonly offset: number;
+  readonly length: number;
+  /** 'data', 'zero' (recorded zeroes) or 'hole' (no layer holds it; reads as zeroes). */
+  readonly kind: 'data' | 'zero' | 'hole';
+  readonly layerId: number | null;
+  /** 1 = top of the view, N = Nth layer down, 0 = no layer. */
+  readonly depth: number;
+}
+
+interface PendingBlocks {
+  readonly first: number;
+  readonly count: number;
+  /** The blocks' new content, or undefined for zeroes. */
+  readonly payload: Buffer | undefined;
+}
+
+interface VolumeRuntime {
+  barrier: Promise<void> | undefined;
+  readonly inflight: Set<PendingBlocks>;
+}
+
+function toStoreError(err: unknown, dir: string): unknown {
+  if (err instanceof JournalError) {
+    switch (err.code) {
+      case 'ELOCKED':
+        return new StoreError('ELOCKED', `store ${dir} is in use by another process (a cowstack serve, or another command, holds it)`, { cause: err });
+      case 'ENOENT':
+        return new StoreError('ENOENT', `no cowstack store at ${dir}`, { cause: err });
+      case 'EFORMAT':
+        return new StoreError('EFORMAT', `store ${dir}: ${err.message}`, { cause: err });
+      case 'ECORRUPT':
+        return new StoreError('ECORRUPT', `store ${dir}: ${err.message}`, { cause: err });
+      default:
+        return new StoreError('EIO', `store ${dir}: ${err.message}`, { cause: err });
+    }
+  }
+  if (err instanceof ProjectionError) return new StoreError('ECORRUPT', `store ${dir}: the journal does not fit the store: ${err.message}`, { cause: err });
+  return err;
+}
+
+function toDeviceError(err: unknown): BlockDeviceError {
+  if (err instanceof BlockDeviceError) return err;
+  const code = (err as NodeJS.ErrnoException).code;
+  if (code === 'ENOSPC') return new BlockDeviceError('ENOSPC', (err as Error).message, { cause: err });
+  return new BlockDeviceError('EIO', (err as Error).message, { cause: err });
+}
+
+export function parseSnapshotRef(ref: string): { volume: string; name: string } | undefined {
+  const at = ref.indexOf('@');
+  if (at <= 0 || at === ref.length - 1) return undefined;
+  return { volume: ref.slice(0, at), name: ref.slice(at + 1) };
+}
+
+function checkName(kind: string, name: string): void {
+  if (!namePattern.test(name)) {
+    throw new StoreError('EINVAL', `${kind} name ${JSON.stringify(name)} is not valid: use 1 to 128 letters, digits, '.', '_', '+' or '-', starting with a letter or digit`);
+  }
+}
+
+export class Store {
+  readonly dir: string;
+  /** What opening the store did (checkpoint loaded, events replayed, writes re-applied). */
+  readonly openReport: OpenReport;
+  private readonly journal: Journal<StoreEvent>;
+  private readonly state: Projection;
+  private readonly files: LayerFiles;
+  private readonly runtimes = new Map<string, VolumeRuntime>();
+  private readonly blockSizeBytes_: number;
+  private nextLayerId: number;
+  private failure: Error | undefined;
+  private eventsSinceCheckpoint = 0;
+  private checkpointRunning: Promise<number> | undefined;
+  private lastCheckpointSeq: number;
+  private readonly checkpointTimer: NodeJS.Timeout;
+  private closed = false;
+
+  private constructor(dir: string, journal: Journal<StoreEvent>, state: Projection, files: LayerFiles, report: OpenReport) {
+    this.dir = dir;
+    this.journal = journal;
+    this.state = state;
+    this.files = files;
+    this.openReport = report;
+    this.blockSizeBytes_ = state.config!.blockSizeBytes;
+    this.nextLayerId = state.nextLayerId;
+    this.lastCheckpointSeq = report.checkpointWritten ? state.seq : report.checkpointSeq;
+    journal.onCommit = (records) => this.applyCommitted(records);
+    this.checkpointTimer = setInterval(() => {
+      if (this.eventsSinceCheckpoint > 0) void this.checkpoint().catch(() => undefined);
+    }, checkpointEveryMs);
+    this.checkpointTimer.unref();
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Lifecycle
+
+  /** Create a store in `dir` (which must not hold one) with one volume on a new base. */
+  static async create(dirArg: string, options: CreateOptions = {}): Promise<Store> {
+    const dir = resolve(dirArg);
+    const blockSizeBytes = options.blockSizeBytes ?? defaultBlockSizeBytes;
+    if (!Number.isInteger(blockSizeBytes) || blockSizeBytes < minBlockSizeBytes || blockSizeBytes > maxBlockSizeBytes || (blockSizeBytes & (blockSizeBytes - 1)) !== 0) {
+      throw new StoreError('EINVAL', `block size ${blockSizeBytes} is not a power of two from ${minBlockSizeBytes} to ${maxBlockSizeBytes}`);
+    }
+    const volume = options.volume ?? 'default';
+    checkName('volume', volume);
+    const base = options.base ?? { kind: 'zero' };
+    const source = base.kind === 'external' || base.kind === 'import' ? fingerprintImage(base.path) : null;
+    const sizeBytes = source?.sizeBytes ?? options.sizeBytes;
+    if (sizeBytes === undefined) throw new StoreError('EINVAL', 'a size is needed for a store without a base image');
+    checkSize(sizeBytes);
+    if (options.sizeBytes !== undefined && source !== null && options.sizeBytes !== source.sizeBytes) {
+      throw new StoreError('EINVAL', `--size ${options.sizeBytes} does not match the base image's ${source.sizeBytes} bytes`);
+    }
+    if (existsSync(join(dir, 'journal', 'CURRENT'))) throw new StoreError('EEXIST', `${dir} already holds a cowstack store`);
+    mkdirSync(join(dir, 'layers'), { recursive: true, mode: 0o700 });
+    let journal: Journal<StoreEvent>;
+    try {
+      journal = await Journal.open<StoreEvent>(join(dir, 'journal'), { create: true });
+    } catch (err) {
+      throw toStoreError(err, dir);
+    }
+    const config = { formatVersion: storeFormatVersion, storeId: crypto.randomUUID(), blockSizeBytes, createdMs: Date.now() };
+    const baseId = 1;
+    const kind = base.kind === 'external' ? 'external' : base.kind === 'import' ? 'imported' : 'zero';
+    await Promise.all([
+      journal.append([EventType.StoreCreated, config]),
+      journal.append([EventType.LayerCreated, baseId, sizeBytes, kind, base.kind !== 'import', kind === 'external' ? source : null], { sync: true }),
+    ]);
+    await journal.close();
+    const store = await Store.open(dir);
+    if (base.kind === 'import') {
+      await store.importInto(baseId, base.path, options.onProgress);
+      await store.append([EventType.Frozen, '', baseId, -1, ''], true);
+    }
+    await store.append([EventType.VolumeCreated, volume, store.allocateLayerId(), baseId], true);
+    await store.checkpoint();
+    return store;
+  }
+
+  /**
+   * Open a store: load the newest usable checkpoint, replay every event after it (re-applying the
+   * data of its writes to the layer files), verify external bases, and checkpoint if anything was
+   * replayed. This is also crash recovery: it is always safe, and idempotent.
+   */
+  static async open(dirArg: string, options: OpenOptions = {}): Promise<Store> {
+    const dir = resolve(dirArg);
+    let journal: Journal<StoreEvent> | undefined;
+    let files: LayerFiles | undefined;
+    try {
+      const started = performance.now();
+      journal = await Journal.open<StoreEvent>(join(dir, 'journal'));
+      const { state, checkpointSeq, skipped } = await loadCheckpoint(journal);
+      const liveState = state;
+      files = new LayerFiles(join(dir, 'layers'), (id) => liveState.layers.get(id)?.source?.path);
+      const layerFiles = files;
+      let eventsReplayed = 0;
+      let writesReapplied = 0;
+      const total = journal.lastSeq - state.seq;
+      const onProgress = options.onProgress;
+      await lastValueFrom(
+        journal.replay(state.seq + 1).pipe(
+          tap((record) => {
+            if (record.meta[0] === EventType.Write) {
+              reapplyWrite(liveState, layerFiles, record);
+              writesReapplied++;
+            }
+            eventsReplayed++;
+            if (onProgress !== undefined && (eventsReplayed & 0xffff) === 0) onProgress('replay', eventsReplayed, total);
+          }),
+          scan((s, record) => applyEvent(s, record.seq, record.meta), liveState),
+        ),
+        { defaultValue: liveState },
+      );
+      onProgress?.('replay', eventsReplayed, total);
+      if (state.config === undefined) throw new StoreError('ECORRUPT', `store ${dir} has no StoreCreated event`);
+      if (state.config.formatVersion !== storeFormatVersion) {
+        throw new StoreError('EFORMAT', `store ${dir} has format version ${state.config.formatVersion}; this build opens version ${storeFormatVersion}`);
+      }
+      for (const layer of state.layers.values()) if (layer.source !== null && layer.kind === 'external') verifyImage(layer.source);
+      for (const id of state.collected) files.remove(id);
+      state.collected = [];
+      const orphanFilesRemoved = removeOrphans(join(dir, 'layers'), state, files);
+      const report: OpenReport = {
+        checkpointSeq,
+        checkpointsSkipped: skipped,
+        lastSeq: state.seq,
+        eventsReplayed,
+        writesReapplied,
+        orphanFilesRemoved,
+        durationMs: performance.now() - started,
+        checkpointWritten: eventsReplayed > 0,
+      };
+      const store = new Store(dir, journal, state, files, report);
+      if (eventsReplayed > 0) await store.checkpoint();
+      return store;
+    } catch (err) {
+      files?.closeAll();
+      await journal?.close().catch(() => undefined);
+      throw toStoreError(err, dir);
+    }
+  }
+
+  /** Commit what is queued, checkpoint, and close. The store can then be opened by another process. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    clearInterval(this.checkpointTimer);
+    await this.journal.sync();
+    if (this.failure === undefined && this.state.seq > this.lastCheckpointSeq) await this.checkpoint();
+    else if (this.checkpointRunning !== undefined) await this.checkpointRunning.catch(() => undefined);
+    this.closed = true;
+    this.files.closeAll();
+    await this.journal.close();
+  }
+
+  /**
+   * Store the projection as a checkpoint: fdatasync the layer files, then store the state with the seq
+   * it reflects, keep the newest `checkpointsKept`, and drop payloads the oldest kept one covers.
+   */
+  checkpoint(): Promise<number> {
+    if (this.checkpointRunning !== undefined) return this.checkpointRunning.catch(() => undefined).then(() => this.checkpoint());
+    const run = (async (): Promise<number> => {
+      const seq = this.state.seq;
+      const blob = encodeProjection(this.state);
+      this.eventsSinceCheckpoint = 0;
+      await this.files.syncAll();
+      await this.journal.putCheckpoint(seq, blob);
+      this.lastCheckpointSeq = seq;
+      await this.journal.pruneCheckpoints(checkpointsKept);
+      const kept = await this.journal.checkpointSeqs();
+      if (kept.length > 0) await this.journal.dropPayloads(kept[0]);
+      return seq;
+    })();
+    this.checkpointRunning = run;
+    return run.finally(() => {
+      this.checkpointRunning = undefined;
+    });
+  }
+
+  /** Resolves when every acknowledged write is durable (the journal is synced). */
+  async flush(): Promise<void> {
+    this.checkHealthy();
+    try {
+      await this.journal.sync();
+    } catch (err) {
+      throw toDeviceError(err);
+    }
+  }
+
+  get blockSizeBytes(): number {
+    return this.blockSizeBytes_;
+  }
+
+  get lastSeq(): number {
+    return this.state.seq;
+  }
+
+  /** The journal, for inspection tools (replay, stats, verify). Do not append to it directly. */
+  get eventLog(): Journal<StoreEvent> {
+    return this.journal;
+  }
+
+  /** Read-only access to the projection, for check and inspection. */
+  get projection(): Readonly<Projection> {
+    return this.state;
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // The commit hook: the only place state changes on the live path.
+
+  private applyCommitted(records: ReadonlyArray<JournalRecord<StoreEvent>>): void {
+    if (this.failure !== undefined) throw this.failure;
+    for (const record of records) {
+      try {
+        const event = record.meta;
+        if (event[0] === EventType.Write) {
+          assert(record.payload !== undefined, `write event ${record.seq} committed without its payload`);
+          this.files.write(event[1], record.payload, event[2] * this.blockSizeBytes_);
+        }
+        applyEvent(this.state, record.seq, event);
+      } catch (err) {
+        // The event is in the journal but not applied: stop taking writes; reopening repairs it.
+        this.failure = new Error(`store ${this.dir}: applying ${eventTypeName(record.meta)} event seq ${record.seq} failed (${(err as Error).message}); reopen the store to recover`, { cause: err });
+        throw this.failure;
+      }
+    }
+    if (this.state.collected.length > 0) {
+      for (const id of this.state.collected) this.files.remove(id);
+      this.state.collected = [];
+    }
+    this.eventsSinceCheckpoint += records.length;
+    if (this.eventsSinceCheckpoint >= checkpointEveryEvents && this.checkpointRunning === undefined) {
+      setImmediate(() => void this.checkpoint().catch(() => undefined));
+    }
+  }
+
+  private checkHealthy(): void {
+    if (this.closed) throw new BlockDeviceError('ESHUTDOWN', `store ${this.dir} is closed`);
+    if (this.failure !== undefined) throw new BlockDeviceError('EIO', this.failure.message);
+  }
+
+  private async append(event: StoreEvent, sync = false, payload?: Buffer): Promise<number> {
+    if (this.closed) throw new StoreError('EIO', `store ${this.dir} is closed`);
+    if (this.failure !== undefined) throw new StoreError('EIO', this.failure.message);
+    return this.journal.append(event, { sync, payload });
+  }
+
+  private allocateLayerId(): number {
+    this.nextLayerId = Math.max(this.nextLayerId, this.state.nextLayerId);
+    return this.nextLayerId++;
+  }
+
+  private runtime(volume: string): VolumeRuntime {
+    let rt = this.runtimes.get(volume);
+    if (rt === undefined) {
+      rt = { barrier: undefined, inflight: new Set() };
+      this.runtimes.set(volume, rt);
+    }
+    return rt;
+  }
+
+  /** Run `body` with the volume's writes held back; writes already issued are ordered before it. */
+  private async withBarrier<T>(volume: string, body: () => Promise<T>): Promise<T> {
+    const rt = this.runtime(volume);
+    while (rt.barrier !== undefined) await rt.barrier;
+    let release!: () => void;
+    rt.barrier = new Promise<void>((r) => (release = r));
+    try {
+      return await body();
+    } finally {
+      rt.barrier = undefined;
+      release();
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Queries
+
+  volumes(): VolumeInfo[] {
+    return [...this.state.volumes.values()]
+      .map((v) => ({
+        name: v.name,
+        sizeBytes: this.state.layers.get(v.top)!.sizeBytes,
+        topLayerId: v.top,
+        stack: [...v.view.stack],
+        snapshots: [...this.state.snapshots.keys()].filter((k) => k.startsWith(`${v.name}@`)).map((k) => k.slice(v.name.length + 1)),
+      }))
+      .sort((a, b) => (a.name < b.name ? -1 : 1));
+  }
+
+  layers(): LayerInfo[] {
+    const bs = this.blockSizeBytes_;
+    return [...this.state.layers.values()]
+      .sort((a, b) => a.id - b.id)
+      .map((l) => {
+        let dataBlocks = 0;
+        let zeroBlocks = 0;
+        if (l.kind === 'external') dataBlocks = l.blockCount;
+        else
+          l.bitmap.forEachSetRun((_s, n, v) => {
+            if (v === BlockState.Data) dataBlocks += n;
+            else zeroBlocks += n;
+          });
+        return {
+          id: l.id,
+          parent: l.parent === -1 ? null : l.parent,
+          kind: l.kind,
+          frozen: l.frozen,
+          sizeBytes: l.sizeBytes,
+          dataBytes: Math.min(dataBlocks * bs, l.kind === 'external' ? l.sizeBytes : Infinity),
+          zeroBytes: zeroBlocks * bs,
+          children: [...l.children].sort((a, b) => a - b),
+          names: [...l.names].sort(),
+          volume: l.volume ?? null,
+          source: l.source?.path ?? null,
+        };
+      });
+  }
+
+  snapshots(): SnapshotInfo[] {
+    return [...this.state.snapshots.entries()]
+      .map(([key, layerId]) => {
+        const ref = parseSnapshotRef(key)!;
+        return { volume: ref.volume, name: ref.name, layerId };
+      })
+      .sort((a, b) => (a.volume === b.volume ? (a.name < b.name ? -1 : 1) : a.volume < b.volume ? -1 : 1));
+  }
+
+  hasVolume(name: string): boolean {
+    return this.state.volumes.has(name);
+  }
+
+  /** The frozen layer a "volume@snapshot" reference names. */
+  snapshotLayer(ref: string): number {
+    const parsed = parseSnapshotRef(ref);
+    if (parsed === undefined) throw new StoreError('EINVAL', `${JSON.stringify(ref)} is not a VOLUME@SNAPSHOT reference`);
+    const id = this.state.snapshots.get(snapshotKey(parsed.volume, parsed.name));
+    if (id === undefined) throw new StoreError('ENOENT', `no snapshot ${ref}`);
+    return id;
+  }
+
+  /** Resolve a view reference: a volume name, "volume@snapshot", or "#<layer id>" (frozen layers). */
+  resolveView(ref: string): { layerId: number; readOnly: boolean; volume: string | undefined } {
+    if (ref.startsWith('#')) {
+      const id = Number(ref.slice(1));
+      const layer = this.state.layers.get(id);
+      if (layer === undefined) throw new StoreError('ENOENT', `no layer ${ref}`);
+      return { layerId: id, readOnly: layer.volume === undefined, volume: layer.volume };
+    }
+    if (ref.includes('@')) return { layerId: this.snapshotLayer(ref), readOnly: true, volume: undefined };
+    const volume = this.state.volumes.get(ref);
+    if (volume === undefined) throw new StoreError('ENOENT', `no volume ${ref}`);
+    return { layerId: volume.top, readOnly: false, volume: ref };
+  }
+
+  sizeOfLayer(layerId: number): number {
+    const layer = this.state.layers.get(layerId);
+    if (layer === undefined) throw new BlockDeviceError('ESHUTDOWN', `layer ${layerId} no longer exists`);
+    return layer.sizeBytes;
+  }
+
+  private view(layerId: number): View {
+    if (!this.state.layers.has(layerId)) throw new BlockDeviceError('ESHUTDOWN', `layer ${layerId} no longer exists`);
+    return viewOf(this.state, layerId);
+  }
+
+  private volumeView(name: string): { view: View; sizeBytes: number } {
+    const volume = this.state.volumes.get(name);
+    if (volume === undefined) throw new BlockDeviceError('ESHUTDOWN', `volume ${name} no longer exists`);
+    return { view: volume.view, sizeBytes: this.state.layers.get(volume.top)!.sizeBytes };
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Block I/O
+
+  /** Read from the view of a layer (a volume's top or any frozen layer). */
+  readLayer(layerId: number, offset: number, length: number): ReadResult {
+    this.checkHealthy();
+    const sizeBytes = this.sizeOfLayer(layerId);
+    checkRange(offset, length, sizeBytes, 'EINVAL');
+    return this.readView(this.view(layerId), offset, length);
+  }
+
+  readVolume(name: string, offset: number, length: number): ReadResult {
+    this.checkHealthy();
+    const { view, sizeBytes } = this.volumeView(name);
+    checkRange(offset, length, sizeBytes, 'EINVAL');
+    return this.readView(view, offset, length);
+  }
+
+  private readView(view: View, offset: number, length: number): ReadResult {
+    const bs = this.blockSizeBytes_;
+    const end = offset + length;
+    const first = Math.floor(offset / bs);
+    const last = Math.floor((end - 1) / bs);
+    if (first === last) {
+      // The common case: one block, no run walk.
+      const value = view.index.get(first);
+      if (value === 0 || indexIsZero(value)) return [{ length, data: undefined }];
+      const out = Buffer.allocUnsafe(length);
+      this.files.read(view.stack[indexPosition(value)], out, 0, length, offset);
+      return out;
+    }
+    let out: Buffer | undefined;
+    const pieces: ReadPiece[] = [];
+    let hasHole = false;
+    view.index.forEachRun(first, last - first + 1, (start, count, value) => {
+      const from = Math.max(start * bs, offset);
+      const to = Math.min((start + count) * bs, end);
+      if (value === 0 || indexIsZero(value)) {
+        hasHole = true;
+        const prev = pieces[pieces.length - 1];
+        if (prev !== undefined && prev.data === undefined) pieces[pieces.length - 1] = { length: prev.length + to - from, data: undefined };
+        else pieces.push({ length: to - from, data: undefined });
+        return;
+      }
+      out ??= Buffer.allocUnsafe(length);
+      this.files.read(view.stack[indexPosition(value)], out, from - offset, to - from, from);
+      const prev = pieces[pieces.length - 1];
+      if (prev !== undefined && prev.data !== undefined) pieces[pieces.length - 1] = { length: prev.length + to - from, data: out.subarray(from - offset - prev.length, to - offset) };
+      else pieces.push({ length: to - from, data: out.subarray(from - offset, to - offset) });
+    });
+    if (!hasHole) return out!;
+    return pieces;
+  }
+
+  /** The current content of block `block` of a volume, as the next write must see it. */
+  private blockContent(rt: VolumeRuntime, view: View, block: number, target: Buffer, at: number): void {
+    const bs = this.blockSizeBytes_;
+    if (rt.inflight.size > 0) {
+      const pending = [...rt.inflight];
+      for (let i = pending.length - 1; i >= 0; i--) {
+        const p = pending[i];
+        if (block >= p.first && block < p.first + p.count) {
+          if (p.payload === undefined) target.fill(0, at, at + bs);
+          else p.payload.copy(target, at, (block - p.first) * bs, (block - p.first + 1) * bs);
+          return;
+        }
+      }
+    }
+    const value = view.index.get(block);
+    if (value === 0 || indexIsZero(value)) target.fill(0, at, at + bs);
+    else this.files.read(view.stack[indexPosition(value)], target, at, bs, block * bs);
+  }
+
+  /**
+   * Write `data` at `offset` of a volume. The device owns `data` until the promise settles. With
+   * `fua`, the write is durable when the promise resolves.
+   */
+  async writeVolume(name: string, offset: number, data: Buffer, fua: boolean): Promise<void> {
+    let rt = this.runtime(name);
+    while (rt.barrier !== undefined) {
+      await rt.barrier;
+      rt = this.runtime(name);
+    }
+    this.checkHealthy();
+    const { view, sizeBytes } = this.volumeView(name);
+    checkRange(offset, data.length, sizeBytes, 'ENOSPC');
+    if (data.length > maxWriteBytes) throw new BlockDeviceError('EINVAL', `write of ${data.length} bytes is over maxWriteBytes (${maxWriteBytes})`);
+    const bs = this.blockSizeBytes_;
+    const first = Math.floor(offset / bs);
+    const count = Math.floor((offset + data.length - 1) / bs) - first + 1;
+    let payload: Buffer;
+    if (offset % bs === 0 && data.length % bs === 0) {
+      payload = data;
+    } else {
+      payload = Buffer.allocUnsafe(count * bs);
+      if (offset % bs !== 0) this.blockContent(rt, view, first, payload, 0);
+      if ((offset + data.length) % bs !== 0 && (count > 1 || offset % bs === 0)) this.blockContent(rt, view, first + count - 1, payload, (count - 1) * bs);
+      data.copy(payload, offset - first * bs);
+    }
+    await this.appendBlocks(rt, view, first, count, payload, fua);
+  }
+
+  /** Append a Write (payload) or Zero (no payload) event for whole blocks of a volume's top. */
+  private async appendBlocks(rt: VolumeRuntime, view: View, first: number, count: number, payload: Buffer | undefined, fua: boolean): Promise<void> {
+    const top = view.stack[view.stack.length - 1];
+    const pending: PendingBlocks = { first, count, payload };
+    rt.inflight.add(pending);
+    try {
+      if (payload === undefined) {
+        await this.journal.append([EventType.Zero, top, first, count], { sync: fua });
+      } else {
+        await this.journal.append([EventType.Write, top, first, count, blockCrcs(payload, this.blockSizeBytes_)], { payload, sync: fua });
+      }
+    } catch (err) {
+      throw toDeviceError(err);
+    } finally {
+      rt.inflight.delete(pending);
+    }
+  }
+
+  /**
+   * Make a range of a volume read as zeroes. Whole blocks become "zero" in the top layer (no data
+   * written); partial blocks at the edges are written with zeroes.
+   */
+  async zeroVolume(name: string, offset: number, length: number, fua: boolean): Promise<void> {
+    let rt = this.runtime(name);
+    while (rt.barrier !== undefined) {
+      await rt.barrier;
+      rt = this.runtime(name);
+    }
+    this.checkHealthy();
+    const { view, sizeBytes } = this.volumeView(name);
+    checkRange(offset, length, sizeBytes, 'ENOSPC');
+    const bs = this.blockSizeBytes_;
+    const end = offset + length;
+    const wholeFirst = Math.ceil(offset / bs);
+    const wholeEnd = Math.floor(end / bs);
+    const work: Promise<void>[] = [];
+    const edge = (block: number, from: number, to: number): void => {
+      const payload = Buffer.allocUnsafe(bs);
+      this.blockContent(rt, view, block, payload, 0);
+      payload.fill(0, from - block * bs, to - block * bs);
+      work.push(this.appendBlocks(rt, view, block, 1, payload, fua));
+    };
+    if (wholeFirst > wholeEnd) {
+      edge(Math.floor(offset / bs), offset, end);
+    } else {
+      if (offset % bs !== 0) edge(wholeFirst - 1, offset, wholeFirst * bs);
+      if (wholeEnd > wholeFirst) work.push(this.appendBlocks(rt, view, wholeFirst, wholeEnd - wholeFirst, undefined, fua));
+      if (end % bs !== 0) edge(wholeEnd, wholeEnd * bs, end);
+    }
+    await Promise.all(work);
+  }
+
+  /** Discard whole blocks of a range (they read as zeroes afterwards); partial blocks are left alone. */
+  async trimVolume(name: string, offset: number, length: number, fua: boolean): Promise<void> {
+    let rt = this.runtime(name);
+    while (rt.barrier !== undefined) {
+      await rt.barrier;
+      rt = this.runtime(name);
+    }
+    this.checkHealthy();
+    const { view, sizeBytes } = this.volumeView(name);
+    checkRange(offset, length, sizeBytes, 'ENOSPC');
+    const bs = this.blockSizeBytes_;
+    const first = Math.ceil(offset / bs);
+    const end = Math.floor((offset + length) / bs);
+    if (end > first) await this.appendBlocks(rt, view, first, end - first, undefined, fua);
+    else if (fua) await this.flush();
+  }
+
+  /** Block status of a layer's view from `offset`, merged per context. */
+  extents(layerId: number, offset: number, length: number, context: ExtentContext): Extent[] {
+    this.checkHealthy();
+    const sizeBytes = this.sizeOfLayer(layerId);
+    checkRange(offset, length, sizeBytes, 'EINVAL');
+    const view = this.view(layerId);
+    const out: Extent[] = [];
+    for (const e of this.mapView(view, offset, length)) {
+      const hole = e.kind !== 'data';
+      const zero = e.kind !== 'data';
+      const prev = out[out.length - 1];
+      const same = prev !== undefined && (context === 'base:allocation' ? prev.hole === hole && prev.zero === zero : prev.depth === e.depth);
+      if (same) out[out.length - 1] = { ...prev, length: prev.length + e.length };
+      else out.push({ length: e.length, hole, zero, depth: e.depth });
+    }
+    return out;
+  }
+
+  /** Extents of a view with the layer holding each (like `qemu-img map`). */
+  map(ref: string, offset = 0, length?: number): MapExtent[] {
+    const { layerId } = this.resolveView(ref);
+    const sizeBytes = this.sizeOfLayer(layerId);
+    const len = length ?? sizeBytes - offset;
+    checkRange(offset, len, sizeBytes, 'EINVAL');
+    return this.mapView(this.view(layerId), offset, len);
+  }
+
+  private mapView(view: View, offset: number, length: number): MapExtent[] {
+    const bs = this.blockSizeBytes_;
+    const end = offset + length;
+    const first = Math.floor(offset / bs);
+    const last = Math.floor((end - 1) / bs);
+    const out: MapExtent[] = [];
+    view.index.forEachRun(first, last - first + 1, (start, count, value) => {
+      const from = Math.max(start * bs, offset);
+      const to = Math.min((start + count) * bs, end);
+      const kind = value === 0 ? 'hole' : indexIsZero(value) ? 'zero' : 'data';
+      const pos = value === 0 ? -1 : indexPosition(value);
+      out.push({ offset: from, length: to - from, kind, layerId: pos === -1 ? null : view.stack[pos], depth: pos === -1 ? 0 : view.stack.length - pos });
+    });
+    return out;
+  }
+
+  /**
+   * Ranges where two views may differ: blocks whose content comes from different layers (or differs
+   * in zero/absent). Blocks that come from the same layer are equal by construction.
+   */
+  diff(refA: string, refB: string): DiffExtent[] {
+    const a = this.view(this.resolveView(refA).layerId);
+    const b = this.view(this.resolveView(refB).layerId);
+    const sizeA = this.sizeOfLayer(a.stack[a.stack.length - 1]);
+    const sizeB = this.sizeOfLayer(b.stack[b.stack.length - 1]);
+    const bs = this.blockSizeBytes_;
+    const blocks = Math.ceil(Math.max(sizeA, sizeB) / bs);
+    const identity = (view: View, value: number): string =>
+      value === 0 ? 'z' : indexIsZero(value) ? 'z' : `d${view.stack[indexPosition(value)]}`;
+    const runsA: Array<[number, number, string]> = [];
+    const runsB: Array<[number, number, string]> = [];
+    a.index.forEachRun(0, blocks, (s, n, v) => runsA.push([s, n, identity(a, v)]));
+    b.index.forEachRun(0, blocks, (s, n, v) => runsB.push([s, n, identity(b, v)]));
+    const out: DiffExtent[] = [];
+    let i = 0;
+    let j = 0;
+    let at = 0;
+    while (at < blocks && i < runsA.length && j < runsB.length) {
+      const endA = runsA[i][0] + runsA[i][1];
+      const endB = runsB[j][0] + runsB[j][1];
+      const to = Math.min(endA, endB);
+      if (runsA[i][2] !== runsB[j][2]) {
+        const prev = out[out.length - 1];
+        if (prev !== undefined && prev.offset + prev.length === at * bs) out[out.length - 1] = { offset: prev.offset, length: prev.length + (to - at) * bs };
+        else out.push({ offset: at * bs, length: (to - at) * bs });
+      }
+      at = to;
+      if (endA === to) i++;
+      if (endB === to) j++;
+    }
+    const size = Math.max(sizeA, sizeB);
+    return out.map((e) => ({ offset: e.offset, length: Math.min(e.length, size - e.offset) })).filter((e) => e.length > 0);
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Layer-tree operations
+
+  /** Create a volume on a new zero base of `sizeBytes`. */
+  async createVolume(name: string, sizeBytes: number): Promise<VolumeInfo> {
+    checkName('volume', name);
+    checkSize(sizeBytes);
+    if (this.state.volumes.has(name)) throw new StoreError('EEXIST', `volume ${name} already exists`);
+    const baseId = this.allocateLayerId();
+    const topId = this.allocateLayerId();
+    await Promise.all([this.append([EventType.LayerCreated, baseId, sizeBytes, 'zero', true, null]), this.append([EventType.VolumeCreated, name, topId, baseId], true)]);
+    return this.volumeInfo(name);
+  }
+
+  /** Freeze a volume's top as snapshot `name` (default snap-N) and stack a new writable top. */
+  async snapshot(volume: string, name?: string): Promise<SnapshotInfo> {
+    if (!this.state.volumes.has(volume)) throw new StoreError('ENOENT', `no volume ${volume}`);
+    let snapName = name;
+    if (snapName === undefined) {
+      let n = 1;
+      while (this.state.snapshots.has(snapshotKey(volume, `snap-${n}`))) n++;
+      snapName = `snap-${n}`;
+    }
+    checkName('snapshot', snapName);
+    const chosen = snapName;
+    return this.withBarrier(volume, async () => {
+      const v = this.state.volumes.get(volume);
+      if (v === undefined) throw new StoreError('ENOENT', `no volume ${volume}`);
+      if (this.state.snapshots.has(snapshotKey(volume, chosen))) throw new StoreError('EEXIST', `snapshot ${volume}@${chosen} already exists`);
+      const layerId = v.top;
+      await this.append([EventType.Frozen, volume, layerId, this.allocateLayerId(), chosen], true);
+      return { volume, name: chosen, layerId };
+    });
+  }
+
+  async deleteSnapshot(ref: string): Promise<void> {
+    const parsed = parseSnapshotRef(ref);
+    this.snapshotLayer(ref);
+    await this.append([EventType.SnapshotDeleted, parsed!.volume, parsed!.name], true);
+  }
+
+  /** A new volume on a frozen layer ("volume@snapshot" or "#id"). */
+  async clone(sourceRef: string, name: string): Promise<VolumeInfo> {
+    checkName('volume', name);
+    if (this.state.volumes.has(name)) throw new StoreError('EEXIST', `volume ${name} already exists`);
+    const { layerId } = this.resolveView(sourceRef);
+    if (!this.state.layers.get(layerId)!.frozen) throw new StoreError('EINVAL', `${sourceRef} is not frozen; clone a snapshot (VOLUME@SNAPSHOT)`);
+    await this.append([EventType.Cloned, name, layerId, this.allocateLayerId()], true);
+    return this.volumeInfo(name);
+  }
+
+  async deleteVolume(name: string): Promise<void> {
+    if (!this.state.volumes.has(name)) throw new StoreError('ENOENT', `no volume ${name}`);
+    await this.withBarrier(name, async () => {
+      if (!this.state.volumes.has(name)) throw new StoreError('ENOENT', `no volume ${name}`);
+      await this.append([EventType.VolumeDeleted, name], true);
+    });
+    this.runtimes.delete(name);
+  }
+
+  volumeInfo(name: string): VolumeInfo {
+    const info = this.volumes().find((v) => v.name === name);
+    if (info === undefined) throw new StoreError('ENOENT', `no volume ${name}`);
+    return info;
+  }
+
+  /**
+   * Merge a layer into its parent: `target` is a volume (its top is merged into the layer below it,
+   * which becomes the volume's top) or "volume@snapshot" (that frozen layer is merged into its
+   * parent). The parent must have no other child and no snapshot name, and must not be an external
+   * image: otherwise others would see their data change. Writes to the volume wait meanwhile.
+   */
+  async commit(target: string, onProgress?: ProgressCallback): Promise<{ layerId: number; parentId: number; bytesCopied: number }> {
+    const { layerId, volume } = this.resolveView(target);
+    const run = async (): Promise<{ layerId: number; parentId: number; bytesCopied: number }> => {
+      const layer = this.state.layers.get(layerId);
+      if (layer === undefined) throw new StoreError('ENOENT', `no layer for ${target}`);
+      const parentId = layer.parent;
+      if (parentId === -1) throw new StoreError('EINVAL', `${target} has no layer below it to commit into`);
+      const parent = this.state.layers.get(parentId)!;
+      if (parent.kind === 'external') throw new StoreError('EBUSY', `the layer below ${target} is the external image ${parent.source?.path}; cowstack never writes it`);
+      if (parent.children.size !== 1) throw new StoreError('EBUSY', `the layer below ${target} (layer ${parentId}) is shared by ${parent.children.size} layers; committing would change what the others see`);
+      if (parent.names.size !== 0) throw new StoreError('EBUSY', `the layer below ${target} (layer ${parentId}) is snapshot ${[...parent.names].join(', ')}; delete that snapshot first`);
+      const bytesCopied = await this.copyBlocks(parentId, layer.bitmap, layer.blockCount, (b) => ({ state: layer.bitmap.get(b), layer: layer.id }), onProgress, 'commit');
+      await this.append([EventType.Committed, layerId, parentId], true);
+      return { layerId, parentId, bytesCopied };
+    };
+    return volume !== undefined ? this.withBarrier(volume, run) : run();
+  }
+
+  /** Make a volume independent of every layer below its top: copy what it reads from them into the top. */
+  async flatten(name: string, onProgress?: ProgressCallback): Promise<{ bytesCopied: number }> {
+    if (!this.state.volumes.has(name)) throw new StoreError('ENOENT', `no volume ${name}`);
+    return this.withBarrier(name, async () => {
+      const volume = this.state.volumes.get(name);
+      if (volume === undefined) throw new StoreError('ENOENT', `no volume ${name}`);
+      const top = this.state.layers.get(volume.top)!;
+      const view = volume.view;
+      const topPos = view.stack.length - 1;
+      const bytesCopied = await this.copyBlocks(
+        top.id,
+        view.index,
+        top.blockCount,
+        (b) => {
+          const v = view.index.get(b);
+          if (v === 0 || indexPosition(v) === topPos) return { state: BlockState.Absent, layer: -1 };
+          return { state: indexIsZero(v) ? BlockState.Zero : BlockState.Data, layer: view.stack[indexPosition(v)] };
+        },
+        onProgress,
+        'flatten',
+      );
+      await this.append([EventType.Flattened, name], true);
+      return { bytesCopied };
+    });
+  }
+
+  /**
+   * Copy blocks into layer `targetId` with journaled Write/Zero events, walking the non-default runs
+   * of `walk`: each block `classify` calls Data is read from the layer it names, each it calls Zero
+   * becomes a Zero event, others are skipped. Crash-safe: the events replay like any others, and the
+   * structural event that follows (Committed, Flattened) is appended only after all of them.
+   */
+  private async copyBlocks(
+    targetId: number,
+    walk: ExtentMap,
+    blockCount: number,
+    classify: (block: number) => { state: number; layer: number },
+    onProgress: ProgressCallback | undefined,
+    phase: string,
+  ): Promise<number> {
+    const bs = this.blockSizeBytes_;
+    const runs: Array<[number, number]> = [];
+    let totalBlocks = 0;
+    walk.forEachRun(0, blockCount, (start, count, value) => {
+      if (value !== 0) {
+        runs.push([start, count]);
+        totalBlocks += count;
+      }
+    });
+    const chunkBlocks = Math.max(1, Math.floor(copyChunkBytes / bs));
+    const window = new CopyWindow();
+    let doneBlocks = 0;
+    let bytesCopied = 0;
+    for (const [runStart, runCount] of runs) {
+      let b = runStart;
+      const runEnd = runStart + runCount;
+      while (b < runEnd) {
+        const head = classify(b);
+        let n = 1;
+        while (b + n < runEnd && n < chunkBlocks) {
+          const next = classify(b + n);
+          if (next.state !== head.state || (head.state === BlockState.Data && next.layer !== head.layer)) break;
+          n++;
+        }
+        if (head.state === BlockState.Zero) {
+          await window.add(this.append([EventType.Zero, targetId, b, n]));
+        } else if (head.state === BlockState.Data) {
+          const payload = Buffer.allocUnsafe(n * bs);
+          this.files.read(head.layer, payload, 0, n * bs, b * bs);
+          await window.add(this.append([EventType.Write, targetId, b, n, blockCrcs(payload, bs)], false, payload));
+          bytesCopied += n * bs;
+        }
+        b += n;
+        doneBlocks += n;
+        onProgress?.(phase, doneBlocks, totalBlocks);
+      }
+    }
+    await window.drain();
+    await this.journal.sync();
+    return bytesCopied;
+  }
+
+  /** Fill a writable root layer from a raw image (store creation with --import); zero blocks are skipped. */
+  private async importInto(layerId: number, path: string, onProgress?: ProgressCallback): Promise<void> {
+    const bs = this.blockSizeBytes_;
+    const fd = openSync(path, 'r');
+    try {
+      const total = fstatSync(fd).size;
+      const chunk = Math.max(bs, Math.floor(copyChunkBytes / bs) * bs);
+      const window = new CopyWindow();
+      for (let at = 0; at < total; at += chunk) {
+        const want = Math.min(chunk, total - at);
+        const buf = Buffer.alloc(Math.ceil(want / bs) * bs);
+        let got = 0;
+        while (got < want) {
+          const n = readSync(fd, buf, got, want - got, at + got);
+          if (n === 0) break;
+          got += n;
+        }
+        // Write runs of non-zero blocks only: zero blocks stay absent (read as zeroes).
+        const blocks = buf.length / bs;
+        let i = 0;
+        while (i < blocks) {
+          if (isZero(buf, i * bs, bs)) {
+            i++;
+            continue;
+          }
+          let j = i + 1;
+          while (j < blocks && !isZero(buf, j * bs, bs)) j++;
+          const payload = buf.subarray(i * bs, j * bs);
+          await window.add(this.append([EventType.Write, layerId, at / bs + i, j - i, blockCrcs(payload, bs)], false, payload));
+          i = j;
+        }
+        onProgress?.('import', Math.min(at + chunk, total), total);
+      }
+      await window.drain();
+      await this.journal.sync();
+    } finally {
+      closeSync(fd);
+    }
+  }
+}
+
+/** Keeps up to `copyWindowEvents` appends in flight; the first failure fails the copy. */
+class CopyWindow {
+  private readonly inflight = new Set<Promise<unknown>>();
+  private failure: unknown;
+
+  async add(append: Promise<unknown>): Promise<void> {
+    const tracked = append.then(
+      () => {
+        this.inflight.delete(tracked);
+      },
+      (err: unknown) => {
+        this.inflight.delete(tracked);
+        this.failure ??= err;
+      },
+    );
+    this.inflight.add(tracked);
+    if (this.inflight.size >= copyWindowEvents) await Promise.race(this.inflight);
+    if (this.failure !== undefined) throw this.failure;
+  }
+
+  async drain(): Promise<void> {
+    await Promise.all(this.inflight);
+    if (this.failure !== undefined) throw this.failure;
+  }
+}
+
+function isZero(buf: Buffer, at: number, length: number): boolean {
+  for (let i = at; i < at + length; i += 8) if (buf.readBigUInt64LE(i) !== 0n) return false;
+  return true;
+}
+
+function checkSize(sizeBytes: number): void {
+  if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0 || sizeBytes > maxDeviceSizeBytes) {
+    throw new StoreError('EINVAL', `size ${sizeBytes} is not a whole number of bytes from 1 to ${maxDeviceSizeBytes}`);
+  }
+}
+
+function checkRange(offset: number, length: number, sizeBytes: number, pastEnd: 'EINVAL' | 'ENOSPC'): void {
+  if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length <= 0) {
+    throw new BlockDeviceError('EINVAL', `range ${offset}+${length} is not a positive byte range`);
+  }
+  if (offset + length > sizeBytes) {
+    throw new BlockDeviceError(pastEnd, `range ${offset}+${length} is past the end of the ${sizeBytes}-byte device`);
+  }
+}
+
+/** One CRC32C per block of `payload`, little-endian u32s. */
+export function blockCrcs(payload: Buffer, bs: number): Buffer {
+  const count = payload.length / bs;
+  const out = Buffer.allocUnsafe(4 * count);
+  for (let i = 0; i < count; i++) out.writeUInt32LE(crc32c(payload.subarray(i * bs, (i + 1) * bs)), 4 * i);
+  return out;
+}
+
+/** Load the newest checkpoint that decodes; fall back to older ones (their payloads are kept). */
+async function loadCheckpoint(journal: Journal<StoreEvent>): Promise<{ state: Projection; checkpointSeq: number; skipped: Array<{ seq: number; reason: string }> }> {
+  const skipped: Array<{ seq: number; reason: string }> = [];
+  const seqs = (await journal.checkpointSeqs()).reverse();
+  for (const seq of seqs) {
+    try {
+      const checkpoint = await journal.getCheckpoint(seq);
+      if (checkpoint === undefined) continue;
+      const state = decodeProjection(checkpoint.blob);
+      if (seq < journal.firstSeq - 1) throw new Error(`its records were dropped from the journal`);
+      if (seq < journal.payloadsDroppedThroughSeq) throw new Error(`write payloads after it were dropped from the journal`);
+      return { state, checkpointSeq: seq, skipped };
+    } catch (err) {
+      if (!(err instanceof JournalCorruptionError) && !(err instanceof ProjectionError) && !(err instanceof Error)) throw err;
+      skipped.push({ seq, reason: (err as Error).message });
+    }
+  }
+  if (journal.firstSeq > 1) {
+    throw new StoreError('ECORRUPT', `no usable checkpoint, and the journal no longer starts at seq 1 (${skipped.map((s) => `checkpoint ${s.seq}: ${s.reason}`).join('; ')})`);
+  }
+  return { state: emptyProjection(), checkpointSeq: 0, skipped };
+}
+
+/** Recovery: write a journaled Write's payload into its layer file again. */
+function reapplyWrite(state: Projection, files: LayerFiles, record: JournalRecord<StoreEvent>): void {
+  const event = record.meta;
+  assert(event[0] === EventType.Write, 'reapplyWrite takes Write events');
+  if (!state.layers.has(event[1])) return; // the reducer will refuse this event and name its seq
+  if (record.payload === undefined) {
+    throw new StoreError('ECORRUPT', `write event seq ${record.seq} after the checkpoint has no payload in the journal`);
+  }
+  files.write(event[1], record.payload, event[2] * state.config!.blockSizeBytes);
+}
+
+/** Delete layer files that belong to no layer (left by a crash between an event and its cleanup). */
+function removeOrphans(layersDir: string, state: Projection, files: LayerFiles): number {
+  let removed = 0;
+  for (const name of readdirSync(layersDir)) {
+    const match = /^(\d+)\.data$/.exec(name);
+    if (match === null) continue;
+    const id = Number(match[1]);
+    if (!state.layers.has(id)) {
+      files.remove(id);
+      removed++;
+    }
+  }
+  return removed;
+}

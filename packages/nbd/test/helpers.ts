@@ -1,0 +1,185 @@
+/**
+ * Test helpers: a server on a temporary unix socket, child processes with timeouts, and a raw socket
+ * client that reads exact byte counts (for handshake and transmission tests below the real clients).
+ */
+import { spawn } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { createConnection, type Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { ExportProvider } from '@cowstack/core';
+import { NbdServer, type NbdServerOptions } from '../src/index.js';
+
+const made: string[] = [];
+process.on('exit', () => {
+  for (const dir of made) rmSync(dir, { recursive: true, force: true });
+});
+
+export function tempDir(label = 'nbd'): string {
+  const dir = mkdtempSync(join(tmpdir(), `cowstack-${label}-`));
+  made.push(dir);
+  return dir;
+}
+
+export interface Started {
+  readonly server: NbdServer;
+  readonly socketPath: string;
+  readonly logs: string[];
+  /** nbd+unix URI for an export name. */
+  uri(name?: string): string;
+}
+
+export async function startServer(provider: ExportProvider, options: Partial<NbdServerOptions> = {}): Promise<Started> {
+  const logs: string[] = [];
+  const server = new NbdServer({ log: (m) => logs.push(m), ...options, provider });
+  const socketPath = join(tempDir('sock'), 'nbd.sock');
+  await server.listen({ socketPath });
+  return { server, socketPath, logs, uri: (name = '') => `nbd+unix:///${encodeURIComponent(name)}?socket=${socketPath}` };
+}
+
+export interface RunResult {
+  readonly code: number | null;
+  readonly stdout: string;
+  readonly stderr: string;
+}
+
+export function run(command: string, args: readonly string[], options: { timeoutMs?: number; input?: string; env?: NodeJS.ProcessEnv } = {}): Promise<RunResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(command, args, { stdio: ['pipe', 'pipe', 'pipe'], env: options.env ?? process.env });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d) => (stdout += d));
+    child.stderr.on('data', (d) => (stderr += d));
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error(`${command} ${args.join(' ')} timed out after ${options.timeoutMs ?? 60000} ms\n${stdout}\n${stderr}`));
+    }, options.timeoutMs ?? 60000);
+    child.on('error', (e) => {
+      clearTimeout(timer);
+      reject(e);
+    });
+    child.on('close', (code) => {
+      clearTimeout(timer);
+      resolve({ code, stdout, stderr });
+    });
+    child.stdin.end(options.input ?? '');
+  });
+}
+
+/** Runs and requires exit 0. */
+export async function runOk(command: string, args: readonly string[], options: { timeoutMs?: number; input?: string } = {}): Promise<RunResult> {
+  const result = await run(command, args, options);
+  if (result.code !== 0) throw new Error(`${command} ${args.join(' ')} exited ${result.code}\nstdout: ${result.stdout}\nstderr: ${result.stderr}`);
+  return result;
+}
+
+/** Runs a Python script with the system interpreter that has libnbd's `nbd` module. */
+export async function python(script: string, args: readonly string[] = [], timeoutMs = 60000): Promise<RunResult> {
+  const file = join(tempDir('py'), 'script.py');
+  writeFileSync(file, script);
+  return run('/usr/bin/python3', [file, ...args], { timeoutMs });
+}
+
+/** A raw socket that reads exact byte counts. */
+export class RawClient {
+  private buffer = Buffer.alloc(0);
+  private waiters: (() => void)[] = [];
+  ended = false;
+  readonly closed: Promise<void>;
+
+  private constructor(readonly socket: Socket) {
+    socket.on('data', (d: Buffer) => {
+      this.buffer = Buffer.concat([this.buffer, d]);
+      this.wake();
+    });
+    socket.on('end', () => {
+      this.ended = true;
+      this.wake();
+    });
+    socket.on('error', () => {
+      this.ended = true;
+      this.wake();
+    });
+    this.closed = new Promise((resolve) => socket.once('close', () => resolve()));
+  }
+
+  static connect(socketPath: string): Promise<RawClient> {
+    return new Promise((resolve, reject) => {
+      const socket = createConnection(socketPath);
+      socket.once('connect', () => resolve(new RawClient(socket)));
+      socket.once('error', reject);
+    });
+  }
+
+  private wake(): void {
+    const waiters = this.waiters;
+    this.waiters = [];
+    for (const w of waiters) w();
+  }
+
+  get available(): number {
+    return this.buffer.length;
+  }
+
+  write(bytes: Buffer): void {
+    this.socket.write(bytes);
+  }
+
+  /** Exactly n bytes; rejects on EOF or timeout. */
+  async read(n: number, timeoutMs = 5000): Promise<Buffer> {
+    const deadline = Date.now() + timeoutMs;
+    while (this.buffer.length < n) {
+      if (this.ended) throw new Error(`connection ended with ${this.buffer.length} of ${n} bytes`);
+      const left = deadline - Date.now();
+      if (left <= 0) throw new Error(`timed out waiting for ${n} bytes (have ${this.buffer.length})`);
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, left);
+        this.waiters.push(() => {
+          clearTimeout(timer);
+          resolve();
+        });
+      });
+    }
+    const out = this.buffer.subarray(0, n);
+    this.buffer = this.buffer.subarray(n);
+    return out;
+  }
+
+  /** Resolves true when the server closes its side within the time, false otherwise. */
+  async waitEnd(timeoutMs = 5000): Promise<boolean> {
+    const deadline = Date.now() + timeoutMs;
+    while (!this.ended) {
+      const left = deadline - Date.now();
+      if (left <= 0) return false;
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, left);
+        this.waiters.push(() => {
+          clearTimeout(timer);
+          resolve();
+        });
+      });
+    }
+    return true;
+  }
+
+  destroy(): void {
+    this.socket.destroy();
+  }
+}
+
+export function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** A deterministic pseudo-random buffer. */
+export function pattern(length: number, seed = 1): Buffer {
+  const out = Buffer.allocUnsafe(length);
+  let x = seed >>> 0 || 1;
+  for (let i = 0; i < length; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    out[i] = x & 0xff;
+  }
+  return out;
+}

@@ -9,6 +9,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { ExportProvider } from '@cowstack/core';
 import { NbdServer, type NbdServerOptions } from '../src/index.js';
+import * as oc from '../src/option-codec.js';
+import * as P from '../src/protocol-constants.js';
+import * as rc from '../src/reply-codec.js';
+import { encodeRequestHeader } from '../src/request-codec.js';
 
 const made: string[] = [];
 process.on('exit', () => {
@@ -182,4 +186,94 @@ export function pattern(length: number, seed = 1): Buffer {
     out[i] = x & 0xff;
   }
   return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// raw protocol steps on a RawClient
+
+
+export async function readGreeting(c: RawClient): Promise<oc.Greeting> {
+  return oc.decodeGreeting(await c.read(18));
+}
+
+export async function readOptionReply(c: RawClient): Promise<oc.OptionReply> {
+  const header = await c.read(20);
+  const payload = await c.read(header.readUInt32BE(16));
+  const decoded = oc.decodeOptionReply(Buffer.concat([header, payload]));
+  if (decoded === undefined) throw new Error('short option reply');
+  return decoded.reply;
+}
+
+/** Replies to one option up to and including its final reply (ACK or an error). */
+export async function readOptionReplies(c: RawClient): Promise<oc.OptionReply[]> {
+  const out: oc.OptionReply[] = [];
+  for (;;) {
+    const reply = await readOptionReply(c);
+    out.push(reply);
+    if (reply.reply === P.NBD_REP_ACK || P.isErrorReply(reply.reply)) return out;
+  }
+}
+
+export async function option(c: RawClient, opt: number, data?: Buffer): Promise<oc.OptionReply[]> {
+  c.write(oc.encodeOption(opt, data));
+  return readOptionReplies(c);
+}
+
+export interface RawSession {
+  readonly client: RawClient;
+  readonly sizeBytes: number;
+  readonly transmissionFlags: number;
+}
+
+/** Connects and negotiates to transmission with NBD_OPT_GO. */
+export async function rawSession(socketPath: string, opts: { name?: string; structured?: boolean; contexts?: string[] } = {}): Promise<RawSession> {
+  const c = await RawClient.connect(socketPath);
+  await readGreeting(c);
+  c.write(oc.encodeClientFlags(P.NBD_FLAG_C_FIXED_NEWSTYLE | P.NBD_FLAG_C_NO_ZEROES));
+  const name = opts.name ?? '';
+  if (opts.structured) {
+    const sr = await option(c, P.NBD_OPT_STRUCTURED_REPLY);
+    if (sr[0].reply !== P.NBD_REP_ACK) throw new Error('structured replies refused');
+  }
+  if (opts.contexts) await option(c, P.NBD_OPT_SET_META_CONTEXT, oc.encodeMetaContextRequest({ name, queries: opts.contexts }));
+  const replies = await option(c, P.NBD_OPT_GO, oc.encodeInfoRequest({ name, infos: [P.NBD_INFO_BLOCK_SIZE] }));
+  const last = replies[replies.length - 1];
+  if (last.reply !== P.NBD_REP_ACK) throw new Error(`GO failed: 0x${last.reply.toString(16)} ${last.payload.toString()}`);
+  const info = replies.map((r) => oc.decodeInfo(r.payload)).find((i) => i?.type === P.NBD_INFO_EXPORT) as { sizeBytes: number; transmissionFlags: number };
+  return { client: c, sizeBytes: info.sizeBytes, transmissionFlags: info.transmissionFlags };
+}
+
+export function sendRequest(c: RawClient, request: { type: number; flags?: number; cookie: bigint; offset?: number; length?: number }, data?: Buffer): void {
+  const header = encodeRequestHeader({ flags: request.flags ?? 0, type: request.type, cookie: request.cookie, offset: request.offset ?? 0, length: request.length ?? data?.length ?? 0 });
+  c.write(data ? Buffer.concat([header, data]) : header);
+}
+
+export async function readSimpleReply(c: RawClient, dataLength = 0): Promise<{ errno: number; cookie: bigint; data: Buffer }> {
+  const header = rc.decodeSimpleReplyHeader(await c.read(16));
+  if (header.magic !== P.NBD_SIMPLE_REPLY_MAGIC) throw new Error(`bad simple reply magic 0x${header.magic.toString(16)}`);
+  const data = header.errno === 0 && dataLength > 0 ? await c.read(dataLength) : Buffer.alloc(0);
+  return { errno: header.errno, cookie: header.cookie, data };
+}
+
+/** Reads one reply of either kind: a simple reply (no data) or one structured chunk. */
+export async function readAnyReply(c: RawClient): Promise<{ simple: true; errno: number; cookie: bigint } | { simple: false; chunk: rc.Chunk }> {
+  const head = await c.read(4);
+  const magic = head.readUInt32BE(0);
+  if (magic === P.NBD_SIMPLE_REPLY_MAGIC) {
+    const rest = await c.read(12);
+    return { simple: true, errno: rest.readUInt32BE(0), cookie: rest.readBigUInt64BE(4) };
+  }
+  if (magic !== P.NBD_STRUCTURED_REPLY_MAGIC) throw new Error(`bad reply magic 0x${magic.toString(16)}`);
+  const rest = await c.read(16);
+  const payload = await c.read(rest.readUInt32BE(12));
+  const decoded = rc.decodeChunk(Buffer.concat([head, rest, payload]));
+  if (decoded === undefined) throw new Error('short chunk');
+  return { simple: false, chunk: decoded.chunk };
+}
+
+/** A promise with its resolve function, for gating device operations. */
+export function gate(): { promise: Promise<void>; open: () => void } {
+  let open!: () => void;
+  const promise = new Promise<void>((resolve) => (open = resolve));
+  return { promise, open };
 }

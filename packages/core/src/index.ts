@@ -38,3 +38,5 @@ export type {
   SnapshotInfo,
   VolumeInfo,
 } from './store.js';
+export { checkStore, recoverStore } from './maintenance.js';
+export type { CheckProblem, CheckProblemKind, CheckReport, RecoverReport } from './maintenance.js';

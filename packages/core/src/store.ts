@@ -394,7 +394,7 @@ export class Store {
   }
 
   /** Read-only access to the projection, for check and inspection. */
-  get projection(): Readonly<Projection> {
+  get projection(): Projection {
     return this.state;
   }
 
@@ -615,6 +615,13 @@ export class Store {
     });
     if (!hasHole) return out!;
     return pieces;
+  }
+
+  /** Raw bytes of a layer's own data file (not its view), for check and export of a layer. */
+  readLayerFile(layerId: number, offset: number, length: number): Buffer {
+    const out = Buffer.allocUnsafe(length);
+    this.files.read(layerId, out, 0, length, offset);
+    return out;
   }
 
   /** The current content of block `block` of a volume, as the next write must see it. */

@@ -1,0 +1,178 @@
+/**
+ * recover and check: the two maintenance passes an operator runs on a store at rest.
+ *
+ * recover: open the store (which loads the newest usable checkpoint, replays every later event,
+ * re-applies the data of their writes to the layer files and writes a fresh checkpoint), close it,
+ * and report what it did.
+ *
+ * check: after the same recovery, verify three things and name every problem found:
+ *   - the journal: chained CRCs, no gaps, payload CRCs (by seq);
+ *   - the projection: replaying the whole journal from seq 1 with the one reducer gives exactly the
+ *     projection the store loaded (checkpoint + tail), layer by layer;
+ *   - the data: every block a layer holds as data has the CRC32C its last Write event recorded
+ *     (by volume, layer, block and seq).
+ */
+import { crc32c } from '@node-rs/crc32';
+import type { JournalRecord } from '@cowstack/journal';
+import { lastValueFrom, scan, tap } from 'rxjs';
+import { StoreError } from './errors.js';
+import { EventType, type StoreEvent } from './events.js';
+import { applyEvent, BlockState, emptyProjection, volumesUsing } from './projection.js';
+import { diffProjections } from './projection-codec.js';
+import { type OpenReport, type ProgressCallback, Store } from './store.js';
+
+export interface RecoverReport extends OpenReport {
+  readonly eventsPerSecond: number;
+}
+
+export async function recoverStore(dir: string, options: { onProgress?: ProgressCallback } = {}): Promise<RecoverReport> {
+  const store = await Store.open(dir, { onProgress: options.onProgress });
+  const report = store.openReport;
+  await store.close();
+  return { ...report, eventsPerSecond: report.durationMs > 0 ? (report.eventsReplayed / report.durationMs) * 1000 : 0 };
+}
+
+export type CheckProblemKind = 'open' | 'journal' | 'checkpoint' | 'projection' | 'data';
+
+export interface CheckProblem {
+  readonly kind: CheckProblemKind;
+  readonly message: string;
+  readonly seq?: number;
+  readonly layerId?: number;
+  readonly volumes?: readonly string[];
+  readonly block?: number;
+}
+
+export interface CheckReport {
+  readonly ok: boolean;
+  readonly problems: CheckProblem[];
+  readonly eventsChecked: number;
+  readonly dataBlocksChecked: number;
+  /** What opening (recovery) did before the checks; undefined if the store could not be opened. */
+  readonly open: OpenReport | undefined;
+  readonly durationMs: number;
+}
+
+export async function checkStore(dir: string, options: { onProgress?: ProgressCallback } = {}): Promise<CheckReport> {
+  const started = performance.now();
+  const problems: CheckProblem[] = [];
+  let store: Store;
+  try {
+    store = await Store.open(dir, { onProgress: options.onProgress });
+  } catch (err) {
+    if (err instanceof StoreError && (err.code === 'ECORRUPT' || err.code === 'ECHANGED' || err.code === 'EFORMAT')) {
+      problems.push({ kind: 'open', message: err.message });
+      return { ok: false, problems, eventsChecked: 0, dataBlocksChecked: 0, open: undefined, durationMs: performance.now() - started };
+    }
+    throw err;
+  }
+  let eventsChecked = 0;
+  let dataBlocksChecked = 0;
+  try {
+    const journal = store.eventLog;
+    const verify = await journal.verify();
+    for (const p of verify.problems) problems.push({ kind: p.kind === 'checkpoint' ? 'checkpoint' : 'journal', seq: p.seq, message: p.message });
+    for (const s of store.openReport.checkpointsSkipped) problems.push({ kind: 'checkpoint', seq: s.seq, message: `checkpoint at seq ${s.seq} was not usable: ${s.reason}` });
+    if (journal.firstSeq !== 1) {
+      problems.push({ kind: 'projection', message: `the journal starts at seq ${journal.firstSeq}, so the projection cannot be replayed from the start` });
+    } else if (verify.ok) {
+      // Replay everything from seq 1 with the same reducer, remembering each block's last write.
+      const lastWrite = new Map<number, Map<number, [seq: number, crc: number]>>();
+      const total = journal.lastSeq;
+      const replayed = await lastValueFrom(
+        journal.replay(1, undefined, { payloads: false }).pipe(
+          tap((record: JournalRecord<StoreEvent>) => {
+            trackWrites(lastWrite, record);
+            eventsChecked++;
+            if ((eventsChecked & 0xffff) === 0) options.onProgress?.('check-journal', eventsChecked, total);
+          }),
+          scan((state, record) => applyEvent(state, record.seq, record.meta), emptyProjection()),
+        ),
+      );
+      for (const difference of diffProjections(replayed, store.projection)) {
+        problems.push({ kind: 'projection', message: `replaying the journal from seq 1 does not give the loaded projection: ${difference}` });
+      }
+      dataBlocksChecked = checkData(store, lastWrite, problems, options.onProgress);
+    }
+  } finally {
+    await store.close();
+  }
+  return { ok: problems.length === 0, problems, eventsChecked, dataBlocksChecked, open: store.openReport, durationMs: performance.now() - started };
+}
+
+function trackWrites(lastWrite: Map<number, Map<number, [number, number]>>, record: JournalRecord<StoreEvent>): void {
+  const event = record.meta;
+  if (event[0] === EventType.Write) {
+    const [, layerId, first, count, crcs] = event;
+    let blocks = lastWrite.get(layerId);
+    if (blocks === undefined) lastWrite.set(layerId, (blocks = new Map()));
+    for (let i = 0; i < count; i++) blocks.set(first + i, [record.seq, crcs.readUInt32LE(4 * i)]);
+  } else if (event[0] === EventType.Zero) {
+    const [, layerId, first, count] = event;
+    const blocks = lastWrite.get(layerId);
+    if (blocks === undefined) return;
+    if (count > blocks.size) {
+      for (const block of blocks.keys()) if (block >= first && block < first + count) blocks.delete(block);
+    } else {
+      for (let i = 0; i < count; i++) blocks.delete(first + i);
+    }
+  }
+}
+
+function checkData(store: Store, lastWrite: Map<number, Map<number, [number, number]>>, problems: CheckProblem[], onProgress?: ProgressCallback): number {
+  const state = store.projection;
+  const bs = store.blockSizeBytes;
+  let total = 0;
+  for (const layer of state.layers.values()) {
+    if (layer.kind !== 'external') layer.bitmap.forEachSetRun((_s, n, v) => (total += v === BlockState.Data ? n : 0));
+  }
+  let done = 0;
+  for (const layer of state.layers.values()) {
+    if (layer.kind === 'external') continue;
+    const blocks = lastWrite.get(layer.id) ?? new Map<number, [number, number]>();
+    const runs: Array<[number, number]> = [];
+    layer.bitmap.forEachSetRun((start, n, v) => {
+      if (v === BlockState.Data) runs.push([start, n]);
+    });
+    for (const [start, n] of runs) {
+      for (let b = start; b < start + n; b += 256) {
+        const count = Math.min(256, start + n - b);
+        let data: Buffer;
+        try {
+          data = store.readLayerFile(layer.id, b * bs, count * bs);
+        } catch (err) {
+          problems.push({ kind: 'data', layerId: layer.id, volumes: volumesUsing(state, layer.id), block: b, message: `layer ${layer.id} blocks ${b}..${b + count - 1}: ${(err as Error).message}` });
+          continue;
+        }
+        for (let i = 0; i < count; i++) {
+          const block = b + i;
+          const expected = blocks.get(block);
+          const volumes = volumesUsing(state, layer.id);
+          const where = `${volumes.length > 0 ? `volume ${volumes.join(', ')}, ` : ''}layer ${layer.id}, block ${block} (offset ${block * bs})`;
+          if (expected === undefined) {
+            problems.push({ kind: 'data', layerId: layer.id, volumes, block, message: `${where}: holds data but no write event records it` });
+            continue;
+          }
+          const actual = crc32c(data.subarray(i * bs, (i + 1) * bs));
+          if (actual !== expected[1]) {
+            problems.push({
+              kind: 'data',
+              layerId: layer.id,
+              volumes,
+              block,
+              seq: expected[0],
+              message: `${where}: data CRC ${hex(actual)} does not match CRC ${hex(expected[1])} of its last write, seq ${expected[0]}`,
+            });
+          }
+        }
+        done += count;
+        onProgress?.('check-data', done, total);
+      }
+    }
+  }
+  return done;
+}
+
+function hex(n: number): string {
+  return '0x' + (n >>> 0).toString(16).padStart(8, '0');
+}

@@ -1,0 +1,224 @@
+/**
+ * Engine behaviour beyond the model suite: bad input is refused clearly without changing state;
+ * snapshots order correctly against concurrent writes; depth does not matter; external and imported
+ * bases; recover and check name what they did and what is damaged.
+ */
+import { rejects } from 'node:assert/strict';
+import { appendFileSync, closeSync, mkdirSync, openSync, readdirSync, writeFileSync, writeSync } from 'node:fs';
+import { join } from 'node:path';
+import { Journal } from '@cowstack/journal';
+import { Level } from 'level';
+import { pack } from 'msgpackr';
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { BlockDeviceError, checkStore, EventType, recoverStore, Store, StoreError, type StoreEvent, StoreExports } from '../src/index.js';
+import { flat, tempDir } from './helpers.js';
+
+const mib = 1024 * 1024;
+const code = (c: string) => (err: unknown) => (err as { code?: string }).code === c;
+
+test('out-of-range I/O, unknown volumes and read-only layers are refused and change nothing', async () => {
+  const store = await Store.create(tempDir(), { sizeBytes: mib });
+  await store.writeVolume('default', 0, Buffer.alloc(4096, 1), false);
+  const before = store.lastSeq;
+  await rejects(() => store.writeVolume('default', mib - 10, Buffer.alloc(20), false), code('ENOSPC'));
+  await rejects(() => store.zeroVolume('default', mib, 1, false), code('ENOSPC'));
+  await rejects(() => store.writeVolume('default', -1, Buffer.alloc(1), false), code('EINVAL'));
+  assert.throws(() => store.readVolume('default', mib - 1, 2), (e: unknown) => e instanceof BlockDeviceError && e.code === 'EINVAL');
+  assert.throws(() => store.readVolume('default', 0, 0), (e: unknown) => e instanceof BlockDeviceError && e.code === 'EINVAL');
+  await rejects(() => store.writeVolume('nope', 0, Buffer.alloc(1), false), code('ESHUTDOWN'));
+  await rejects(() => store.snapshot('nope'), code('ENOENT'));
+  await rejects(() => store.clone('default@missing', 'x'), code('ENOENT'));
+  await rejects(() => store.clone('default', 'x'), code('EINVAL'));
+  await rejects(() => store.createVolume('bad/name', mib), code('EINVAL'));
+  await rejects(() => store.createVolume('default', mib), code('EEXIST'));
+  await store.snapshot('default', 'golden');
+  await rejects(() => store.snapshot('default', 'golden'), code('EEXIST'));
+  const exports = new StoreExports(store);
+  const snap = exports.open('default@golden')!;
+  assert.ok(snap.readOnly);
+  await rejects(() => snap.write(0, Buffer.alloc(512), { fua: false }), code('EPERM'));
+  assert.is(exports.open('missing'), undefined);
+  assert.is(exports.open('default@missing'), undefined);
+  assert.equal(exports.list().map((e) => e.name), ['default', 'default@golden']);
+  assert.is(store.lastSeq, before + 1, 'only the snapshot was recorded');
+  await store.close();
+});
+
+test('bad store parameters and a second opener are refused clearly', async () => {
+  await rejects(() => Store.create(tempDir(), { sizeBytes: mib, blockSizeBytes: 3000 }), /block size 3000 is not a power of two from 512 to 65536/);
+  await rejects(() => Store.create(tempDir(), {}), /a size is needed/);
+  await rejects(() => Store.open(tempDir()), code('ENOENT'));
+  const dir = tempDir();
+  const store = await Store.create(dir, { sizeBytes: mib });
+  await rejects(() => Store.create(dir, { sizeBytes: mib }), code('EEXIST'));
+  await rejects(() => Store.open(dir), (e: unknown) => e instanceof StoreError && e.code === 'ELOCKED' && /in use by another process/.test(e.message));
+  await store.close();
+});
+
+test('a store or journal of an unknown format version is refused', async () => {
+  const dir = tempDir();
+  await (await Store.create(dir, { sizeBytes: mib })).close();
+  const db = new Level<Buffer, Buffer>(join(dir, 'journal'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
+  await db.put(Buffer.from('mformat'), pack({ format: 'cowstack-journal', version: 2 }));
+  await db.close();
+  await rejects(() => Store.open(dir), (e: unknown) => e instanceof StoreError && e.code === 'EFORMAT' && /version 2 is not supported/.test(e.message));
+
+  // A store whose first event says a newer store format (written as a newer build would).
+  const newer = tempDir();
+  const journal = await Journal.open<StoreEvent>(join(newer, 'journal'), { create: true });
+  await journal.append([EventType.StoreCreated, { formatVersion: 99, storeId: 'x', blockSizeBytes: 4096, createdMs: 0 }], { sync: true });
+  await journal.close();
+  mkdirSync(join(newer, 'layers'));
+  await rejects(() => Store.open(newer), (e: unknown) => e instanceof StoreError && e.code === 'EFORMAT' && /format version 99; this build opens version 1/.test(e.message));
+});
+
+test('writes issued before a snapshot are in it; writes issued after are not', async () => {
+  const store = await Store.create(tempDir(), { sizeBytes: mib });
+  const before = Array.from({ length: 40 }, (_, i) => store.writeVolume('default', i * 4096, Buffer.alloc(4096, 1), i % 3 === 0));
+  const snap = store.snapshot('default', 's');
+  const after = Array.from({ length: 40 }, (_, i) => store.writeVolume('default', i * 4096, Buffer.alloc(4096, 2), false));
+  await Promise.all([...before, snap, ...after]);
+  const layer = store.snapshotLayer('default@s');
+  assert.ok(flat(store.readLayer(layer, 0, 40 * 4096)).equals(Buffer.alloc(40 * 4096, 1)));
+  assert.ok(flat(store.readVolume('default', 0, 40 * 4096)).equals(Buffer.alloc(40 * 4096, 2)));
+  await store.close();
+});
+
+test('1000-deep stacks read correctly, survive reopen, and report allocation depth', async () => {
+  const dir = tempDir();
+  let store = await Store.create(dir, { sizeBytes: 4 * mib });
+  for (let i = 0; i < 1000; i++) {
+    await store.writeVolume('default', (i % 1024) * 4096, Buffer.alloc(4096, (i % 250) + 1), false);
+    await store.snapshot('default');
+  }
+  const check = (s: Store): void => {
+    const data = flat(s.readVolume('default', 0, 4 * mib));
+    for (let i = 0; i < 1000; i++) assert.is(data[(i % 1024) * 4096], (i % 250) + 1);
+    assert.is(data[1000 * 4096], 0);
+    const depth = s.extents(s.volumeInfo('default').topLayerId, 0, 8192, 'qemu:allocation-depth');
+    assert.equal(depth.map((e) => e.depth), [1001, 1000], 'block 0 was written 1000 layers down, block 1 one layer above it');
+  };
+  check(store);
+  assert.is(store.volumeInfo('default').stack.length, 1002);
+  await store.close();
+  store = await Store.open(dir);
+  check(store);
+  const snap = flat(store.readLayer(store.snapshotLayer('default@snap-500'), 0, 4096 * 501));
+  assert.is(snap[499 * 4096], (499 % 250) + 1);
+  assert.is(snap[500 * 4096], 0, 'snapshot 500 predates write 500');
+  await store.close();
+});
+
+test('an external base is read through, never written, and refused once it changes', async () => {
+  const dir = tempDir();
+  const image = join(tempDir('img'), 'base.raw');
+  const content = Buffer.alloc(2 * mib);
+  for (let i = 0; i < content.length; i += 4096) content.fill((i / 4096) & 0xff, i, i + 4096);
+  writeFileSync(image, content);
+  const store = await Store.create(dir, { base: { kind: 'external', path: image }, blockSizeBytes: 4096 });
+  assert.is(store.volumeInfo('default').sizeBytes, 2 * mib);
+  assert.ok(flat(store.readVolume('default', 0, 2 * mib)).equals(content));
+  await store.writeVolume('default', 100, Buffer.from('xyz'), false);
+  const expect = Buffer.from(content);
+  expect.write('xyz', 100);
+  assert.ok(flat(store.readVolume('default', 0, 2 * mib)).equals(expect));
+  const depth = store.extents(store.volumeInfo('default').topLayerId, 0, 2 * mib, 'qemu:allocation-depth');
+  assert.equal(depth.map((e) => [e.length, e.depth]), [[4096, 1], [2 * mib - 4096, 2]]);
+  await store.close();
+  const fd = openSync(image, 'r+');
+  writeSync(fd, Buffer.from('changed'), 0, 7, 0);
+  closeSync(fd);
+  await rejects(() => Store.open(dir), (e: unknown) => e instanceof StoreError && e.code === 'ECHANGED' && /changed content/.test(e.message));
+  appendFileSync(image, Buffer.alloc(10));
+  await rejects(() => Store.open(dir), /changed size/);
+});
+
+test('an imported base holds the image in the store; zero blocks stay unallocated', async () => {
+  const image = join(tempDir('img'), 'import.raw');
+  const content = Buffer.alloc(mib + 512);
+  content.fill(7, 4096, 8192);
+  content.fill(9, mib, mib + 512);
+  writeFileSync(image, content);
+  const store = await Store.create(tempDir(), { base: { kind: 'import', path: image }, blockSizeBytes: 4096 });
+  assert.ok(flat(store.readVolume('default', 0, mib + 512)).equals(content));
+  const base = store.layers().find((l) => l.kind === 'imported')!;
+  assert.is(base.dataBytes, 2 * 4096, 'only the two non-zero blocks are stored');
+  assert.ok(base.frozen);
+  await store.close();
+});
+
+test('recover re-applies journaled writes whose data never reached the layer file', async () => {
+  const dir = tempDir();
+  const store = await Store.create(dir, { sizeBytes: mib });
+  await store.writeVolume('default', 8192, Buffer.alloc(8192, 0x5a), true);
+  const top = store.volumeInfo('default').topLayerId;
+  await store.flush();
+  // Simulate the crash window: journal committed, data file never written. Copy the journal as is.
+  const crashed = tempDir('crashed');
+  const { cpSync } = await import('node:fs');
+  cpSync(dir, crashed, { recursive: true });
+  await store.close();
+  writeFileSync(join(crashed, 'layers', `${top}.data`), Buffer.alloc(0));
+  const report = await recoverStore(crashed);
+  assert.is(report.writesReapplied, 1);
+  assert.ok(report.eventsReplayed >= 1);
+  assert.ok(report.checkpointWritten);
+  const reopened = await Store.open(crashed);
+  assert.ok(flat(reopened.readVolume('default', 8192, 8192)).equals(Buffer.alloc(8192, 0x5a)));
+  await reopened.close();
+  const again = await recoverStore(crashed);
+  assert.is(again.eventsReplayed, 0, 'a recovered store has nothing left to replay');
+});
+
+test('check passes on a healthy store and names the volume, block and seq of damaged data', async () => {
+  const dir = tempDir();
+  const store = await Store.create(dir, { sizeBytes: mib });
+  await store.writeVolume('default', 0, Buffer.alloc(16384, 1), false);
+  await store.snapshot('default', 'base');
+  await store.writeVolume('default', 4096 * 3, Buffer.alloc(4096, 2), false);
+  await store.clone('default@base', 'vm1');
+  await store.writeVolume('vm1', 4096, Buffer.alloc(100, 3), false);
+  const top = store.volumeInfo('default').topLayerId;
+  const writeSeq = store.lastSeq - 2;
+  await store.close();
+  const healthy = await checkStore(dir);
+  assert.ok(healthy.ok, JSON.stringify(healthy.problems));
+  assert.ok(healthy.eventsChecked >= 8);
+  assert.is(healthy.dataBlocksChecked, 4 + 1 + 1);
+
+  const fd = openSync(join(dir, 'layers', `${top}.data`), 'r+');
+  writeSync(fd, Buffer.from([0xee]), 0, 1, 4096 * 3 + 17);
+  closeSync(fd);
+  const damaged = await checkStore(dir);
+  assert.not.ok(damaged.ok);
+  assert.is(damaged.problems.length, 1);
+  const [problem] = damaged.problems;
+  assert.is(problem.kind, 'data');
+  assert.is(problem.block, 3);
+  assert.is(problem.seq, writeSeq);
+  assert.equal(problem.volumes, ['default']);
+  assert.match(problem.message, new RegExp(`volume default, layer ${top}, block 3 .*seq ${writeSeq}`));
+});
+
+test('orphan layer files left by a crash are removed on open', async () => {
+  const dir = tempDir();
+  await (await Store.create(dir, { sizeBytes: mib })).close();
+  writeFileSync(join(dir, 'layers', '999.data'), 'orphan');
+  const store = await Store.open(dir);
+  assert.is(store.openReport.orphanFilesRemoved, 1);
+  assert.not.ok(readdirSync(join(dir, 'layers')).includes('999.data'));
+  await store.close();
+});
+
+test('events are tuples the journal replays in order', async () => {
+  const dir = tempDir();
+  const store = await Store.create(dir, { sizeBytes: mib });
+  await store.writeVolume('default', 0, Buffer.alloc(4096, 1), false);
+  const { lastValueFrom, toArray } = await import('rxjs');
+  const records = await lastValueFrom(store.eventLog.replay(1, undefined, { payloads: false }).pipe(toArray()));
+  assert.equal(records.map((r) => r.meta[0]), [EventType.StoreCreated, EventType.LayerCreated, EventType.VolumeCreated, EventType.Write]);
+  await store.close();
+});
+
+test.run();

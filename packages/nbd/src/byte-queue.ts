@@ -2,7 +2,8 @@
  * A FIFO of received bytes, kept as the chunks the socket delivered so nothing is copied until a
  * frame is taken. `take(n)` returns a view into one chunk when the frame lies inside it (the common
  * case for request headers and small writes) and concatenates only when a frame spans chunks (one
- * copy, unavoidable since the device wants one Buffer per write). Chunks handed in are never written
+ * copy, unavoidable since the device wants one Buffer per write). `takeInto` moves bytes into a
+ * caller's buffer as they arrive, so a large payload is copied while it is still in cache. Chunks handed in are never written
  * to, so views stay valid after they are taken. Pure: no I/O.
  */
 import { assert } from './errors.js';
@@ -45,6 +46,21 @@ export class ByteQueue {
       this.advance(step);
     }
     return out;
+  }
+
+  /** Moves up to `n` bytes into `target` at `at`; returns how many were moved. */
+  takeInto(target: Buffer, at: number, n: number): number {
+    const moved = Math.min(n, this.total);
+    assert(at + moved <= target.length, `takeInto past the end of the target`);
+    let filled = 0;
+    while (filled < moved) {
+      const chunk = this.chunks[0];
+      const step = Math.min(moved - filled, chunk.length - this.head);
+      chunk.copy(target, at + filled, this.head, this.head + step);
+      filled += step;
+      this.advance(step);
+    }
+    return moved;
   }
 
   /** Drops up to `n` bytes; returns how many were dropped. */

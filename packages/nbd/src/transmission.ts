@@ -118,6 +118,9 @@ export class Transmission {
   private readonly writes = new Set<Promise<void>>();
   private pendingWrite: RequestHeader | undefined;
   private pendingWriteStarted = 0;
+  /** The payload of pendingWrite, filled as bytes arrive when it did not come in one piece. */
+  private pendingPayload: Buffer | undefined;
+  private pendingFilled = 0;
   private discardLeft = 0;
   /** No more requests are parsed. */
   private stopped = false;
@@ -193,9 +196,23 @@ export class Transmission {
         }
         if (this.pendingWrite !== undefined) {
           const header = this.pendingWrite;
-          if (queue.length < header.length) break;
+          let payload = this.pendingPayload;
+          if (payload === undefined) {
+            if (queue.length >= header.length) {
+              // all there: a view when it lies in one received chunk, else one copy
+              this.pendingWrite = undefined;
+              this.startWrite(header, this.pendingWriteStarted, queue.take(header.length));
+              continue;
+            }
+            payload = this.pendingPayload = Buffer.allocUnsafe(header.length);
+            this.pendingFilled = 0;
+          }
+          // copy what has arrived while it is still in cache; the rest follows chunk by chunk
+          this.pendingFilled += queue.takeInto(payload, this.pendingFilled, header.length - this.pendingFilled);
+          if (this.pendingFilled < header.length) break;
           this.pendingWrite = undefined;
-          this.startWrite(header, this.pendingWriteStarted, queue.take(header.length));
+          this.pendingPayload = undefined;
+          this.startWrite(header, this.pendingWriteStarted, payload);
           continue;
         }
         if (this.inflight >= this.options.maxInflightRequests) break;
@@ -228,6 +245,7 @@ export class Transmission {
     if (this.pendingWrite !== undefined) {
       // its payload will never arrive: the request is abandoned, not answered
       this.pendingWrite = undefined;
+      this.pendingPayload = undefined;
       this.inflight--;
     }
     this.discardLeft = 0;

@@ -1,20 +1,26 @@
 #!/usr/bin/env node
-// The main job's demo: appends a few thousand events to a journal in a temp dir with group commit,
-// replays them, verifies the chain and prints what it did.
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { count, lastValueFrom } from 'rxjs';
-import { Journal } from '@cowstack/journal';
+// The main job: serve a demo volume. Creates a 1 GiB store in .demo-store (or $COWSTACK_DEMO_STORE)
+// on first run, with a "golden" snapshot and a clone "vm1", then runs `cowstack serve` on
+// nbd://127.0.0.1:10809 (or $COWSTACK_DEMO_PORT) until Ctrl-C.
+import { spawnSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
 
-const dir = mkdtempSync(join(tmpdir(), 'cowstack-demo-'));
-const journal = await Journal.open(dir, { create: true });
-const started = performance.now();
-const seqs = await Promise.all(Array.from({ length: 5000 }, (_, i) => journal.append(['write', i * 4096, 4096], { payload: Buffer.alloc(4096, i & 0xff), sync: i % 100 === 0 })));
-const appendMs = performance.now() - started;
-const replayed = await lastValueFrom(journal.replay().pipe(count()));
-const report = await journal.verify();
-const stats = await journal.stats();
-console.log(`journal ${dir}: appended seq ${seqs[0]}..${seqs.at(-1)} in ${appendMs.toFixed(0)} ms, replayed ${replayed} records, verify ${report.ok ? 'ok' : 'FAILED'}, ${(stats.diskBytes / 1048576).toFixed(1)} MiB on disk`);
-await journal.close();
-rmSync(dir, { recursive: true, force: true });
+const root = join(dirname(fileURLToPath(import.meta.url)), '..');
+const cli = join(root, 'packages/cli/bin/cowstack.js');
+const store = resolve(process.env.COWSTACK_DEMO_STORE ?? join(root, '.demo-store'));
+const port = process.env.COWSTACK_DEMO_PORT ?? '10809';
+const run = (...args) => {
+  const r = spawnSync(process.execPath, [cli, ...args], { stdio: 'inherit' });
+  if (r.status !== 0) process.exit(r.status ?? 1);
+};
+
+if (!existsSync(join(store, 'journal'))) {
+  run('init', store, '--size', '1G');
+  run('snapshot', store, 'default', '--name', 'golden');
+  run('clone', store, 'default@golden', 'vm1');
+}
+console.log(`\nTry:  nbdinfo --list nbd://127.0.0.1:${port}     qemu-img info nbd://127.0.0.1:${port}/vm1`);
+console.log(`      node_modules/.bin/cowstack ls ${store}    (works while serving, through the control socket)\n`);
+run('serve', store, '--port', port);

@@ -836,6 +836,20 @@ export class Store {
     return this.volumeInfo(name);
   }
 
+  /** Create a volume on a new base holding a copy of a raw image (zero blocks are not stored). */
+  async importVolume(name: string, path: string, onProgress?: ProgressCallback): Promise<VolumeInfo> {
+    checkName('volume', name);
+    if (this.state.volumes.has(name)) throw new StoreError('EEXIST', `volume ${name} already exists`);
+    const { sizeBytes } = fingerprintImage(path);
+    checkSize(sizeBytes);
+    const baseId = this.allocateLayerId();
+    await this.append([EventType.LayerCreated, baseId, sizeBytes, 'imported', false, null], true);
+    await this.importInto(baseId, path, onProgress);
+    await this.append([EventType.Frozen, '', baseId, -1, ''], true);
+    await this.append([EventType.VolumeCreated, name, this.allocateLayerId(), baseId], true);
+    return this.volumeInfo(name);
+  }
+
   /** Freeze a volume's top as snapshot `name` (default snap-N) and stack a new writable top. */
   async snapshot(volume: string, name?: string): Promise<SnapshotInfo> {
     if (!this.state.volumes.has(volume)) throw new StoreError('ENOENT', `no volume ${volume}`);

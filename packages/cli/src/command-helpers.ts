@@ -1,0 +1,36 @@
+/**
+ * Shared pieces of the command definitions: exit codes, argument parsers that turn bad values into
+ * usage errors, and the help-text example every command carries.
+ */
+import { type Command, InvalidArgumentError } from 'commander';
+import { parseSize } from './sizes.js';
+
+export const exitOk = 0;
+export const exitProblem = 1;
+export const exitUsage = 2;
+
+/** Thrown by a command that finished but found problems (exit code 1, nothing more to print). */
+export class ProblemsFound extends Error {
+  constructor() {
+    super('problems found');
+  }
+}
+
+export function sizeArg(value: string): number {
+  try {
+    return parseSize(value);
+  } catch (err) {
+    throw new InvalidArgumentError((err as Error).message);
+  }
+}
+
+export function intArg(value: string): number {
+  const n = Number(value);
+  if (!Number.isSafeInteger(n) || n < 0) throw new InvalidArgumentError(`${JSON.stringify(value)} is not a whole number`);
+  return n;
+}
+
+export function example(command: Command, ...lines: string[]): Command {
+  return command.addHelpText('after', `\nExample${lines.length > 1 ? 's' : ''}:\n${lines.map((l) => `  $ ${l}`).join('\n')}`);
+}
+

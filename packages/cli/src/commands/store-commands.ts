@@ -1,0 +1,159 @@
+/**
+ * Store-level commands: init, serve, recover, check. recover and check need the store to themselves
+ * (stop `cowstack serve` first); init creates a store with one volume.
+ */
+import { resolve } from 'node:path';
+import { checkStore, recoverStore, Store, StoreError, type BaseSpec } from '@cowstack/core';
+import { type Command, Option } from 'commander';
+import { example, intArg, ProblemsFound, sizeArg } from '../command-helpers.js';
+import { readServeRecord } from '../control.js';
+import { Output } from '../output.js';
+import { progress } from '../progress.js';
+import { serve } from '../serve.js';
+import { formatSize } from '../sizes.js';
+
+function lockedMessage(dir: string, what: string): StoreError {
+  const record = readServeRecord(dir);
+  const holder = record ? `cowstack serve (pid ${record.pid})` : 'another process';
+  return new StoreError('ELOCKED', `store ${dir} is in use by ${holder}; stop it before running ${what}`);
+}
+
+function hostPort(value: string): { host: string; port: number } {
+  const match = /^(.*):(\d+)$/.exec(value);
+  if (match === null) throw new Error(`${JSON.stringify(value)} is not ADDR:PORT`);
+  return { host: match[1].replace(/^\[(.*)\]$/, '$1') || '127.0.0.1', port: Number(match[2]) };
+}
+
+export function registerStoreCommands(root: Command): void {
+  example(
+    root
+      .command('init')
+      .description('create a store with one volume named "default"')
+      .argument('<store>', 'store directory to create')
+      .option('--size <size>', 'volume size (e.g. 10G); taken from the image with --base/--import', sizeArg)
+      .option('--block-size <bytes>', 'block size: a power of two from 512 to 65536', intArg, 4096)
+      .addOption(new Option('--base <image>', 'raw image or block device to use read-only as the base').conflicts('import'))
+      .option('--import <image>', 'raw image to copy into the store as the base')
+      .option('--volume <name>', 'name of the volume to create', 'default')
+      .option('--json', 'print the result as JSON')
+      .action(async (dirArg: string, opts: { size?: number; blockSize: number; base?: string; import?: string; volume: string; json?: boolean }) => {
+        const out = new Output(opts.json === true);
+        const bar = progress(!out.json);
+        const base: BaseSpec = opts.base ? { kind: 'external', path: opts.base } : opts.import ? { kind: 'import', path: opts.import } : { kind: 'zero' };
+        if (base.kind === 'zero' && opts.size === undefined) throw new StoreError('EINVAL', 'init needs --size (or --base/--import to take the size from an image)');
+        const store = await Store.create(resolve(dirArg), { sizeBytes: opts.size, blockSizeBytes: opts.blockSize, base, volume: opts.volume, onProgress: bar.callback }).finally(() => bar.stop());
+        const info = { store: store.dir, blockSizeBytes: store.blockSizeBytes, volumes: store.volumes(), layers: store.layers() };
+        await store.close();
+        const v = info.volumes[0];
+        out.result(info, () => `created store ${info.store}: volume ${v.name}, ${formatSize(v.sizeBytes)}, block size ${info.blockSizeBytes}, base ${base.kind === 'zero' ? 'zeros' : base.kind === 'external' ? `image ${resolve(base.path)} (read-only)` : `imported from ${resolve(base.path)}`}`);
+      }),
+    'cowstack init /srv/cow --size 20G',
+    'cowstack init /srv/cow --base /images/debian-12.raw',
+  );
+
+  example(
+    root
+      .command('serve')
+      .description('serve every volume (read-write) and snapshot (read-only) over NBD until SIGINT/SIGTERM')
+      .argument('<store>', 'store directory')
+      .option('--socket <path>', 'listen on this unix socket (TCP then only with --port)')
+      .option('--socket-mode <mode>', 'permissions of the unix socket, octal', (v) => parseInt(v, 8), 0o600)
+      .option('--port <port>', 'TCP port (default 10809 when no --socket is given)', intArg)
+      .option('--bind <addr>', 'TCP address to listen on', '127.0.0.1')
+      .option('--metrics <addr:port>', 'serve Prometheus metrics at http://ADDR:PORT/metrics')
+      .option('--max-connections <n>', 'most NBD connections at once', intArg)
+      .option('-v, --verbose', 'log every connection and protocol event')
+      .action(async (dirArg: string, opts: { socket?: string; socketMode: number; port?: number; bind: string; metrics?: string; maxConnections?: number; verbose?: boolean }) => {
+        const dir = resolve(dirArg);
+        const stopSignal = new Promise<string>((resolveSignal) => {
+          const stop = (signal: string): void => {
+            resolveSignal(signal);
+            process.once(signal as NodeJS.Signals, () => {
+              process.stderr.write('cowstack: second signal, exiting without a checkpoint (the journal holds everything)\n');
+              process.exit(130);
+            });
+          };
+          process.once('SIGINT', () => stop('SIGINT'));
+          process.once('SIGTERM', () => stop('SIGTERM'));
+        });
+        const bar = progress(true);
+        try {
+          await serve(dir, {
+            socket: opts.socket !== undefined ? resolve(opts.socket) : undefined,
+            socketMode: opts.socketMode,
+            port: opts.port ?? (opts.socket === undefined ? 10809 : undefined),
+            bind: opts.bind,
+            metrics: opts.metrics !== undefined ? hostPort(opts.metrics) : undefined,
+            maxConnections: opts.maxConnections,
+            verbose: opts.verbose === true,
+            log: (line) => process.stderr.write(`cowstack: ${line}\n`),
+            stopSignal,
+            onProgress: bar.callback,
+          });
+        } catch (err) {
+          if (err instanceof StoreError && err.code === 'ELOCKED') throw lockedMessage(dir, 'another serve');
+          throw err;
+        } finally {
+          bar.stop();
+        }
+      }),
+    'cowstack serve /srv/cow                         # nbd://127.0.0.1:10809/default',
+    'cowstack serve /srv/cow --socket /run/cow.sock  # nbd+unix:///default?socket=/run/cow.sock',
+  );
+
+  example(
+    root
+      .command('recover')
+      .description('replay the journal after a crash: re-apply journaled writes to the layer files and write a checkpoint')
+      .argument('<store>', 'store directory')
+      .option('--json', 'print the report as JSON')
+      .action(async (dirArg: string, opts: { json?: boolean }) => {
+        const dir = resolve(dirArg);
+        const out = new Output(opts.json === true);
+        const bar = progress(!out.json);
+        const report = await recoverStore(dir, { onProgress: bar.callback })
+          .catch((err: unknown) => {
+            throw err instanceof StoreError && err.code === 'ELOCKED' ? lockedMessage(dir, 'recover') : err;
+          })
+          .finally(() => bar.stop());
+        out.result(report, () =>
+          [
+            `recovered ${dir}`,
+            `  checkpoint used     seq ${report.checkpointSeq}${report.checkpointsSkipped.length > 0 ? ` (skipped damaged: ${report.checkpointsSkipped.map((s) => s.seq).join(', ')})` : ''}`,
+            `  events replayed     ${report.eventsReplayed} (to seq ${report.lastSeq})`,
+            `  writes re-applied   ${report.writesReapplied}`,
+            `  orphan files        ${report.orphanFilesRemoved} removed`,
+            `  time                ${(report.durationMs / 1000).toFixed(3)} s (${Math.round(report.eventsPerSecond).toLocaleString('en-US')} events/s)`,
+            `  checkpoint written  ${report.checkpointWritten ? `yes, seq ${report.lastSeq}` : 'no (nothing to replay)'}`,
+          ].join('\n'),
+        );
+      }),
+    'cowstack recover /srv/cow',
+  );
+
+  example(
+    root
+      .command('check')
+      .description('verify the journal chain, that replay equals the stored projection, and every data block against its CRC; exit 1 on damage')
+      .argument('<store>', 'store directory')
+      .option('--json', 'print the report as JSON')
+      .action(async (dirArg: string, opts: { json?: boolean }) => {
+        const dir = resolve(dirArg);
+        const out = new Output(opts.json === true);
+        const bar = progress(!out.json);
+        const report = await checkStore(dir, { onProgress: bar.callback })
+          .catch((err: unknown) => {
+            throw err instanceof StoreError && err.code === 'ELOCKED' ? lockedMessage(dir, 'check') : err;
+          })
+          .finally(() => bar.stop());
+        out.result(report, () => {
+          const head = report.ok
+            ? `check ${dir}: ok (${report.eventsChecked} events, ${report.dataBlocksChecked} data blocks verified in ${(report.durationMs / 1000).toFixed(2)} s)`
+            : `check ${dir}: ${report.problems.length} problem${report.problems.length > 1 ? 's' : ''} found`;
+          return [head, ...report.problems.map((p) => `  ${p.kind}: ${p.message}`)].join('\n');
+        });
+        if (!report.ok) throw new ProblemsFound();
+      }),
+    'cowstack check /srv/cow && echo healthy',
+  );
+}

@@ -82,8 +82,9 @@ class Connection {
     socket.setNoDelay(true);
     socket.on('data', (chunk: Buffer) => this.guard(() => this.onData(chunk)));
     socket.on('end', () => this.guard(() => this.onEnd()));
-    socket.on('error', (error) => {
-      this.log(`socket error: ${error.message}`);
+    socket.on('error', (error: NodeJS.ErrnoException) => {
+      // a client that goes away without a goodbye is routine; anything else is worth a line
+      if (error.code !== 'EPIPE' && error.code !== 'ECONNRESET') this.log(`socket error: ${error.message}`);
       socket.destroy();
     });
     socket.once('close', () => {
@@ -156,7 +157,7 @@ class Connection {
     this.timer = setTimeout(() => this.socket.destroy(), closeGraceMs);
     this.socket.resume(); // keep reading so the client's close is seen
     if (!this.socket.destroyed) this.socket.end();
-    void reason;
+    this.log(`closing: ${reason}`);
   }
 
   /** Hard disconnect. */

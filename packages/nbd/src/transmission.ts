@@ -129,6 +129,8 @@ export class Transmission {
   private endReason = '';
   private ended = false;
   private shuttingDown = false;
+  /** The client closed its side: nothing more will arrive. */
+  private inputClosed = false;
   private pumping = false;
   private corked = false;
   private readPaused = false;
@@ -167,9 +169,13 @@ export class Transmission {
     this.pump();
   }
 
-  /** The client closed its side: answer what is in flight, then end. */
+  /** The client closed its side: serve what it sent before (some may still be queued), then end. */
   inputEnded(): void {
-    this.stop('client closed its side of the connection');
+    this.inputClosed = true;
+    if (!this.ending) this.endReason = 'client closed its side of the connection';
+    this.ending = true;
+    if (!this.stopped) this.pump();
+    this.maybeEnd();
   }
 
   /** Server shutdown: answer what is in flight (and new requests with ESHUTDOWN meanwhile), then end. */
@@ -223,6 +229,7 @@ export class Transmission {
       this.pumping = false;
     }
     this.updateReading();
+    this.maybeEnd();
   }
 
   private updateReading(): void {
@@ -254,8 +261,15 @@ export class Transmission {
   }
 
   private maybeEnd(): void {
-    if (!this.ending || this.ended || this.inflight > 0) return;
-    if (this.pendingWrite !== undefined) return;
+    if (!this.ending || this.ended || this.pumping) return;
+    if (this.inputClosed && !this.stopped) {
+      // Everything the client sent has been parsed as far as it goes (pump runs whenever a request
+      // completes); once only a payload that can never arrive is left, stop.
+      if (this.inflight > (this.pendingWrite !== undefined ? 1 : 0)) return;
+      this.stop(this.endReason); // calls maybeEnd again, stopped
+      return;
+    }
+    if (this.inflight > 0) return;
     this.ended = true;
     this.stopped = true;
     this.host.end(this.endReason);

@@ -9,7 +9,7 @@ import { BlockDeviceError } from '@cowstack/core';
 import * as P from '../src/protocol-constants.js';
 import * as rc from '../src/reply-codec.js';
 import { MapProvider, MemoryDevice } from './memory-device.js';
-import { gate, pattern, rawSession, readAnyReply, readSimpleReply, sendRequest, sleep, startServer } from './helpers.js';
+import { RawClient, gate, pattern, rawSession, readAnyReply, readSimpleReply, sendRequest, sleep, startServer } from './helpers.js';
 
 function single(device: MemoryDevice) {
   return MapProvider.of({ disk: device }, 'disk');
@@ -322,6 +322,47 @@ test('close(): requests in flight finish, new ones get ESHUTDOWN, then clients a
   await closing;
   assert.equal(s.server.connections, 0);
   assert.deepEqual(requests.sort(), ['READ', 'WRITE']);
+});
+
+test('a client that half-closes after pipelining still gets every reply, then the server ends', async () => {
+  const device = new MemoryDevice({ sizeBytes: 1 << 20 });
+  device.hook = (op) => (op === 'read' ? sleep(30) : undefined);
+  const s = await startServer(single(device), { maxInflightRequestsPerConnection: 2 });
+  try {
+    const { client } = await rawSession(s.socketPath);
+    for (let i = 0; i < 6; i++) sendRequest(client, { type: P.NBD_CMD_READ, cookie: BigInt(i), offset: i * 512, length: 512 });
+    sendRequest(client, { type: P.NBD_CMD_WRITE, cookie: 99n, offset: 0, length: 4096 }, pattern(100)); // payload cut short
+    client.socket.end();
+    const cookies: bigint[] = [];
+    for (let i = 0; i < 6; i++) cookies.push((await readSimpleReply(client, 512)).cookie);
+    assert.deepEqual(cookies.sort(), [0n, 1n, 2n, 3n, 4n, 5n]);
+    assert.equal(await client.waitEnd(), true);
+    assert.equal(client.available, 0, 'the cut-short write is abandoned, not answered');
+  } finally {
+    await s.server.close();
+  }
+});
+
+test('maxConnections: connections over the limit are closed at once', async () => {
+  const s = await startServer(single(new MemoryDevice({ sizeBytes: 4096 })), { maxConnections: 2 });
+  try {
+    const a = await rawSession(s.socketPath);
+    const b = await rawSession(s.socketPath);
+    const c = await RawClient.connect(s.socketPath);
+    assert.equal(await c.waitEnd(), true);
+    assert.equal(c.available, 0, 'not even a greeting');
+    assert.equal(s.server.connections, 2);
+    a.client.destroy();
+    await a.client.closed;
+    await sleep(20);
+    const d = await rawSession(s.socketPath);
+    sendRequest(d.client, { type: P.NBD_CMD_READ, cookie: 1n, offset: 0, length: 16 });
+    assert.equal((await readSimpleReply(d.client, 16)).errno, 0);
+    b.client.destroy();
+    d.client.destroy();
+  } finally {
+    await s.server.close();
+  }
 });
 
 test.run();

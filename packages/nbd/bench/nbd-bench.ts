@@ -1,7 +1,8 @@
 /**
  * Benchmark: fio's nbd engine against this server (serving a RAM device that answers reads with views
  * of one Buffer, so the numbers are the protocol layer's cost) and, side by side, against nbdkit's
- * memory plugin when nbdkit is installed. Unix sockets; each job runs for SECONDS (default 5).
+ * memory plugin when nbdkit is installed. Unix sockets; a sequential write pass first faults every
+ * page in on both servers; then each job runs for SECONDS (default 5).
  *   node --conditions=source --import tsx packages/nbd/bench/nbd-bench.ts [SECONDS]
  * Prints one line per (server, job): IOPS and MB/s.
  */
@@ -57,6 +58,11 @@ const jobs = [
   { name: '1M write qd8', args: ['--rw=write', '--bs=1M', '--iodepth=8'] },
 ];
 
+/** One sequential pass over the whole export so no job pays for first-touch page faults. */
+async function warmUp(uri: string): Promise<void> {
+  await run('fio', ['--name=warmup', '--ioengine=nbd', `--uri=${uri}`, '--size=1G', '--rw=write', '--bs=1M', '--iodepth=8']);
+}
+
 async function fio(uri: string, job: (typeof jobs)[number], dir: string): Promise<string> {
   const output = join(dir, 'fio.json');
   const code = await run('fio', ['--name=bench', '--ioengine=nbd', `--uri=${uri}`, '--size=1G', '--time_based', `--runtime=${seconds}`, ...job.args, `--output=${output}`, '--output-format=json']);
@@ -72,6 +78,7 @@ try {
   const server = new NbdServer({ provider: { list: () => [{ name: '', description: '' }], open: () => device } });
   const device = new RamDevice();
   await server.listen({ socketPath });
+  await warmUp(`nbd+unix:///?socket=${socketPath}`);
   for (const job of jobs) console.log(`cowstack  ${job.name.padEnd(18)} ${await fio(`nbd+unix:///?socket=${socketPath}`, job, dir)}`);
   await server.close();
 
@@ -82,6 +89,7 @@ try {
     setTimeout(() => resolve(true), 500);
   });
   if (started) {
+    await warmUp(`nbd+unix:///?socket=${kitSocket}`);
     for (const job of jobs) console.log(`nbdkit    ${job.name.padEnd(18)} ${await fio(`nbd+unix:///?socket=${kitSocket}`, job, dir)}`);
     nbdkit.kill();
   } else console.log('nbdkit not installed: no comparison');

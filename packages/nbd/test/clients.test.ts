@@ -193,6 +193,7 @@ test('fio --ioengine=nbd with crc32c verification', async () => {
     '--verify=crc32c',
     '--do_verify=1',
     '--verify_fatal=1',
+    '--verify_state_save=0',
     `--output=${output}`,
     '--output-format=json',
   ];

@@ -156,10 +156,6 @@ export class Transmission {
     this.discardCapBytes = maxDiscardedPayloadBytes(options.maxPayloadBytes);
   }
 
-  get requestsInFlight(): number {
-    return this.inflight;
-  }
-
   /** New bytes are in the queue. */
   receive(): void {
     if (this.stopped) {

@@ -8,6 +8,7 @@ import { strict as assert } from 'node:assert';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'uvu';
+import { NbdServer } from '../src/index.js';
 import { MapProvider, MemoryDevice } from './memory-device.js';
 import { pattern, run, runOk, startServer, tempDir, type Started } from './helpers.js';
 
@@ -204,6 +205,20 @@ test('fio --ioengine=nbd with crc32c verification', async () => {
   assert.equal(job.error, 0);
   assert.ok(job.write.io_bytes >= 32 * MiB, 'fio wrote the whole area');
   assert.ok(job.read.io_bytes >= 32 * MiB, 'fio read everything back to verify it');
+});
+
+test('TCP: qemu-io over nbd://127.0.0.1:PORT', async () => {
+  const tcp = new NbdServer({ provider: model.provider });
+  const address = await tcp.listen({ port: 0, host: '127.0.0.1' });
+  try {
+    assert.ok('port' in address);
+    const uri = `nbd://127.0.0.1:${address.port}/disk`;
+    const { stdout } = await runOk('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5c 12345 100000', '-c', 'read -P 0x5c 12345 100000', uri]);
+    assert.doesNotMatch(stdout, /fail/i);
+    assert.ok(model.disk.data.subarray(12345, 112345).every((b) => b === 0x5c));
+  } finally {
+    await tcp.close();
+  }
 });
 
 test.run();

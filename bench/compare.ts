@@ -180,13 +180,13 @@ export async function compare(): Promise<Record<string, Record<string, Cell>>> {
     return target;
   };
   const servers: ServerSpec[] = [
-    { name: 'nbdkit file', start: (s) => spawn('nbdkit', ['-f', '-U', s, 'file', fresh(raw)], { stdio: 'ignore' }) },
-    { name: 'nbdkit cow', start: (s) => spawn('nbdkit', ['-f', '-U', s, '--filter=cow', 'file', raw], { stdio: 'ignore' }) },
-    { name: 'qemu-nbd raw', start: (s) => spawn('qemu-nbd', ['-k', s, '-f', 'raw', '-t', '--cache=writeback', '--aio=threads', fresh(raw)], { stdio: 'ignore' }) },
+    { name: 'nbdkit file', start: (s: string) => spawn('nbdkit', ['-f', '-U', s, 'file', fresh(raw)], { stdio: 'ignore' }) },
+    { name: 'nbdkit cow', start: (s: string) => spawn('nbdkit', ['-f', '-U', s, '--filter=cow', 'file', raw], { stdio: 'ignore' }) },
+    { name: 'qemu-nbd raw', start: (s: string) => spawn('qemu-nbd', ['-k', s, '-f', 'raw', '-t', '--cache=writeback', '--aio=threads', fresh(raw)], { stdio: 'ignore' }) },
     {
       name: 'qemu-nbd qcow2 x4',
       // Writes go to the top overlay: serve a copy of it (its backing chain is only read).
-      start: (s) => spawn('qemu-nbd', ['-k', s, '-f', 'qcow2', '-t', '--cache=writeback', '--aio=threads', fresh(qcow2Top)], { stdio: 'ignore' }),
+      start: (s: string) => spawn('qemu-nbd', ['-k', s, '-f', 'qcow2', '-t', '--cache=writeback', '--aio=threads', fresh(qcow2Top)], { stdio: 'ignore' }),
     },
     ...[1, 4, 16].map((depth) => ({
       name: `cowstack depth ${depth}`,

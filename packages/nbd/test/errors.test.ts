@@ -8,7 +8,7 @@ import { test } from 'uvu';
 import type { ZeroFlags } from '@cowstack/core';
 import { BlockDeviceError } from '@cowstack/core';
 import { MapProvider, MemoryDevice } from './memory-device.js';
-import { python, startServer } from './helpers.js';
+import { python, run, startServer } from './helpers.js';
 
 /** A device that claims fast zeroing but refuses it at run time (allowed by the spec). */
 class RefusesFastZero extends MemoryDevice {
@@ -148,5 +148,27 @@ for (const structured of [true, false]) {
     }
   });
 }
+
+/** nbdsh runs `python3 -m nbd`: put the system interpreter (which has libnbd's module) first. */
+const systemPython = { ...process.env, PATH: `/usr/bin:${process.env.PATH ?? ''}` };
+
+test('nbdsh: size, a read past the end (EINVAL) and a write on a read-only export (EPERM)', async () => {
+  const s = await startServer(MapProvider.of({ disk: new MemoryDevice({ sizeBytes: 1 << 20 }), ro: new MemoryDevice({ sizeBytes: 1 << 20, readOnly: true }) }));
+  try {
+    const code = [
+      'import nbd',
+      'h.set_strict_mode(0)',
+      'print(h.get_size())',
+      'try:\n    h.pread(4096, h.get_size() - 1)\nexcept nbd.Error as e:\n    print(e.errnum)',
+    ].join('\n');
+    const disk = await run('/usr/bin/nbdsh', ['-u', s.uri('disk'), '-c', code], { env: systemPython });
+    assert.equal(disk.code, 0, disk.stderr);
+    assert.deepEqual(disk.stdout.trim().split('\n'), [String(1 << 20), String(EINVAL)]);
+    const ro = await run('/usr/bin/nbdsh', ['-u', s.uri('ro'), '-c', 'import nbd\nh.set_strict_mode(0)\ntry:\n    h.pwrite(b"x", 0)\nexcept nbd.Error as e:\n    print(e.errnum)'], { env: systemPython });
+    assert.equal(ro.stdout.trim(), String(EPERM), ro.stderr);
+  } finally {
+    await s.server.close();
+  }
+});
 
 test.run();

@@ -4,6 +4,7 @@
  * misbehave next to it.
  */
 import { strict as assert } from 'node:assert';
+import { statSync, writeFileSync } from 'node:fs';
 import { test } from 'uvu';
 import * as oc from '../src/option-codec.js';
 import * as P from '../src/protocol-constants.js';
@@ -385,8 +386,11 @@ test('constructor and listen validate their arguments', async () => {
   await assert.rejects(s.server.listen({ socketPath: s.socketPath + '2' }), /already listening/);
   await s.server.close();
   const again = new NbdServer({ provider: provider() });
-  await again.listen({ socketPath: s.socketPath }); // the stale socket is gone or replaced
+  await again.listen({ socketPath: s.socketPath, socketMode: 0o600 }); // the stale socket is gone or replaced
+  assert.equal(statSync(s.socketPath).mode & 0o777, 0o600);
   await again.close();
+  writeFileSync(s.socketPath, 'not a socket');
+  await assert.rejects(new NbdServer({ provider: provider() }).listen({ socketPath: s.socketPath }), /not a socket/);
   const tcp = new NbdServer({ provider: provider() });
   const address = await tcp.listen({ port: 0, host: '127.0.0.1' });
   assert.ok('port' in address && address.port > 0 && address.host === '127.0.0.1');

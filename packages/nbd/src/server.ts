@@ -203,7 +203,14 @@ export class NbdServer {
     if (options === null || typeof options !== 'object' || typeof options.provider?.open !== 'function' || typeof options.provider?.list !== 'function') {
       throw new NbdServerError('EINVAL', 'NbdServer needs a provider with list() and open()');
     }
-    const log = options.log ?? (() => {});
+    const userLog = options.log;
+    const log = userLog === undefined ? () => {} : (message: string) => {
+      try {
+        userLog(message);
+      } catch {
+        // a failing logger must not take a connection (or the process) down
+      }
+    };
     const maxPayloadBytes = positiveInteger('maxPayloadBytes', options.maxPayloadBytes, defaultMaxPayloadBytes, 65536, 0xffffffff - 8);
     this.config = {
       provider: options.provider,

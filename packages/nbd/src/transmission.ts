@@ -338,7 +338,7 @@ export class Transmission {
   private startRead(header: RequestHeader, started: number): void {
     let op: Promise<ReadResult>;
     try {
-      op = this.device.read(header.offset, header.length);
+      op = Promise.resolve(this.device.read(header.offset, header.length)); // a native promise is passed through as is
     } catch (error) {
       this.fail(header, started, error);
       return;
@@ -357,7 +357,7 @@ export class Transmission {
   private startTrackedWrite(header: RequestHeader, started: number, run: () => Promise<void>): void {
     let op: Promise<void>;
     try {
-      op = run();
+      op = Promise.resolve(run());
     } catch (error) {
       this.fail(header, started, error);
       return;
@@ -378,7 +378,7 @@ export class Transmission {
   private startSimple(header: RequestHeader, started: number, run: () => Promise<void>): void {
     let op: Promise<void>;
     try {
-      op = run();
+      op = Promise.resolve(run());
     } catch (error) {
       this.fail(header, started, error);
       return;

@@ -268,7 +268,13 @@ test('device failures map through the errno table and never end the connection',
   };
   const short = new MemoryDevice({ sizeBytes: 1 << 20 });
   short.read = async (_offset, length) => Buffer.alloc(length - 1);
-  const s2 = await startServer(MapProvider.of({ sync, short }));
+  const plain = new MemoryDevice({ sizeBytes: 1 << 20 });
+  plain.write = (() => undefined) as never; // breaks the seam: no promise
+  const s2 = await startServer(MapProvider.of({ sync, short, plain }), {
+    log: () => {
+      throw new Error('a broken logger');
+    },
+  });
   try {
     const { client } = await rawSession(s.socketPath);
     sendRequest(client, { type: P.NBD_CMD_WRITE, cookie: 1n, offset: 4096 }, pattern(512));
@@ -286,6 +292,12 @@ test('device failures map through the errno table and never end the connection',
     sendRequest(a.client, { type: P.NBD_CMD_READ, cookie: 5n, offset: 0, length: 512 });
     assert.equal((await readSimpleReply(a.client)).errno, P.NBD_EPERM);
     a.client.destroy();
+    const p = await rawSession(s2.socketPath, { name: 'plain' });
+    sendRequest(p.client, { type: P.NBD_CMD_WRITE, cookie: 7n, offset: 0 }, pattern(512));
+    sendRequest(p.client, { type: P.NBD_CMD_READ, cookie: 8n, offset: 0, length: 512 });
+    assert.equal((await readSimpleReply(p.client)).errno, 0, 'a device answering without a promise still gets a reply');
+    assert.equal((await readSimpleReply(p.client, 512)).errno, 0);
+    p.client.destroy();
     const b = await rawSession(s2.socketPath, { name: 'short', structured: true });
     sendRequest(b.client, { type: P.NBD_CMD_READ, cookie: 6n, offset: 0, length: 512 });
     const r = await readAnyReply(b.client);

@@ -61,6 +61,11 @@ function track(child: ChildProcess): ChildProcess {
   return child;
 }
 
+/** Spawn a long-running helper (qemu-nbd, ...) that killAll() and the exit handler will end. */
+export function spawnTracked(command: string, args: readonly string[]): ChildProcess {
+  return track(spawn(command, args, { stdio: ['ignore', 'ignore', 'pipe'] }));
+}
+
 /** SIGKILL every child this harness started that is still running, and wait for them to go. */
 export async function killAll(): Promise<void> {
   const waits: Promise<unknown>[] = [];

@@ -357,6 +357,29 @@ export function sameBytes(actual: Buffer, expected: Buffer, what: string): void 
   throw new Error(`${what}: first difference at byte ${i} (0x${i.toString(16)}): got 0x${actual[i].toString(16)}, expected 0x${expected[i].toString(16)}; differing run of ${j - i} bytes`);
 }
 
+/** nbdsh with the system Python (the script's `env python3` may find one without libnbd). */
+export function nbdsh(args: readonly string[], options: RunOptions = {}): Promise<RunResult> {
+  return run('/usr/bin/python3', ['-m', 'nbd', ...args], options);
+}
+
+const pythonWriter = `
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+with open(sys.argv[3], 'rb') as f:
+    h.pwrite(f.read(), int(sys.argv[2]))
+h.flush()
+h.shutdown()
+`;
+
+/** Write arbitrary bytes at `offset` of an export (libnbd pwrite, then flush). */
+export async function writeExport(uri: string, offset: number, data: Buffer): Promise<void> {
+  const file = join(tempDir('write'), 'data.bin');
+  writeFileSync(file, data);
+  await pythonOk(pythonWriter, [uri, String(offset), file]);
+  rmSync(file);
+}
+
 const pythonReader = `
 import nbd, sys
 h = nbd.NBD()

@@ -25,7 +25,7 @@
 import { closeSync, existsSync, fstatSync, mkdirSync, openSync, readdirSync, readSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { crc32c } from '@node-rs/crc32';
-import { Journal, JournalCorruptionError, JournalError, type JournalRecord } from '@cowstack/journal';
+import { Journal, JournalCorruptionError, JournalError, type JournalRecord, JournalTornTailError } from '@cowstack/journal';
 import { lastValueFrom, scan, tap } from 'rxjs';
 import { fingerprintImage, verifyImage } from './base-image.js';
 import { BlockDeviceError, type Extent, type ExtentContext, type ReadPiece, type ReadResult } from './block-device.js';
@@ -92,6 +92,11 @@ export interface OpenReport {
   readonly durationMs: number;
   /** A fresh checkpoint was written because events were replayed. */
   readonly checkpointWritten: boolean;
+  /**
+   * A torn tail cut after an OS crash: records from `fromSeq` on had been committed but never synced,
+   * and their data did not reach the disk. Nothing in it was acknowledged as durable (FUA or flush).
+   */
+  readonly tailCut: { fromSeq: number; records: number } | undefined;
 }
 
 export interface VolumeInfo {
@@ -283,29 +288,46 @@ export class Store {
     try {
       const started = performance.now();
       journal = await Journal.open<StoreEvent>(join(dir, 'journal'));
-      const { state, checkpointSeq, skipped } = await loadCheckpoint(journal);
-      const liveState = state;
-      files = new LayerFiles(join(dir, 'layers'), (id) => liveState.layers.get(id)?.source?.path);
+      const openJournal = journal;
+      let current: Projection | undefined;
+      files = new LayerFiles(join(dir, 'layers'), (id) => current?.layers.get(id)?.source?.path);
       const layerFiles = files;
-      let eventsReplayed = 0;
-      let writesReapplied = 0;
-      const total = journal.lastSeq - state.seq;
-      const onProgress = options.onProgress;
-      await lastValueFrom(
-        journal.replay(state.seq + 1).pipe(
-          tap((record) => {
-            if (record.meta[0] === EventType.Write) {
-              reapplyWrite(liveState, layerFiles, record);
-              writesReapplied++;
-            }
-            eventsReplayed++;
-            if (onProgress !== undefined && (eventsReplayed & 0xffff) === 0) onProgress('replay', eventsReplayed, total);
-          }),
-          scan((s, record) => applyEvent(s, record.seq, record.meta), liveState),
-        ),
-        { defaultValue: liveState },
-      );
-      onProgress?.('replay', eventsReplayed, total);
+      let tailCut: OpenReport['tailCut'];
+      // Load the checkpoint and replay the rest; a torn tail (an OS crash cut unsynced payloads short)
+      // is cut and the load starts again from the checkpoint.
+      const load = async (): Promise<{ state: Projection; checkpointSeq: number; skipped: OpenReport['checkpointsSkipped']; eventsReplayed: number; writesReapplied: number }> => {
+        const { state, checkpointSeq, skipped } = await loadCheckpoint(openJournal);
+        current = state;
+        let eventsReplayed = 0;
+        let writesReapplied = 0;
+        const total = openJournal.lastSeq - state.seq;
+        const onProgress = options.onProgress;
+        await lastValueFrom(
+          openJournal.replay(state.seq + 1).pipe(
+            tap((record) => {
+              if (record.meta[0] === EventType.Write) {
+                reapplyWrite(state, layerFiles, record);
+                writesReapplied++;
+              }
+              eventsReplayed++;
+              if (onProgress !== undefined && (eventsReplayed & 0xffff) === 0) onProgress('replay', eventsReplayed, total);
+            }),
+            scan((s, record) => applyEvent(s, record.seq, record.meta), state),
+          ),
+          { defaultValue: state },
+        );
+        onProgress?.('replay', eventsReplayed, total);
+        return { state, checkpointSeq, skipped, eventsReplayed, writesReapplied };
+      };
+      let loaded;
+      try {
+        loaded = await load();
+      } catch (err) {
+        if (!(err instanceof JournalTornTailError)) throw err;
+        tailCut = { fromSeq: err.seq, records: await openJournal.cutTail(err.seq) };
+        loaded = await load();
+      }
+      const { state, checkpointSeq, skipped, eventsReplayed, writesReapplied } = loaded;
       if (state.config === undefined) throw new StoreError('ECORRUPT', `store ${dir} has no StoreCreated event`);
       if (state.config.formatVersion !== storeFormatVersion) {
         throw new StoreError('EFORMAT', `store ${dir} has format version ${state.config.formatVersion}; this build opens version ${storeFormatVersion}`);
@@ -323,6 +345,7 @@ export class Store {
         orphanFilesRemoved,
         durationMs: performance.now() - started,
         checkpointWritten: eventsReplayed > 0,
+        tailCut,
       };
       const store = new Store(dir, journal, state, files, report);
       if (eventsReplayed > 0) await store.checkpoint();

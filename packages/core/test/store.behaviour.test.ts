@@ -171,6 +171,38 @@ test('recover re-applies journaled writes whose data never reached the layer fil
   assert.is(again.eventsReplayed, 0, 'a recovered store has nothing left to replay');
 });
 
+test('after an OS crash, an unsynced tail whose data never reached disk is cut; flushed data stays', async () => {
+  const dir = tempDir();
+  const store = await Store.create(dir, { sizeBytes: mib });
+  await store.writeVolume('default', 0, Buffer.alloc(4096, 1), true);
+  await store.writeVolume('default', 4096, Buffer.alloc(4096, 2), false);
+  await store.flush();
+  const flushedSeq = store.lastSeq;
+  await store.writeVolume('default', 8192, Buffer.alloc(4096, 3), false);
+  await store.writeVolume('default', 0, Buffer.alloc(4096, 4), false);
+  // What a power cut can leave: the LevelDB records of the last two writes, but not their data.
+  const crashed = tempDir('os-crash');
+  const { cpSync, readdirSync: ls, statSync, truncateSync } = await import('node:fs');
+  cpSync(dir, crashed, { recursive: true });
+  await store.close();
+  const segments = join(crashed, 'journal', 'payloads');
+  const last = ls(segments).sort().pop()!;
+  truncateSync(join(segments, last), statSync(join(segments, last)).size - 4096 - 100);
+  const reopened = await Store.open(crashed);
+  try {
+    assert.equal(reopened.openReport.tailCut, { fromSeq: flushedSeq + 1, records: reopened.openReport.tailCut!.records });
+    assert.ok(reopened.openReport.tailCut!.records >= 1);
+    const data = flat(reopened.readVolume('default', 0, 12288));
+    assert.ok(data.subarray(0, 4096).equals(Buffer.alloc(4096, 1)), 'the flushed write survives (the torn one over it is gone)');
+    assert.ok(data.subarray(4096, 8192).equals(Buffer.alloc(4096, 2)), 'a write covered by a flush survives');
+    assert.ok(data.subarray(8192).equals(Buffer.alloc(4096, 0)), 'the unsynced write is gone, not half there');
+  } finally {
+    await reopened.close();
+  }
+  const report = await checkStore(crashed);
+  assert.ok(report.ok, JSON.stringify(report.problems));
+});
+
 test('check passes on a healthy store and names the volume, block and seq of damaged data', async () => {
   const dir = tempDir();
   const store = await Store.create(dir, { sizeBytes: mib });

@@ -2,23 +2,26 @@
  * The batch frame: how one group-commit batch of records is laid out in one LevelDB value. Pure code,
  * no I/O, so it can be tested exhaustively.
  *
- * Payloads (write data) are not in the frame: each lives under its own key ('p' + seq) so replaying
- * metadata never reads them and retention deletes them without rewriting frames. The frame holds,
- * per record, the payload's length and CRC32C, so a dropped payload still leaves the chain verifiable.
+ * Payloads (write data) are not in the frame: a batch's payloads are appended contiguously to a
+ * segment of the payload log (payload-log.ts), and the frame says where they start. Replaying
+ * metadata never reads them, and retention drops them without rewriting frames. The frame holds, per
+ * record, the payload's length and CRC32C, so a dropped payload still leaves the chain verifiable.
  *
  *   offset  size  field
  *   0       2     magic 0xC5 0x4A
  *   2       1     frame version (batchFrameVersion)
- *   3       1     flags (0)
+ *   3       1     flags: bit 0 = written by a synced batch (its payloads were fdatasynced first)
  *   4       4     count: records in the frame (u32 LE)
  *   8       8     firstSeq (u32 LE high word, u32 LE low word)
  *   16      8     timeMs: commit time (f64 LE)
- *   24      4     prevChain: chained CRC of the record before firstSeq (u32 LE)
- *   28      4     regionBytes: length of the records region (u32 LE)
- *   32      R     records region: per record one msgpack value [payloadLength, payloadCrc, meta]
- *   32+R    4*n   chains: per record its chained CRC32C (u32 LE)
+ *   24      8     payloadSegment: payload log segment holding the payloads (0: none)
+ *   32      8     payloadOffset: where the first payload starts in it; the others follow in order
+ *   40      4     prevChain: chained CRC of the record before firstSeq (u32 LE)
+ *   44      4     regionBytes: length of the records region (u32 LE)
+ *   48      R     records region: per record one msgpack value [payloadLength, payloadCrc, meta]
+ *   48+R    4*n   chains: per record its chained CRC32C (u32 LE)
  *
- * Chaining: start = crc32c(frame[4..24), prevChain); chain[i] = crc32c(record i bytes, chain[i-1]).
+ * Chaining: start = crc32c(frame[3..40), prevChain); chain[i] = crc32c(record i bytes, chain[i-1]).
  * Because CRC32C streams, crc32c(region, start) equals the last chain: one native call checks a whole
  * frame, and only a mismatch pays for the per-record walk that names the first bad seq.
  */
@@ -27,7 +30,8 @@ import { Packr } from 'msgpackr';
 import { JournalCorruptionError } from './errors.js';
 import { batchFrameVersion } from './limits.js';
 
-export const frameHeaderBytes = 32;
+export const frameHeaderBytes = 48;
+const flagSynced = 0x01;
 const magic0 = 0xc5;
 const magic1 = 0x4a;
 
@@ -50,11 +54,28 @@ export interface EncodedFrame {
   readonly chains: Uint32Array;
 }
 
+/** Where a frame's payloads start in the payload log. */
+export interface FramePayloads {
+  readonly segment: number;
+  readonly offset: number;
+}
+
+function writeU64(buf: Buffer, value: number, at: number): void {
+  buf.writeUInt32LE(Math.floor(value / 0x1_0000_0000), at);
+  buf.writeUInt32LE(value >>> 0, at + 4);
+}
+
+function readU64(buf: Buffer, at: number): number {
+  return buf.readUInt32LE(at) * 0x1_0000_0000 + buf.readUInt32LE(at + 4);
+}
+
 export function encodeFrame(
   firstSeq: number,
   timeMs: number,
   prevChain: number,
   records: readonly EncodedRecord[],
+  payloads: FramePayloads | undefined,
+  synced: boolean,
 ): EncodedFrame {
   let regionBytes = 0;
   for (const r of records) regionBytes += r.recordBytes.length;
@@ -63,15 +84,16 @@ export function encodeFrame(
   value[0] = magic0;
   value[1] = magic1;
   value[2] = batchFrameVersion;
-  value[3] = 0;
+  value[3] = synced ? flagSynced : 0;
   value.writeUInt32LE(count, 4);
-  value.writeUInt32LE(Math.floor(firstSeq / 0x1_0000_0000), 8);
-  value.writeUInt32LE(firstSeq >>> 0, 12);
+  writeU64(value, firstSeq, 8);
   value.writeDoubleLE(timeMs, 16);
-  value.writeUInt32LE(prevChain >>> 0, 24);
-  value.writeUInt32LE(regionBytes, 28);
+  writeU64(value, payloads?.segment ?? 0, 24);
+  writeU64(value, payloads?.offset ?? 0, 32);
+  value.writeUInt32LE(prevChain >>> 0, 40);
+  value.writeUInt32LE(regionBytes, 44);
   const chains = new Uint32Array(count);
-  let chain = crc32c(value.subarray(4, 24), prevChain);
+  let chain = crc32c(value.subarray(3, 40), prevChain);
   let at = frameHeaderBytes;
   for (let i = 0; i < count; i++) {
     const bytes = records[i].recordBytes;
@@ -92,6 +114,10 @@ export interface DecodedFrame {
   readonly firstSeq: number;
   readonly count: number;
   readonly timeMs: number;
+  /** Written by a synced batch. */
+  readonly synced: boolean;
+  readonly payloadSegment: number;
+  readonly payloadOffset: number;
   readonly prevChain: number;
   readonly lastChain: number;
   /** Per record: [payloadLength, payloadCrc, meta]. */
@@ -116,10 +142,12 @@ export function decodeFrame(keySeq: number, value: Uint8Array, expectPrev: numbe
     throw new JournalCorruptionError(keySeq, 'decode', `unknown frame version ${buf[2]}`);
   }
   const count = buf.readUInt32LE(4);
-  const firstSeq = buf.readUInt32LE(8) * 0x1_0000_0000 + buf.readUInt32LE(12);
+  const firstSeq = readU64(buf, 8);
   const timeMs = buf.readDoubleLE(16);
-  const prevChain = buf.readUInt32LE(24);
-  const regionBytes = buf.readUInt32LE(28);
+  const payloadSegment = readU64(buf, 24);
+  const payloadOffset = readU64(buf, 32);
+  const prevChain = buf.readUInt32LE(40);
+  const regionBytes = buf.readUInt32LE(44);
   if (firstSeq !== keySeq) {
     throw new JournalCorruptionError(keySeq, 'key', `key names seq ${keySeq} but the frame starts at seq ${firstSeq}`);
   }
@@ -132,7 +160,7 @@ export function decodeFrame(keySeq: number, value: Uint8Array, expectPrev: numbe
   const chainsAt = frameHeaderBytes + regionBytes;
   const chains = new Uint32Array(count);
   for (let i = 0; i < count; i++) chains[i] = buf.readUInt32LE(chainsAt + 4 * i);
-  const start = crc32c(buf.subarray(4, 24), prevChain);
+  const start = crc32c(buf.subarray(3, 40), prevChain);
   const region = buf.subarray(frameHeaderBytes, chainsAt);
   const records =
     !fullCheck && crc32c(region, start) === chains[count - 1]
@@ -147,7 +175,18 @@ export function decodeFrame(keySeq: number, value: Uint8Array, expectPrev: numbe
       throw new JournalCorruptionError(firstSeq + i, 'decode', 'record is not [payloadLength, payloadCrc, meta]');
     }
   }
-  return { firstSeq, count, timeMs, prevChain, lastChain: chains[count - 1], records, chains };
+  return {
+    firstSeq,
+    count,
+    timeMs,
+    synced: (buf[3] & flagSynced) !== 0,
+    payloadSegment,
+    payloadOffset,
+    prevChain,
+    lastChain: chains[count - 1],
+    records,
+    chains,
+  };
 }
 
 type RawRecord = [number, number, unknown];

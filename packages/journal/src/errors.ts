@@ -49,3 +49,15 @@ export class JournalCorruptionError extends JournalError {
 export function assert(condition: unknown, message: string): asserts condition {
   if (!condition) throw new Error(`journal invariant violated: ${message}`);
 }
+
+/**
+ * A damaged record past the last durable point of the log: after an OS crash, frames that were never
+ * synced can survive while their payload bytes did not. That is a torn tail, not corruption: nothing
+ * in it was promised durable. `Journal.cutTail(seq)` removes it.
+ */
+export class JournalTornTailError extends JournalCorruptionError {
+  constructor(seq: number, kind: CorruptionKind, detail: string, durableSeq: number) {
+    super(seq, kind, `${detail}; it is past the last durable seq ${durableSeq}, so this is a torn tail left by a crash (cut it with cutTail)`);
+    this.name = 'JournalTornTailError';
+  }
+}

@@ -13,6 +13,6 @@ export type {
   VerifyReport,
 } from './journal.js';
 export type { Checkpoint } from './checkpoint-codec.js';
-export { JournalCorruptionError, JournalError } from './errors.js';
+export { JournalCorruptionError, JournalError, JournalTornTailError } from './errors.js';
 export type { CorruptionKind, JournalErrorCode } from './errors.js';
 export { journalFormatVersion, maxPayloadBytes } from './limits.js';

@@ -22,19 +22,18 @@ import { crc32c } from '@node-rs/crc32';
 import { Level } from 'level';
 import { Packr } from 'msgpackr';
 import { Observable, Subject } from 'rxjs';
-import { decodeFrame, encodeFrame, encodeRecord, type EncodedRecord, hex } from './batch-codec.js';
+import { type DecodedFrame, decodeFrame, encodeFrame, encodeRecord, type EncodedRecord, hex } from './batch-codec.js';
 import { type Checkpoint, decodeCheckpoint, encodeCheckpoint } from './checkpoint-codec.js';
-import { assert, JournalCorruptionError, JournalError } from './errors.js';
+import { assert, type CorruptionKind, JournalCorruptionError, JournalError, JournalTornTailError } from './errors.js';
 import {
   checkpointKey,
   checkpointRange,
   metaKey,
-  payloadKey,
-  payloadRange,
   recordKey,
   recordRange,
   seqOfKey,
 } from './keys.js';
+import { PayloadLog } from './payload-log.js';
 import {
   journalFormatVersion,
   maxBatchValueBytes,
@@ -149,6 +148,7 @@ export class Journal<M = unknown> {
   readonly records$ = new Subject<JournalRecord<M>>();
 
   private readonly db: Db;
+  private readonly payloadLog: PayloadLog;
   private nextSeq: number;
   private lastChain: number;
   private durableSeq: number;
@@ -161,13 +161,23 @@ export class Journal<M = unknown> {
   private flushDone: Promise<void> = Promise.resolve();
   private closed = false;
 
-  private constructor(path: string, db: Db, retention: Retention, nextSeq: number, lastChain: number, onCommit: OpenOptions<M>['onCommit']) {
+  private constructor(
+    path: string,
+    db: Db,
+    payloadLog: PayloadLog,
+    retention: Retention,
+    nextSeq: number,
+    lastChain: number,
+    durableSeq: number,
+    onCommit: OpenOptions<M>['onCommit'],
+  ) {
     this.path = path;
     this.db = db;
+    this.payloadLog = payloadLog;
     this.retention = retention;
     this.nextSeq = nextSeq;
     this.lastChain = lastChain;
-    this.durableSeq = nextSeq - 1;
+    this.durableSeq = Math.min(durableSeq, nextSeq - 1);
     this.onCommit = onCommit;
   }
 
@@ -198,7 +208,9 @@ export class Journal<M = unknown> {
         nextSeq = frame.firstSeq + frame.count;
         lastChain = frame.lastChain;
       }
-      return new Journal<M>(path, db, retention, nextSeq, lastChain, options.onCommit);
+      const durableRaw = await db.get(metaKey('durable'));
+      const durableSeq = durableRaw === undefined ? 0 : (metaPackr.unpack(durableRaw) as number);
+      return new Journal<M>(path, db, new PayloadLog(path), retention, nextSeq, lastChain, durableSeq, options.onCommit);
     } catch (err) {
       await db.close();
       throw err;
@@ -324,33 +336,54 @@ export class Journal<M = unknown> {
     const firstSeq = this.nextSeq;
     const ops: Array<{ type: 'put'; key: Buffer; value: Buffer }> = [];
     const chains = new Uint32Array(items.length);
-    let prev = this.lastChain;
     let bytes = 0;
-    let start = 0;
-    while (start < items.length) {
-      let end = start;
-      let frameBytes = 0;
-      while (end < items.length && (end === start || frameBytes + items[end].encoded.recordBytes.length <= maxBatchValueBytes)) {
-        frameBytes += items[end].encoded.recordBytes.length;
-        end++;
-      }
-      const frame = encodeFrame(firstSeq + start, timeMs, prev, items.slice(start, end).map((i) => i.encoded));
-      ops.push({ type: 'put', key: recordKey(firstSeq + start), value: frame.value });
-      chains.set(frame.chains, start);
-      bytes += frame.value.length;
-      prev = frame.chains[frame.chains.length - 1];
-      start = end;
-    }
-    for (let i = 0; i < items.length; i++) {
-      const payload = items[i].payload;
-      if (payload !== undefined) {
-        ops.push({ type: 'put', key: payloadKey(firstSeq + i), value: payload });
-        bytes += payload.length;
-      }
-    }
-    if (items.length === 0) ops.push({ type: 'put', key: metaKey('durable'), value: metaPackr.pack(this.lastSeq) });
     try {
+      // 1. Payloads go to the payload log first, so no committed frame points past written bytes.
+      const payloads: Buffer[] = [];
+      let payloadBytes = 0;
+      for (const item of items) {
+        if (item.payload !== undefined) {
+          payloads.push(item.payload);
+          payloadBytes += item.payload.length;
+        }
+      }
+      const placement = payloadBytes > 0 ? this.payloadLog.append(firstSeq, payloads, payloadBytes) : undefined;
+      // 2. A synced batch makes its payloads (and every earlier one) durable before its frames.
+      if (sync) await this.payloadLog.sync();
+      // 3. The frames: one LevelDB value per maxBatchValueBytes of records, all in one atomic batch.
+      let prev = this.lastChain;
+      let start = 0;
+      let payloadOffset = placement?.offset ?? 0;
+      while (start < items.length) {
+        let end = start;
+        let frameBytes = 0;
+        let framePayloadBytes = 0;
+        while (end < items.length && (end === start || frameBytes + items[end].encoded.recordBytes.length <= maxBatchValueBytes)) {
+          frameBytes += items[end].encoded.recordBytes.length;
+          framePayloadBytes += items[end].encoded.payloadLength;
+          end++;
+        }
+        const framePayloads = placement !== undefined && framePayloadBytes > 0 ? { segment: placement.segment, offset: payloadOffset } : undefined;
+        const frame = encodeFrame(
+          firstSeq + start,
+          timeMs,
+          prev,
+          items.slice(start, end).map((i) => i.encoded),
+          framePayloads,
+          sync,
+        );
+        ops.push({ type: 'put', key: recordKey(firstSeq + start), value: frame.value });
+        chains.set(frame.chains, start);
+        bytes += frame.value.length;
+        payloadOffset += framePayloadBytes;
+        prev = frame.chains[frame.chains.length - 1];
+        start = end;
+      }
+      bytes += payloadBytes;
+      const lastSeq = firstSeq + items.length - 1;
+      if (sync) ops.push({ type: 'put', key: metaKey('durable'), value: metaPackr.pack(lastSeq) });
       await this.db.batch(ops, { sync });
+      this.lastChain = prev;
     } catch (err) {
       const failure = new JournalError('EIO', `journal ${this.path}: batch of ${items.length} records failed: ${(err as Error).message}`, { cause: err });
       for (const item of items) item.reject(failure);
@@ -358,7 +391,6 @@ export class Journal<M = unknown> {
       return;
     }
     this.nextSeq = firstSeq + items.length;
-    this.lastChain = prev;
     if (sync) this.durableSeq = this.lastSeq;
     assert(this.nextSeq <= maxSeq, 'sequence numbers stay below 2^53');
     if (items.length > 0) {
@@ -435,7 +467,6 @@ export class Journal<M = unknown> {
     const fullCheck = options.fullCheck ?? false;
     const startKey = await this.frameKeyAtOrBefore(fromSeq);
     const frames = this.db.iterator({ gte: startKey, lt: recordRange.lt, highWaterMarkBytes: replayChunkBytes });
-    const payloads = wantPayloads ? new PayloadCursor(this.db, Math.max(fromSeq, retention.payloadsThrough + 1), retention.payloadsThrough) : undefined;
     let expectSeq: number | undefined;
     let expectPrev: number | undefined;
     try {
@@ -453,20 +484,14 @@ export class Journal<M = unknown> {
             throw new JournalCorruptionError(expectSeq, 'gap', `record seq ${expectSeq} is missing; the next frame starts at seq ${keySeq}`);
           }
           const frame = decodeFrame(keySeq, value, expectPrev, fullCheck);
+          const first = Math.max(0, fromSeq - frame.firstSeq);
+          const last = Math.min(frame.count - 1, end - frame.firstSeq);
+          const payloads = wantPayloads ? this.framePayloads(frame, first, last, retention.payloadsThrough) : undefined;
           // One array per frame: short-lived, so records die young instead of being promoted.
           const out: JournalRecord<M>[] = [];
-          const last = Math.min(frame.count - 1, end - frame.firstSeq);
-          for (let i = Math.max(0, fromSeq - frame.firstSeq); i <= last; i++) {
-            const seq = frame.firstSeq + i;
+          for (let i = first; i <= last; i++) {
             const [payloadLength, payloadCrc, meta] = frame.records[i];
-            let payload: Buffer | undefined;
-            if (payloads !== undefined && payloadLength > 0 && seq > retention.payloadsThrough) {
-              payload = await payloads.take(seq);
-              if (payload.length !== payloadLength || crc32c(payload) !== payloadCrc) {
-                throw new JournalCorruptionError(seq, 'payload-crc', `payload of ${payload.length} bytes does not match its length ${payloadLength} and CRC ${hex(payloadCrc)}`);
-              }
-            }
-            out.push({ seq, timeMs: frame.timeMs, meta: meta as M, payloadLength, payloadCrc, payload, crc: frame.chains[i] });
+            out.push({ seq: frame.firstSeq + i, timeMs: frame.timeMs, meta: meta as M, payloadLength, payloadCrc, payload: payloads?.[i], crc: frame.chains[i] });
           }
           expectSeq = frame.firstSeq + frame.count;
           expectPrev = frame.lastChain;
@@ -480,8 +505,72 @@ export class Journal<M = unknown> {
       }
     } finally {
       await frames.close();
-      await payloads?.close();
     }
+  }
+
+  /**
+   * The verified payloads of records [first, last] of a frame (indexed by record), read in one piece
+   * from the payload log. A missing or damaged payload is corruption, or a torn tail when the record
+   * is past the last durable seq.
+   */
+  private framePayloads(frame: DecodedFrame, first: number, last: number, droppedThrough: number): Array<Buffer | undefined> {
+    const out: Array<Buffer | undefined> = new Array(frame.count);
+    let skip = 0;
+    let want = 0;
+    let from = -1;
+    for (let i = 0; i <= last; i++) {
+      const length = frame.records[i][0];
+      if (length === 0) continue;
+      if (i < first || frame.firstSeq + i <= droppedThrough) skip += length;
+      else {
+        if (from === -1) from = i;
+        want += length;
+      }
+    }
+    if (from === -1) return out;
+    const bytes = this.payloadLog.read(frame.payloadSegment, frame.payloadOffset + skip, want);
+    let at = 0;
+    for (let i = from; i <= last; i++) {
+      const [length, crc] = frame.records[i];
+      if (length === 0) continue;
+      const seq = frame.firstSeq + i;
+      if (at + length > bytes.length) {
+        this.payloadDamage(seq, 'payload-missing', `payload of ${length} bytes is not in payload segment ${frame.payloadSegment} (it ends ${at + length - bytes.length} bytes short)`);
+      }
+      const payload = bytes.subarray(at, at + length);
+      if (crc32c(payload) !== crc) this.payloadDamage(seq, 'payload-crc', `payload of ${length} bytes does not match its CRC ${hex(crc)}`);
+      out[i] = payload;
+      at += length;
+    }
+    return out;
+  }
+
+  private payloadDamage(seq: number, kind: CorruptionKind, detail: string): never {
+    if (seq > this.durableSeq) throw new JournalTornTailError(seq, kind, detail, this.durableSeq);
+    throw new JournalCorruptionError(seq, kind, detail);
+  }
+
+  /**
+   * Remove a torn tail: every record from the frame holding `seq` on (none of it was durable), and any
+   * checkpoint past the new end. Returns how many records were cut.
+   */
+  async cutTail(seq: number): Promise<number> {
+    this.checkOpen();
+    if (seq <= this.durableSeq) throw new JournalError('EINVAL', `seq ${seq} is durable (last durable seq ${this.durableSeq}); only a torn tail can be cut`);
+    const key = await this.frameKeyAtOrBefore(seq);
+    const value = await this.db.get(key);
+    if (value === undefined) return 0;
+    const frame = decodeFrame(seqOfKey(key), value, undefined, false);
+    const doomed = await this.db.keys({ gte: key, lt: recordRange.lt }).all();
+    const checkpoints = (await this.checkpointSeqs()).filter((c) => c >= frame.firstSeq);
+    await this.db.batch(
+      [...doomed.map((k) => ({ type: 'del' as const, key: k })), ...checkpoints.map((c) => ({ type: 'del' as const, key: checkpointKey(c) }))],
+      { sync: true },
+    );
+    const cut = this.nextSeq - frame.firstSeq;
+    this.nextSeq = frame.firstSeq;
+    this.lastChain = frame.prevChain;
+    return cut;
   }
 
   /** Key of the frame holding `seq`: the last frame key at or before it (or the first key, if none). */
@@ -582,7 +671,7 @@ export class Journal<M = unknown> {
     if (throughSeq <= this.retention.payloadsThrough) return;
     this.retention = { ...this.retention, payloadsThrough: throughSeq };
     await this.db.put(metaKey('retention'), metaPackr.pack(this.retention), { sync: true });
-    await this.db.clear({ gte: payloadRange.gte, lte: payloadKey(throughSeq) });
+    this.payloadLog.dropThrough(throughSeq);
   }
 
   /**
@@ -608,7 +697,7 @@ export class Journal<M = unknown> {
     this.retention = { firstSeq, chainBefore, payloadsThrough: Math.max(this.retention.payloadsThrough, firstSeq - 1) };
     await this.db.put(metaKey('retention'), metaPackr.pack(this.retention), { sync: true });
     await this.db.batch(doomed.map((key) => ({ type: 'del' as const, key })));
-    await this.db.clear({ gte: payloadRange.gte, lt: payloadKey(firstSeq) });
+    this.payloadLog.dropThrough(firstSeq - 1);
     return firstSeq;
   }
 
@@ -616,8 +705,11 @@ export class Journal<M = unknown> {
     this.checkOpen();
     const first = this.retention.firstSeq;
     const last = this.lastSeq;
-    let diskBytes = 0;
-    for (const name of await readdir(this.path)) diskBytes += (await stat(join(this.path, name))).size;
+    let diskBytes = this.payloadLog.diskBytes();
+    for (const name of await readdir(this.path)) {
+      const st = await stat(join(this.path, name));
+      if (st.isFile()) diskBytes += st.size;
+    }
     return {
       records: Math.max(0, last - first + 1),
       firstSeq: first,
@@ -648,50 +740,11 @@ export class Journal<M = unknown> {
     this.closed = true;
     this.batches$.complete();
     this.records$.complete();
+    this.payloadLog.close();
     await this.db.close();
   }
 
   private checkOpen(): void {
     if (this.closed) throw new JournalError('ECLOSED', `journal ${this.path} is closed`);
-  }
-}
-
-/** Reads payloads in seq order beside a frame iterator. */
-class PayloadCursor {
-  private readonly iterator;
-  private buffered: Array<[Buffer, Buffer]> = [];
-  private at = 0;
-
-  constructor(
-    db: Db,
-    fromSeq: number,
-    private readonly droppedThroughSeq: number,
-  ) {
-    this.iterator = db.iterator({ gte: payloadKey(fromSeq), lt: payloadRange.lt, highWaterMarkBytes: replayChunkBytes });
-  }
-
-  async take(seq: number): Promise<Buffer> {
-    for (;;) {
-      if (this.at >= this.buffered.length) {
-        this.buffered = await this.iterator.nextv(replayChunkValues);
-        this.at = 0;
-        if (this.buffered.length === 0) throw new JournalCorruptionError(seq, 'payload-missing', 'the payload is not stored (the payload key space ends before it)');
-      }
-      const [key, value] = this.buffered[this.at];
-      const keySeq = seqOfKey(key);
-      if (keySeq === seq) {
-        this.at++;
-        return value;
-      }
-      if (keySeq < seq) {
-        this.at++;
-        continue;
-      }
-      throw new JournalCorruptionError(seq, 'payload-missing', `the payload is not stored (next stored payload is for seq ${keySeq}; payloads are dropped only through seq ${this.droppedThroughSeq})`);
-    }
-  }
-
-  async close(): Promise<void> {
-    await this.iterator.close();
   }
 }

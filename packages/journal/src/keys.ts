@@ -3,13 +3,14 @@
  * checkpoint keys end in a big-endian u64 sequence number so LevelDB's byte order is seq order.
  *
  *   'r' + u64be(firstSeq)  one group-commit batch frame (see batch-codec.ts)
- *   'p' + u64be(seq)       the payload of record seq (raw bytes; its CRC is in the record)
  *   'c' + u64be(seq)       one checkpoint (see checkpoint-codec.ts)
- *   'm' + utf8(name)       journal metadata: format version, retention window, user metadata
+ *   'm' + utf8(name)       journal metadata: format version, retention window, durable seq,
+ *                          user metadata
+ *
+ * Payloads live outside LevelDB, in the payload log (payload-log.ts).
  */
 
 const recordPrefix = 0x72; // 'r'
-const payloadPrefix = 0x70; // 'p'
 const checkpointPrefix = 0x63; // 'c'
 const metaPrefix = 0x6d; // 'm'
 
@@ -27,13 +28,11 @@ function keySeq(key: Uint8Array): number {
 }
 
 export const recordKey = (seq: number): Buffer => seqKey(recordPrefix, seq);
-export const payloadKey = (seq: number): Buffer => seqKey(payloadPrefix, seq);
 export const checkpointKey = (seq: number): Buffer => seqKey(checkpointPrefix, seq);
 export const metaKey = (name: string): Buffer => Buffer.concat([Buffer.of(metaPrefix), Buffer.from(name, 'utf8')]);
 export const seqOfKey = keySeq;
 
 /** Lower and upper bounds that cover one whole key space. */
 export const recordRange = { gte: seqKey(recordPrefix, 0), lt: Buffer.of(recordPrefix + 1) };
-export const payloadRange = { gte: seqKey(payloadPrefix, 0), lt: Buffer.of(payloadPrefix + 1) };
 export const checkpointRange = { gte: seqKey(checkpointPrefix, 0), lt: Buffer.of(checkpointPrefix + 1) };
 export const metaRange = { gte: Buffer.of(metaPrefix), lt: Buffer.of(metaPrefix + 1) };

@@ -16,3 +16,5 @@ export const replayChunkValues = 256;
 export const replayChunkBytes = 16 * 1024 * 1024;
 /** Largest sequence number: seqs are JavaScript numbers, exact below 2^53. */
 export const maxSeq = Number.MAX_SAFE_INTEGER;
+/** A payload log segment is closed once it holds this much (a batch never spans two). */
+export const payloadSegmentBytes = 256 * 1024 * 1024;

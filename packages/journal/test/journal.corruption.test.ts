@@ -2,12 +2,15 @@
  * Corruption: alter a stored frame, a payload or a checkpoint, or delete a frame or payload in the
  * middle; `verify()` and `replay()` must name the damaged seq and kind, never skip it.
  */
+import { closeSync, openSync, truncateSync, writeSync } from 'node:fs';
+import { join } from 'node:path';
 import { Level } from 'level';
+import { pack } from 'msgpackr';
 import { lastValueFrom, toArray } from 'rxjs';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { rejects } from 'node:assert/strict';
-import { Journal, JournalCorruptionError } from '../src/index.js';
+import { Journal, JournalCorruptionError, JournalTornTailError } from '../src/index.js';
 import { tempDir } from './helpers.js';
 
 /** A closed journal of 5 batches of 4 records (seqs 1..20), each record with a 64-byte payload. */
@@ -57,9 +60,9 @@ test('a flipped byte inside a record is named by its seq', async () => {
   const dir = await makeJournal();
   await tamper(dir, async (db) => {
     const value = (await db.get(key('r', 9)))!;
-    // Records of the frame starting at seq 9 follow the 32-byte header; flip a byte of the second.
-    const recordBytes = (value.length - 32 - 16) / 4;
-    value[32 + recordBytes + recordBytes - 1] ^= 0x01;
+    // Records of the frame starting at seq 9 follow the 48-byte header; flip a byte of the second.
+    const recordBytes = (value.length - 48 - 16) / 4;
+    value[48 + recordBytes + recordBytes - 1] ^= 0x01;
     await db.put(key('r', 9), value);
   });
   await expectDamage(dir, 10, 'crc');
@@ -71,20 +74,49 @@ test('a frame deleted from the middle is reported as a gap at its first seq', as
   await expectDamage(dir, 5, 'gap');
 });
 
+/** The payload log segment of makeJournal's journal: record seq s's 64-byte payload is at (s - 1) * 64. */
+const segment = (dir: string): string => join(dir, 'payloads', '0000000000000001.seg');
+
 test('an altered payload is named by its seq', async () => {
   const dir = await makeJournal();
-  await tamper(dir, async (db) => {
-    const payload = (await db.get(key('p', 14)))!;
-    payload[3] ^= 0xff;
-    await db.put(key('p', 14), payload);
-  });
+  const fd = openSync(segment(dir), 'r+');
+  writeSync(fd, Buffer.from([0xee]), 0, 1, 13 * 64 + 3);
+  closeSync(fd);
   await expectDamage(dir, 14, 'payload-crc');
 });
 
-test('a deleted payload is named by its seq', async () => {
+test('a payload missing from the payload log is named by its seq', async () => {
   const dir = await makeJournal();
-  await tamper(dir, (db) => db.del(key('p', 7)));
+  truncateSync(segment(dir), 6 * 64 + 10);
   await expectDamage(dir, 7, 'payload-missing');
+});
+
+test('after an OS crash, an unsynced tail whose payloads never reached disk is cut cleanly', async () => {
+  const dir = tempDir('torn');
+  const journal = await Journal.open(dir, { create: true });
+  for (let i = 1; i <= 10; i++) await journal.append(i, { payload: Buffer.alloc(100, i), sync: i === 5 });
+  // Simulate the crash: frames 6..10 reached LevelDB, their payload bytes did not reach the file.
+  await journal.close();
+  const raw = new Level<Buffer, Buffer>(dir, { keyEncoding: 'buffer', valueEncoding: 'buffer' });
+  await raw.put(Buffer.from('mdurable'), pack(5));
+  await raw.close();
+  truncateSync(segment(dir), 5 * 100 + 30);
+  const reopened = await Journal.open(dir);
+  try {
+    const err = await lastValueFrom(reopened.replay().pipe(toArray())).then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    assert.ok(err instanceof JournalTornTailError, String(err));
+    assert.is((err as JournalTornTailError).seq, 6);
+    assert.is(await reopened.cutTail(6), 5);
+    assert.equal((await lastValueFrom(reopened.replay().pipe(toArray()))).map((r) => r.meta), [1, 2, 3, 4, 5]);
+    assert.ok((await reopened.verify()).ok);
+    assert.is(await reopened.append(99, { payload: Buffer.alloc(10, 9) }), 6, 'appends continue after the cut');
+    await rejects(() => reopened.cutTail(3), /is durable/);
+  } finally {
+    await reopened.close();
+  }
 });
 
 test('an undecodable frame is named by the seq its key holds', async () => {
@@ -97,7 +129,7 @@ test('a frame rewritten to chain to a different predecessor is a broken chain', 
   const dir = await makeJournal();
   await tamper(dir, async (db) => {
     const value = (await db.get(key('r', 13)))!;
-    value.writeUInt32LE((value.readUInt32LE(24) ^ 1) >>> 0, 24);
+    value.writeUInt32LE((value.readUInt32LE(40) ^ 1) >>> 0, 40);
     await db.put(key('r', 13), value);
   });
   await expectDamage(dir, 13, 'chain');
@@ -125,7 +157,7 @@ test('a corrupt last frame stops open with its seq, rather than appending after 
   const dir = await makeJournal();
   await tamper(dir, async (db) => {
     const value = (await db.get(key('r', 17)))!;
-    value[40] ^= 0x55;
+    value[56] ^= 0x55;
     await db.put(key('r', 17), value);
   });
   await rejects(() => Journal.open(dir), (err: unknown) => err instanceof JournalCorruptionError && err.seq >= 17 && err.seq <= 20);

@@ -2,6 +2,7 @@
  * Shared pieces of the command definitions: exit codes, argument parsers that turn bad values into
  * usage errors, and the help-text example every command carries.
  */
+import { limits } from '@cowstack/core';
 import { type Command, InvalidArgumentError } from 'commander';
 import { parseSize } from './sizes.js';
 
@@ -27,6 +28,14 @@ export function sizeArg(value: string): number {
 export function intArg(value: string): number {
   const n = Number(value);
   if (!Number.isSafeInteger(n) || n < 0) throw new InvalidArgumentError(`${JSON.stringify(value)} is not a whole number`);
+  return n;
+}
+
+export function blockSizeArg(value: string): number {
+  const n = intArg(value);
+  if (n < limits.minBlockSizeBytes || n > limits.maxBlockSizeBytes || (n & (n - 1)) !== 0) {
+    throw new InvalidArgumentError(`${n} is not a power of two from ${limits.minBlockSizeBytes} to ${limits.maxBlockSizeBytes}`);
+  }
   return n;
 }
 

@@ -1,7 +1,8 @@
 /**
  * The `cowstack` command line: subcommands in the conventions of qemu-img and nbdkit. Exit codes:
  * 0 success, 1 a reported problem (an error, or damage found by check), 2 a usage error.
- * Arguments are parsed by commander; every command has --help with an example.
+ * Arguments are parsed by commander; every command has --help with an example. A command whose
+ * stdout reader goes away (a pipe into `head`) stops quietly instead of dying on EPIPE.
  */
 import { Command, CommanderError } from 'commander';
 import { exitOk, exitProblem, exitUsage, ProblemsFound } from './command-helpers.js';
@@ -27,14 +28,24 @@ function program(): Command {
   return root;
 }
 
+/** A reader that stops reading (`cowstack journal inspect STORE | head`) ends the command quietly. */
+function quietOnClosedStdout(): void {
+  process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+    if (err.code !== 'EPIPE') throw err;
+    process.exit(exitOk);
+  });
+}
+
 export async function main(argv: string[]): Promise<number> {
   const json = argv.includes('--json');
+  quietOnClosedStdout();
   try {
     await program().parseAsync(argv, { from: 'user' });
     return exitOk;
   } catch (err) {
     if (err instanceof CommanderError) {
-      if (err.code === 'commander.helpDisplayed' || err.code === 'commander.version' || err.code === 'commander.help') return exitOk;
+      // `commander.help` with a non-zero exitCode is help shown because no subcommand was given.
+      if (err.code === 'commander.helpDisplayed' || err.code === 'commander.version' || (err.code === 'commander.help' && err.exitCode === 0)) return exitOk;
       return exitUsage;
     }
     if (err instanceof ProblemsFound) return exitProblem;

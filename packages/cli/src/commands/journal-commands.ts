@@ -23,7 +23,11 @@ function streamTo(out: Output): (item: unknown) => void {
 }
 
 export function registerJournalCommands(root: Command): void {
-  const journal = root.command('journal').description('inspect the event journal');
+  const journal = example(
+    root.command('journal').description('inspect the event journal'),
+    'cowstack journal stats /srv/cow',
+    'cowstack journal inspect /srv/cow --type Write --json',
+  );
 
   example(
     journal

@@ -71,7 +71,11 @@ export function registerLayerCommands(root: Command): void {
     'cowstack ls /srv/cow',
   );
 
-  const volume = root.command('volume').description('create, delete and list volumes');
+  const volume = example(
+    root.command('volume').description('create, delete and list volumes'),
+    'cowstack volume create /srv/cow scratch --size 50G',
+    'cowstack volume ls /srv/cow',
+  );
   example(
     volume
       .command('create')

@@ -3,9 +3,9 @@
  * (stop `cowstack serve` first); init creates a store with one volume.
  */
 import { resolve } from 'node:path';
-import { checkStore, recoverStore, Store, StoreError, type BaseSpec } from '@cowstack/core';
+import { checkStore, limits, recoverStore, Store, StoreError, type BaseSpec } from '@cowstack/core';
 import { type Command, Option } from 'commander';
-import { example, intArg, ProblemsFound, sizeArg } from '../command-helpers.js';
+import { blockSizeArg, example, intArg, ProblemsFound, sizeArg } from '../command-helpers.js';
 import { readServeRecord } from '../control.js';
 import { Output } from '../output.js';
 import { progress } from '../progress.js';
@@ -31,7 +31,7 @@ export function registerStoreCommands(root: Command): void {
       .description('create a store with one volume named "default"')
       .argument('<store>', 'store directory to create')
       .option('--size <size>', 'volume size (e.g. 10G); taken from the image with --base/--import', sizeArg)
-      .option('--block-size <bytes>', 'block size: a power of two from 512 to 65536', intArg, 4096)
+      .option('--block-size <bytes>', 'block size: a power of two from 512 to 65536', blockSizeArg, limits.defaultBlockSizeBytes)
       .addOption(new Option('--base <image>', 'raw image or block device to use read-only as the base').conflicts('import'))
       .option('--import <image>', 'raw image to copy into the store as the base')
       .option('--volume <name>', 'name of the volume to create', 'default')

@@ -12,11 +12,16 @@ import type { Store } from './store.js';
 
 const extentContexts: readonly ExtentContext[] = ['base:allocation', 'qemu:allocation-depth'];
 
-function guard<T>(body: () => T): Promise<T> {
+function toDeviceError(err: unknown): BlockDeviceError {
+  return err instanceof BlockDeviceError ? err : new BlockDeviceError('EIO', (err as Error).message, { cause: err });
+}
+
+function guard<T>(body: () => T | Promise<T>): Promise<T> {
   try {
-    return Promise.resolve(body());
+    const result = body();
+    return result instanceof Promise ? result.catch((err: unknown) => Promise.reject(toDeviceError(err))) : Promise.resolve(result);
   } catch (err) {
-    return Promise.reject(err instanceof BlockDeviceError ? err : new BlockDeviceError('EIO', (err as Error).message, { cause: err }));
+    return Promise.reject(toDeviceError(err));
   }
 }
 
@@ -42,7 +47,7 @@ export class VolumeDevice implements BlockDevice {
   }
 
   read(offset: number, length: number): Promise<ReadResult> {
-    return guard(() => this.store.readVolume(this.volume, offset, length));
+    return guard(() => this.store.readViewOf(this.top(), offset, length));
   }
 
   write(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
@@ -89,7 +94,7 @@ export class LayerDevice implements BlockDevice {
   }
 
   read(offset: number, length: number): Promise<ReadResult> {
-    return guard(() => this.store.readLayer(this.layerId, offset, length));
+    return guard(() => this.store.readViewOf(this.layerId, offset, length));
   }
 
   private refuse(): Promise<never> {

@@ -1,17 +1,24 @@
 /**
  * Layer data files: one sparse file per layer (`layers/<id>.data`), block b at byte b * blockSize,
- * opened on first use and kept open. An external base is its image file, opened read-only. Reads
- * and writes are synchronous: they hit the page cache, and a synchronous 4 KiB pread costs far less
- * than a trip through the libuv threadpool (see DESIGN.md's measurements). Durability comes from the
- * journal; `syncAll` (before a checkpoint) makes the files durable too.
+ * opened on first use and kept open. An external base is its image file, opened read-only. Writes
+ * and small reads are synchronous: they hit the page cache, and a synchronous 4 KiB pread costs far
+ * less than a trip through the libuv threadpool (see DESIGN.md's measurements). Large reads go
+ * through the threadpool (`readAsync`), where several run at once on both cores; a layer removed
+ * while such reads are in flight keeps its descriptor until they finish, so a reused descriptor
+ * number can never be read by mistake. Durability comes from the journal; `syncAll` (before a
+ * checkpoint) makes the files durable too.
  */
-import { closeSync, constants, fdatasync, fstatSync, openSync, readSync, unlinkSync, writeSync } from 'node:fs';
+import { closeSync, constants, fdatasync, fstatSync, openSync, read, readSync, unlinkSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { BlockDeviceError } from './block-device.js';
 
 export class LayerFiles {
   private readonly fds = new Map<number, number>();
   private readonly dirty = new Set<number>();
+  /** Async reads in flight per layer. */
+  private readonly busy = new Map<number, number>();
+  /** Descriptors of removed layers, closed when their last async read finishes. */
+  private readonly closing = new Map<number, number>();
 
   constructor(
     private readonly dir: string,
@@ -46,11 +53,55 @@ export class LayerFiles {
       if (n === 0) break;
       done += n;
     }
-    if (done < length) {
-      if (this.externalPath(layerId) === undefined) {
-        throw new BlockDeviceError('EIO', `layer ${layerId} data file ends at byte ${position + done}, before the ${length}-byte block read at ${position}`);
-      }
-      target.fill(0, targetOffset + done, targetOffset + length);
+    this.finishShortRead(layerId, target, targetOffset, length, position, done);
+  }
+
+  /** The same read through the libuv threadpool. */
+  readAsync(layerId: number, target: Buffer, targetOffset: number, length: number, position: number): Promise<void> {
+    const fd = this.fd(layerId);
+    this.busy.set(layerId, (this.busy.get(layerId) ?? 0) + 1);
+    return new Promise<void>((resolve, reject) => {
+      let done = 0;
+      const finish = (err?: unknown): void => {
+        this.release(layerId);
+        if (err !== undefined) reject(err instanceof BlockDeviceError ? err : new BlockDeviceError('EIO', (err as Error).message, { cause: err }));
+        else resolve();
+      };
+      const step = (): void =>
+        read(fd, target, targetOffset + done, length - done, position + done, (err, n) => {
+          if (err) return finish(err);
+          done += n;
+          if (n > 0 && done < length) return step();
+          try {
+            this.finishShortRead(layerId, target, targetOffset, length, position, done);
+            finish();
+          } catch (short) {
+            finish(short);
+          }
+        });
+      step();
+    });
+  }
+
+  private finishShortRead(layerId: number, target: Buffer, targetOffset: number, length: number, position: number, done: number): void {
+    if (done >= length) return;
+    if (this.externalPath(layerId) === undefined) {
+      throw new BlockDeviceError('EIO', `layer ${layerId} data file ends at byte ${position + done}, before the ${length}-byte block read at ${position}`);
+    }
+    target.fill(0, targetOffset + done, targetOffset + length);
+  }
+
+  private release(layerId: number): void {
+    const left = (this.busy.get(layerId) ?? 1) - 1;
+    if (left > 0) {
+      this.busy.set(layerId, left);
+      return;
+    }
+    this.busy.delete(layerId);
+    const fd = this.closing.get(layerId);
+    if (fd !== undefined) {
+      this.closing.delete(layerId);
+      closeSync(fd);
     }
   }
 
@@ -98,9 +149,10 @@ export class LayerFiles {
   close(layerId: number): void {
     const fd = this.fds.get(layerId);
     if (fd !== undefined) {
-      closeSync(fd);
       this.fds.delete(layerId);
       this.dirty.delete(layerId);
+      if (this.busy.has(layerId)) this.closing.set(layerId, fd);
+      else closeSync(fd);
     }
   }
 

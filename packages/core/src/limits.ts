@@ -9,6 +9,8 @@ export const minBlockSizeBytes = 512;
 export const maxBlockSizeBytes = 65536;
 /** Devices are addressed with JavaScript numbers: exact below 2^53 bytes. */
 export const maxDeviceSizeBytes = Number.MAX_SAFE_INTEGER - maxBlockSizeBytes;
+/** Reads at least this large go through the libuv threadpool instead of a synchronous pread. */
+export const asyncReadMinBytes = 128 * 1024;
 /** Largest single write the engine accepts (the NBD server caps requests lower). */
 export const maxWriteBytes = 64 * 1024 * 1024;
 /** A checkpoint is written after this many events since the last one... */

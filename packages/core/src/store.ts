@@ -36,6 +36,7 @@ import {
   checkpointEveryEvents,
   checkpointEveryMs,
   checkpointsKept,
+  asyncReadMinBytes,
   copyChunkBytes,
   copyWindowEvents,
   defaultBlockSizeBytes,
@@ -594,22 +595,38 @@ export class Store {
     this.checkHealthy();
     const sizeBytes = this.sizeOfLayer(layerId);
     checkRange(offset, length, sizeBytes, 'EINVAL');
-    return this.readView(this.view(layerId), offset, length);
+    return this.readView(this.view(layerId), offset, length, false) as ReadResult;
   }
 
   readVolume(name: string, offset: number, length: number): ReadResult {
     this.checkHealthy();
     const { view, sizeBytes } = this.volumeView(name);
     checkRange(offset, length, sizeBytes, 'EINVAL');
-    return this.readView(view, offset, length);
+    return this.readView(view, offset, length, false) as ReadResult;
   }
 
-  private readView(view: View, offset: number, length: number): ReadResult {
+  /**
+   * Read for a protocol server: small reads are synchronous page-cache reads; reads of at least
+   * `asyncReadMinBytes` run their preads in the threadpool, in parallel with other work.
+   */
+  readViewOf(layerId: number, offset: number, length: number): ReadResult | Promise<ReadResult> {
+    this.checkHealthy();
+    const sizeBytes = this.sizeOfLayer(layerId);
+    checkRange(offset, length, sizeBytes, 'EINVAL');
+    return this.readView(this.view(layerId), offset, length, length >= asyncReadMinBytes);
+  }
+
+  /**
+   * Read a range of a view: one Buffer when every byte is data, else data and zero pieces. Runs of
+   * blocks held by one layer are read with one pread each, straight into the result. With `async`,
+   * the preads go through the threadpool and a Promise is returned (large reads).
+   */
+  private readView(view: View, offset: number, length: number, async: boolean): ReadResult | Promise<ReadResult> {
     const bs = this.blockSizeBytes_;
     const end = offset + length;
     const first = Math.floor(offset / bs);
     const last = Math.floor((end - 1) / bs);
-    if (first === last) {
+    if (first === last && !async) {
       // The common case: one block, no run walk.
       const value = view.index.get(first);
       if (value === 0 || indexIsZero(value)) return [{ length, data: undefined }];
@@ -619,6 +636,7 @@ export class Store {
     }
     let out: Buffer | undefined;
     const pieces: ReadPiece[] = [];
+    const pending: Promise<void>[] = [];
     let hasHole = false;
     view.index.forEachRun(first, last - first + 1, (start, count, value) => {
       const from = Math.max(start * bs, offset);
@@ -631,13 +649,15 @@ export class Store {
         return;
       }
       out ??= Buffer.allocUnsafe(length);
-      this.files.read(view.stack[indexPosition(value)], out, from - offset, to - from, from);
+      const layer = view.stack[indexPosition(value)];
+      if (async) pending.push(this.files.readAsync(layer, out, from - offset, to - from, from));
+      else this.files.read(layer, out, from - offset, to - from, from);
       const prev = pieces[pieces.length - 1];
       if (prev !== undefined && prev.data !== undefined) pieces[pieces.length - 1] = { length: prev.length + to - from, data: out.subarray(from - offset - prev.length, to - offset) };
       else pieces.push({ length: to - from, data: out.subarray(from - offset, to - offset) });
     });
-    if (!hasHole) return out!;
-    return pieces;
+    const result: ReadResult = hasHole ? pieces : out!;
+    return async ? Promise.all(pending).then(() => result) : result;
   }
 
   /** Raw bytes of a layer's own data file (not its view), for check and export of a layer. */

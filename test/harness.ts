@@ -366,8 +366,10 @@ const pythonWriter = `
 import nbd, sys
 h = nbd.NBD()
 h.connect_uri(sys.argv[1])
-with open(sys.argv[3], 'rb') as f:
-    h.pwrite(f.read(), int(sys.argv[2]))
+data = open(sys.argv[3], 'rb').read()
+base = int(sys.argv[2])
+for at in range(0, len(data), 4 << 20):   # within the 32 MiB maximum payload
+    h.pwrite(data[at:at + (4 << 20)], base + at)
 h.flush()
 h.shutdown()
 `;

@@ -38,7 +38,8 @@ export class Metrics {
   private server: Server | undefined;
 
   constructor() {
-    collectDefaultMetrics({ register: this.registry, prefix: 'cowstack_process_' });
+    // prom-client's own names start with process_ or nodejs_: cowstack_process_cpu_seconds_total, ...
+    collectDefaultMetrics({ register: this.registry, prefix: 'cowstack_' });
   }
 
   /** NbdServer's onRequest hook. */

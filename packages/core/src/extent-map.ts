@@ -37,26 +37,45 @@ class RunChunk {
     return this.values[lo];
   }
 
-  /** Set [lo, hi) to value, merging equal neighbours. */
+  /** Index of the run holding `offset`. */
+  private find(offset: number): number {
+    const starts = this.starts;
+    let lo = 0;
+    let hi = starts.length - 1;
+    while (lo < hi) {
+      const mid = (lo + hi + 1) >> 1;
+      if (starts[mid] <= offset) lo = mid;
+      else hi = mid - 1;
+    }
+    return lo;
+  }
+
+  /** Set [lo, hi) to value in place, merging equal neighbours. */
   set(lo: number, hi: number, value: number): void {
-    const starts: number[] = [];
-    const values: number[] = [];
-    const push = (start: number, v: number): void => {
-      if (values.length > 0 && values[values.length - 1] === v) return;
-      starts.push(start);
-      values.push(v);
-    };
-    const n = this.starts.length;
-    for (let i = 0; i < n && this.starts[i] < lo; i++) push(this.starts[i], this.values[i]);
-    push(lo, value);
-    if (hi < chunkBlocks) {
-      for (let i = 0; i < n; i++) {
-        const end = i + 1 < n ? this.starts[i + 1] : chunkBlocks;
-        if (end > hi) push(Math.max(this.starts[i], hi), this.values[i]);
+    const { starts, values } = this;
+    const i = this.find(lo);
+    const j = hi < chunkBlocks ? this.find(hi) : starts.length;
+    // Runs i..j-1 are cut; run j (if any) resumes at hi with its own value.
+    const tailValue = j < starts.length ? values[j] : -1;
+    const keepHead = starts[i] < lo;
+    const first = keepHead ? i + 1 : i;
+    const insertStarts: number[] = [lo];
+    const insertValues: number[] = [value];
+    const resumeTail = hi < chunkBlocks && (j >= starts.length || starts[j] < hi);
+    if (resumeTail) {
+      insertStarts.push(hi);
+      insertValues.push(j < starts.length ? tailValue : values[j - 1]);
+    }
+    const removeEnd = resumeTail ? j + 1 : j;
+    starts.splice(first, Math.max(0, Math.min(removeEnd, starts.length) - first), ...insertStarts);
+    values.splice(first, Math.max(0, Math.min(removeEnd, values.length) - first), ...insertValues);
+    // Merge equal neighbours around the edit.
+    for (let k = Math.min(first + insertStarts.length, starts.length - 1); k >= Math.max(1, first); k--) {
+      if (values[k] === values[k - 1]) {
+        starts.splice(k, 1);
+        values.splice(k, 1);
       }
     }
-    this.starts = starts;
-    this.values = values;
   }
 
   toDense(): DenseChunk {

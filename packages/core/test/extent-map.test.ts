@@ -53,7 +53,7 @@ test('ExtentMap agrees with a flat array under sets, point writes and shared clo
         assert.equal(ExtentMap.fromRuns(defaultValue, m.toRuns()).toRuns(), m.toRuns());
       }
     }),
-    { numRuns: 300 },
+    { numRuns: Number(process.env.COWSTACK_PROPERTY_RUNS ?? 300) },
   );
 });
 

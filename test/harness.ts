@@ -207,8 +207,8 @@ export interface Served {
   stderr(): string;
   /** Resolves with the exit code (or signal name) when the server exits. */
   readonly exited: Promise<number | string>;
-  /** SIGTERM, then require exit code 0 within the time limit. */
-  stop(): Promise<void>;
+  /** SIGTERM (or the signal given), then require exit code 0 within the time limit. */
+  stop(signal?: NodeJS.Signals): Promise<void>;
   /** SIGKILL and wait for the exit. */
   kill(): Promise<void>;
 }
@@ -250,14 +250,14 @@ export async function startServe(store: string, options: { socket?: string; args
     uri: (name = '') => nbdUri(socket, name),
     stderr: () => err,
     exited,
-    async stop() {
-      if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
+    async stop(signal: NodeJS.Signals = 'SIGTERM') {
+      if (child.exitCode === null && child.signalCode === null) child.kill(signal);
       const code = await within(exited, serveStopTimeoutMs, 'timeout');
       if (code === 'timeout') {
         child.kill('SIGKILL');
-        throw new Error(`cowstack serve did not stop within ${serveStopTimeoutMs} ms of SIGTERM\nstderr: ${err}`);
+        throw new Error(`cowstack serve did not stop within ${serveStopTimeoutMs} ms of ${signal}\nstderr: ${err}`);
       }
-      if (code !== 0) throw new Error(`cowstack serve exited ${code} after SIGTERM (expected 0)\nstderr: ${err}`);
+      if (code !== 0) throw new Error(`cowstack serve exited ${code} after ${signal} (expected 0)\nstderr: ${err}`);
     },
     async kill() {
       if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');

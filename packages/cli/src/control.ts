@@ -42,11 +42,23 @@ export function controlSocketPath(storeDir: string): string {
   return join(dir, `${createHash('sha256').update(storeDir).digest('hex').slice(0, 24)}.sock`);
 }
 
+/** The record of the server holding the store; one left behind by a server that died (kill -9) is ignored. */
 export function readServeRecord(storeDir: string): ServeRecord | undefined {
+  let record: ServeRecord;
   try {
-    return JSON.parse(readFileSync(serveRecordPath(storeDir), 'utf8')) as ServeRecord;
+    record = JSON.parse(readFileSync(serveRecordPath(storeDir), 'utf8')) as ServeRecord;
   } catch {
     return undefined;
+  }
+  return isRunning(record.pid) ? record : undefined;
+}
+
+function isRunning(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
 
@@ -150,7 +162,7 @@ export function callServer(
 ): Promise<unknown> {
   const record = readServeRecord(storeDir);
   if (record === undefined) {
-    return Promise.reject(new ControlError('ELOCKED', `store ${storeDir} is in use by another process, and no cowstack serve is recorded in it (serve.json)`));
+    return Promise.reject(new ControlError('ELOCKED', `store ${storeDir} is in use by another process that is not a cowstack serve (another command may be running on it); try again when it has finished`));
   }
   return new Promise((resolve, reject) => {
     const socket = createConnection(record.controlSocket);

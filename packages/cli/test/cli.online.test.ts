@@ -171,6 +171,42 @@ test('recover, check and a second serve on a served store exit 1 naming the serv
   }
 });
 
+/** Holds the store's journal lock (LevelDB takes a POSIX record lock on journal/LOCK) until stdin closes. */
+const lockHolder = `
+import fcntl, sys
+f = open(sys.argv[1], 'r+')
+fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print('locked', flush=True)
+sys.stdin.read()
+`;
+
+test('a serve.json left by a killed server does not misname who holds the store', async () => {
+  const dir = tempDir('online');
+  const store = join(dir, 'store');
+  await cowOk(['init', store, '--size', '1M']);
+  const server = await Server.start(store);
+  await server.crash();
+  assert.ok(existsSync(join(store, 'serve.json')), 'kill -9 leaves serve.json behind');
+  const holder = startPython(lockHolder, [join(store, 'journal', 'LOCK')]);
+  let held = '';
+  holder.stdout!.setEncoding('utf8').on('data', (t: string) => (held += t));
+  const holderDone = finish(holder, 'lock holder');
+  try {
+    await waitFor('the lock to be held', () => held.includes('locked'));
+    const [ls, recover] = await Promise.all([cow(['ls', store]), cow(['recover', store])]);
+    assert.is(ls.code, 1);
+    assert.is(ls.stderr, `cowstack: error: store ${store} is in use by another process that is not a cowstack serve (another command may be running on it); try again when it has finished\n`);
+    assert.is(recover.code, 1);
+    assert.is(recover.stderr, `cowstack: error: store ${store} is in use by another process; stop it before running recover\n`);
+    for (const r of [ls, recover]) assert.not.match(r.stderr, String(server.pid), 'the dead server is not named');
+  } finally {
+    holder.stdin!.end();
+    await holderDone;
+  }
+  const after = await cowJson<{ volumes: unknown[] }>(['ls', store]);
+  assert.is(after.volumes.length, 1, 'with the lock released the store opens despite the stale serve.json');
+});
+
 test('journal tail --follow prints events as the server commits them and stops on SIGINT', async () => {
   const dir = tempDir('online');
   const store = join(dir, 'store');

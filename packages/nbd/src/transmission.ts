@@ -122,6 +122,11 @@ export class Transmission {
   private pendingPayload: Buffer | undefined;
   private pendingFilled = 0;
   private discardLeft = 0;
+  /**
+   * The error reply of a rejected WRITE, sent once its payload has been read and discarded: a client
+   * such as libnbd only matches replies to requests it has finished sending.
+   */
+  private discardReply: (() => void) | undefined;
   /** No more requests are parsed. */
   private stopped = false;
   /** End the connection once nothing is in flight. */
@@ -194,6 +199,9 @@ export class Transmission {
         if (this.discardLeft > 0) {
           this.discardLeft -= queue.skip(this.discardLeft);
           if (this.discardLeft > 0) break;
+          const reply = this.discardReply;
+          this.discardReply = undefined;
+          reply?.();
           continue;
         }
         if (this.pendingWrite !== undefined) {
@@ -251,6 +259,11 @@ export class Transmission {
       this.pendingPayload = undefined;
       this.inflight--;
     }
+    if (this.discardReply !== undefined) {
+      // the rest of its payload will never arrive: abandoned, like a pending write
+      this.discardReply = undefined;
+      this.inflight--;
+    }
     this.discardLeft = 0;
     this.queue.skip(this.queue.length);
     this.maybeEnd();
@@ -261,7 +274,7 @@ export class Transmission {
     if (this.inputClosed && !this.stopped) {
       // Everything the client sent has been parsed as far as it goes (pump runs whenever a request
       // completes); once only a payload that can never arrive is left, stop.
-      if (this.inflight > (this.pendingWrite !== undefined ? 1 : 0)) return;
+      if (this.inflight > (this.pendingWrite !== undefined || this.discardReply !== undefined ? 1 : 0)) return;
       this.stop(this.endReason); // calls maybeEnd again, stopped
       return;
     }
@@ -294,7 +307,11 @@ export class Transmission {
           this.stop('oversized WRITE payload');
           return;
         }
-        this.discardLeft = header.length;
+        if (header.length > 0) {
+          this.discardLeft = header.length;
+          this.discardReply = () => this.replyError(header, started, rejection.errno, rejection.message);
+          return;
+        }
       }
       this.replyError(header, started, rejection.errno, rejection.message);
       return;

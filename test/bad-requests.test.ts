@@ -187,12 +187,11 @@ test('bad requests get the documented errno, the connection survives, and nothin
   await server.stop();
 });
 
-// BUG (cowstack, found by this suite): a WRITE the server rejects before running it (read-only export,
-// past the end, shutting down) is answered at once, before its payload has been read off the socket.
-// libnbd (1.14 here) matches replies only to commands it has finished sending, so when the payload is
-// larger than the socket buffers it sees a reply for an unknown cookie and kills the connection
-// ("no matching cookie found for server reply, this is probably a bug in the server"). nbdkit and
-// qemu-nbd read (skip) the payload first and then reply; with either of them this script passes.
+// Regression: a WRITE the server rejects before running it (read-only export, past the end, shutting
+// down) must be answered only after its payload has been read off the socket. libnbd (1.14 here)
+// matches replies only to commands it has finished sending, so an early reply to a payload larger
+// than the socket buffers made it fail with "no matching cookie found for server reply" and kill the
+// connection (fixed in 036073e). nbdkit and qemu-nbd skip the payload first, then reply.
 const bigRejectedWrites = String.raw`
 import json, sys, nbd
 out = {}

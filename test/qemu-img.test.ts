@@ -8,7 +8,7 @@ import { strict as assert } from 'node:assert';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'uvu';
-import { cowstackOk, initStore, killAll, MiB, pattern, readExport, run, runOk, sameBytes, sparseImage, startServe, tempDir } from './harness.js';
+import { cowstack, cowstackOk, initStore, killAll, MiB, pattern, readExport, run, runOk, sameBytes, sparseImage, startServe, tempDir } from './harness.js';
 
 const sizeBytes = 32 * MiB;
 
@@ -93,6 +93,38 @@ test('qemu-img convert out of an imported store and of a snapshot export', async
   const cmpVol = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', server.uri('default'), other]);
   assert.equal(cmpVol.code, 0, cmpVol.stdout + cmpVol.stderr);
   await server.stop();
+});
+
+test('an external base image: read through, copy-up on write, never written, refused once changed', async () => {
+  const dir = tempDir('qemu-img');
+  const size = 3_000_001; // not a multiple of the block size
+  const base = pattern(size, 71);
+  const baseFile = join(dir, 'base.raw');
+  writeFileSync(baseFile, base);
+  const store = await initStore({ base: baseFile });
+  const server = await startServe(store);
+  const uri = server.uri('default');
+  const same = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', baseFile, uri]);
+  assert.equal(same.code, 0, same.stdout + same.stderr);
+
+  // Unaligned writes (one at the very end), a write-zeroes and a discard of blocks that live in the base.
+  await runOk('qemu-io', ['-f', 'raw', '-c', 'write -P 0x61 100 10', '-c', `write -P 0x62 ${size - 1001} 1001`, '-c', 'write -z 409600 8192', '-c', 'discard 1048576 65536', uri]);
+  const model = Buffer.from(base);
+  model.fill(0x61, 100, 110);
+  model.fill(0x62, size - 1001, size);
+  model.fill(0, 409600, 409600 + 8192);
+  model.fill(0, 1048576, 1048576 + 65536);
+  sameBytes(await readExport(uri), model, 'volume over an external base');
+  sameBytes(readFileSync(baseFile), base, 'the external base file (cowstack must never write it)');
+
+  await server.stop();
+  // A changed base is refused with a message saying so.
+  const changed = Buffer.from(base);
+  changed[12345] ^= 0xff;
+  writeFileSync(baseFile, changed);
+  const refused = await cowstack(['serve', store, '--socket', join(dir, 'refused.sock')], { timeoutMs: 20_000 });
+  assert.equal(refused.code, 1, `serve over a changed base: ${refused.stdout}${refused.stderr}`);
+  assert.match(refused.stderr, /base image .* changed/);
 });
 
 test.run();

@@ -187,6 +187,27 @@ test('bad requests get the documented errno, the connection survives, and nothin
   await server.stop();
 });
 
+test('requests of exactly the maximum payload (32 MiB), unaligned, over data and holes', async () => {
+  const store = await initStore({ size: '64M' });
+  const server = await startServe(store);
+  const r = await nbdsh(['-u', server.uri('default'), '-c', [
+    'import hashlib',
+    'M = 32 << 20',
+    'assert h.get_block_size(nbd.SIZE_MAXIMUM) == M',
+    "h.pwrite(b'\\x11' * 5000, 40 << 20)",
+    "data = bytes((i * 7 + 3) & 0xff for i in range(256)) * (M // 256)",
+    'h.pwrite(data, 7, nbd.CMD_FLAG_FUA)',
+    'back = h.pread(M, 7)',
+    "print('write+read', back == data)",
+    "print('tail', h.pread(M, (64 << 20) - M) == b'\\x00' * ((40 << 20) - ((64 << 20) - M)) + b'\\x11' * 5000 + b'\\x00' * ((24 << 20) - 5000))",
+  ].join('\n')]);
+  assert.equal(r.code, 0, r.stderr);
+  const lines = r.stdout.trim().split('\n');
+  assert.equal(lines[0], 'write+read True');
+  assert.equal(lines[1], 'tail True');
+  await server.stop();
+});
+
 // Regression: a WRITE the server rejects before running it (read-only export, past the end, shutting
 // down) must be answered only after its payload has been read off the socket. libnbd (1.14 here)
 // matches replies only to commands it has finished sending, so an early reply to a payload larger

@@ -199,12 +199,17 @@ test('requests of exactly the maximum payload (32 MiB), unaligned, over data and
     'h.pwrite(data, 7, nbd.CMD_FLAG_FUA)',
     'back = h.pread(M, 7)',
     "print('write+read', back == data)",
-    "print('tail', h.pread(M, (64 << 20) - M) == b'\\x00' * ((40 << 20) - ((64 << 20) - M)) + b'\\x11' * 5000 + b'\\x00' * ((24 << 20) - 5000))",
+    'exp = bytearray(64 << 20)',
+    "exp[40 << 20:(40 << 20) + 5000] = b'\\x11' * 5000",
+    'exp[7:7 + M] = data',
+    "print('tail', h.pread(M, (64 << 20) - M) == exp[(64 << 20) - M:])",
+    "print('middle', h.pread(M, (16 << 20) + 3) == exp[(16 << 20) + 3:(16 << 20) + 3 + M])",
   ].join('\n')]);
   assert.equal(r.code, 0, r.stderr);
   const lines = r.stdout.trim().split('\n');
   assert.equal(lines[0], 'write+read True');
   assert.equal(lines[1], 'tail True');
+  assert.equal(lines[2], 'middle True');
   await server.stop();
 });
 

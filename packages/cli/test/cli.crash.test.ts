@@ -52,8 +52,9 @@ function startWriter(server: Server, volume: string, tag: number): Writer {
   });
   let stderr = '';
   child.stderr!.setEncoding('utf8').on('data', (t: string) => (stderr += t));
+  // 'close', not 'exit': every ack line the writer printed has been read by then.
   const exited = new Promise<void>((resolve, reject) =>
-    child.on('exit', (code) => (code === 0 ? resolve() : reject(new Error(`writer for ${volume} exited ${code}: ${stderr}`)))),
+    child.on('close', (code) => (code === 0 ? resolve() : reject(new Error(`writer for ${volume} exited ${code}: ${stderr}`)))),
   );
   return { volume, tag, acked, exited };
 }

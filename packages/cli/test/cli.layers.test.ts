@@ -299,6 +299,7 @@ test('snapshot, clone, map, diff, commit and flatten on a store written by real 
   assert.equal(await cowJson(['snapshot', store, 'default@golden', '--delete']), { deleted: 'default@golden' });
   const commit = await cowOk(['commit', store, 'default']);
   assert.is(commit.stdout, `committed layer ${topId} into layer ${goldenId} (4 KiB copied)\n`);
+  assert.is(commit.stderr, '', 'no progress bar when stderr is not a terminal');
   assertSameBytes(await exportBytes(store, 'default'), current, 'export after commit');
   const afterCommit = await cowJson<Ls>(['ls', store]);
   assert.equal(afterCommit.volumes.find((v) => v.name === 'default')!.stack, [baseId, goldenId]);

@@ -94,6 +94,10 @@ test('volume, snapshot, clone, ls, map and journal inspect go through the contro
     assert.match(tree.stdout, `layer ${snap.layerId}: frozen, 64 KiB data  <- snapshot default@golden`);
     const volumes = await cowOk(['volume', 'ls', store]);
     assert.match(volumes.stdout, /^vm9\s+16 MiB\s+3\s+\d+\s+-$/m);
+    assert.match(volumes.stdout, /^default\s+16 MiB\s+3\s+\d+\s+golden$/m);
+    const volumesJson = await cowJson<Array<{ name: string; sizeBytes: number; snapshots: string[]; stack: number[] }>>(['volume', 'ls', store]);
+    assert.equal(volumesJson.find((v) => v.name === 'default')!.snapshots, ['golden']);
+    assert.equal(volumesJson.find((v) => v.name === 'extra')!.stack.length, 2, 'volume create makes a volume on its own base');
     const map = await cowJson<Array<{ offset: number; length: number; kind: string; depth: number }>>(['map', store, 'vm3']);
     assert.equal(
       map.filter((e) => e.kind === 'data').map((e) => [e.offset, e.length, e.depth]),

@@ -3,12 +3,22 @@
  * feeds received bytes in; the machine sends replies through `send` and tells the connection what to
  * do next: keep reading, enter transmission with the negotiated state, or close.
  *
- * Spoken: EXPORT_NAME, ABORT, LIST, STARTTLS (refused with NBD_REP_ERR_POLICY: no TLS yet), INFO, GO,
- * STRUCTURED_REPLY, LIST_META_CONTEXT, SET_META_CONTEXT. Any other option gets NBD_REP_ERR_UNSUP and
- * its data is skipped. Client misbehaviour that leaves the stream untrustworthy (no fixed newstyle,
- * unknown client flags, bad option magic, an option too long to skip, too many options, an
- * EXPORT_NAME that cannot be served) closes the connection; everything else gets an error reply and
- * the client may go on.
+ * Spoken: EXPORT_NAME, ABORT, LIST, STARTTLS, INFO, GO, STRUCTURED_REPLY, LIST_META_CONTEXT,
+ * SET_META_CONTEXT. Any other option gets NBD_REP_ERR_UNSUP and its data is skipped. Client
+ * misbehaviour that leaves the stream untrustworthy (no fixed newstyle, unknown client flags, bad
+ * option magic, an option too long to skip, too many options, an EXPORT_NAME that cannot be served)
+ * closes the connection; everything else gets an error reply and the client may go on.
+ *
+ * TLS (doc/proto.md "TLS support", as nbdkit): with mode off (NOTLS) STARTTLS gets
+ * NBD_REP_ERR_POLICY. With on (SELECTIVETLS where no export is TLS-only) and require (FORCEDTLS)
+ * STARTTLS gets NBD_REP_ACK and the step 'starttls': the connection upgrades its socket and calls
+ * tlsEstablished() before feeding more bytes, which from then on are the decrypted stream. The
+ * client must wait for the ACK before starting TLS, so bytes queued behind STARTTLS break the
+ * protocol: the connection is closed instead of acknowledged. Negotiation state (structured replies,
+ * meta contexts) is forgotten at the upgrade, as the spec requires; a second STARTTLS gets
+ * NBD_REP_ERR_INVALID. In require mode every option before TLS but STARTTLS and ABORT gets
+ * NBD_REP_ERR_TLS_REQD (an oversized one too) and EXPORT_NAME closes the connection, so nothing
+ * about the exports is told to a client that has not upgraded.
  */
 import type { BlockDevice, ExportProvider, ExtentContext } from '@cowstack/core';
 import type { ByteQueue } from './byte-queue.js';
@@ -16,6 +26,7 @@ import { assert } from './errors.js';
 import { errorMessageOf } from './errno-table.js';
 import { maxDiscardedOptionBytes, extraOptionsPerListedExport, maxExportSizeBytes, maxMinimumBlockBytes, minPreferredBlockBytes } from './limits.js';
 import { listMetaContexts, metaContextId, selectMetaContexts } from './meta-contexts.js';
+import type { TlsMode } from './tls-config.js';
 import {
   decodeInfoRequest,
   decodeMetaContextRequest,
@@ -64,6 +75,7 @@ import {
   NBD_REP_ERR_PLATFORM,
   NBD_REP_ERR_POLICY,
   NBD_REP_ERR_SHUTDOWN,
+  NBD_REP_ERR_TLS_REQD,
   NBD_REP_ERR_TOO_BIG,
   NBD_REP_ERR_UNKNOWN,
   NBD_REP_ERR_UNSUP,
@@ -94,11 +106,15 @@ export interface Negotiated {
   readonly structuredReplies: boolean;
   readonly metaContexts: readonly SelectedContext[];
   readonly transmissionFlags: number;
+  /** The export was chosen over TLS. */
+  readonly tls: boolean;
 }
 
 export type HandshakeStep =
   | { readonly kind: 'continue' }
   | { readonly kind: 'transmission'; readonly negotiated: Negotiated }
+  /** STARTTLS was acknowledged: upgrade the socket, then call tlsEstablished() before consuming more. */
+  | { readonly kind: 'starttls' }
   /** `soft`: the client asked (ABORT); otherwise the client broke the protocol or a limit. */
   | { readonly kind: 'close'; readonly soft: boolean; readonly reason: string };
 
@@ -137,6 +153,8 @@ type Phase =
   | { readonly name: 'option-header' }
   | { readonly name: 'option-data'; readonly option: number; readonly length: number }
   | { readonly name: 'discard'; readonly option: number; left: number; readonly total: number }
+  /** STARTTLS acknowledged; waiting for the connection's TLS handshake. */
+  | { readonly name: 'tls' }
   | { readonly name: 'done' };
 
 export class Handshake {
@@ -149,14 +167,28 @@ export class Handshake {
   private metaExportName: string | undefined;
   private metaContexts: SelectedContext[] = [];
   private shuttingDown = false;
+  /** STARTTLS was acknowledged: everything after it travels over TLS. */
+  private usingTls = false;
 
   constructor(
     private readonly provider: ExportProvider,
     private readonly limits: HandshakeLimits,
     private readonly send: (bytes: Buffer) => void,
     private readonly log: (message: string) => void = () => {},
+    private readonly tlsMode: TlsMode = 'off',
   ) {
     this.optionBudget = limits.maxOptionsPerHandshake;
+  }
+
+  /** The connection finished the TLS handshake that the 'starttls' step asked for. */
+  tlsEstablished(): void {
+    assert(this.phase.name === 'tls', `tlsEstablished() in phase ${this.phase.name}`);
+    this.phase = { name: 'option-header' };
+  }
+
+  /** Options other than STARTTLS and ABORT are refused until TLS is up (FORCEDTLS). */
+  private get tlsRequired(): boolean {
+    return this.tlsMode === 'require' && !this.usingTls;
   }
 
   /** The 18-byte greeting to send as soon as the client connects. */
@@ -176,6 +208,9 @@ export class Handshake {
       switch (phase.name) {
         case 'done':
           assert(false, 'handshake consumed after it finished');
+        // eslint-disable-next-line no-fallthrough
+        case 'tls':
+          assert(false, 'handshake consumed before the TLS upgrade finished');
         // eslint-disable-next-line no-fallthrough
         case 'flags': {
           if (queue.length < clientFlagsBytes) return { kind: 'continue' };
@@ -208,7 +243,8 @@ export class Handshake {
         case 'discard': {
           phase.left -= queue.skip(phase.left);
           if (phase.left > 0) return { kind: 'continue' };
-          this.reply(phase.option, NBD_REP_ERR_TOO_BIG, `option data of ${phase.total} bytes exceeds the limit of ${this.limits.maxOptionBytes}`);
+          if (this.tlsRequired && phase.option !== NBD_OPT_STARTTLS && phase.option !== NBD_OPT_ABORT) this.reply(phase.option, NBD_REP_ERR_TLS_REQD, 'this server requires TLS: send NBD_OPT_STARTTLS first');
+          else this.reply(phase.option, NBD_REP_ERR_TOO_BIG, `option data of ${phase.total} bytes exceeds the limit of ${this.limits.maxOptionBytes}`);
           this.phase = { name: 'option-header' };
           break;
         }
@@ -216,7 +252,11 @@ export class Handshake {
           if (queue.length < phase.length) return { kind: 'continue' };
           const data = queue.take(phase.length);
           this.phase = { name: 'option-header' };
-          const step = this.handleOption(phase.option, data);
+          const step = this.handleOption(phase.option, data, queue.length);
+          if (step.kind === 'starttls') {
+            this.phase = { name: 'tls' };
+            return step;
+          }
           if (step.kind !== 'continue') {
             this.phase = { name: 'done' };
             return step;
@@ -236,7 +276,8 @@ export class Handshake {
     this.send(message !== undefined ? encodeOptionError(option, type, message) : encodeOptionReply(option, type, payload));
   }
 
-  private handleOption(option: number, data: Buffer): HandshakeStep {
+  /** `queuedBytes`: what the client sent after this option (and before any reply to it). */
+  private handleOption(option: number, data: Buffer, queuedBytes: number): HandshakeStep {
     if (option === NBD_OPT_ABORT) {
       this.reply(option, NBD_REP_ACK);
       return { kind: 'close', soft: true, reason: 'client sent NBD_OPT_ABORT' };
@@ -246,15 +287,19 @@ export class Handshake {
       this.reply(option, NBD_REP_ERR_SHUTDOWN, 'the server is shutting down');
       return { kind: 'continue' };
     }
+    if (this.tlsRequired && option !== NBD_OPT_STARTTLS) {
+      // EXPORT_NAME cannot be answered with an error: the spec says terminate the session.
+      if (option === NBD_OPT_EXPORT_NAME) return { kind: 'close', soft: false, reason: 'EXPORT_NAME before STARTTLS, and this server requires TLS' };
+      this.reply(option, NBD_REP_ERR_TLS_REQD, 'this server requires TLS: send NBD_OPT_STARTTLS first');
+      return { kind: 'continue' };
+    }
     switch (option) {
       case NBD_OPT_EXPORT_NAME:
         return this.exportName(data);
       case NBD_OPT_LIST:
         return this.list(data);
       case NBD_OPT_STARTTLS:
-        if (data.length !== 0) this.reply(option, NBD_REP_ERR_INVALID, 'STARTTLS takes no data');
-        else this.reply(option, NBD_REP_ERR_POLICY, 'TLS is not supported by this server yet');
-        return { kind: 'continue' };
+        return this.startTls(data, queuedBytes);
       case NBD_OPT_INFO:
       case NBD_OPT_GO:
         return this.infoOrGo(option, data);
@@ -275,8 +320,28 @@ export class Handshake {
     }
   }
 
+  private startTls(data: Buffer, queuedBytes: number): HandshakeStep {
+    if (data.length !== 0) this.reply(NBD_OPT_STARTTLS, NBD_REP_ERR_INVALID, 'STARTTLS takes no data');
+    else if (this.tlsMode === 'off') this.reply(NBD_OPT_STARTTLS, NBD_REP_ERR_POLICY, 'TLS is not enabled on this server');
+    else if (this.usingTls) this.reply(NBD_OPT_STARTTLS, NBD_REP_ERR_INVALID, 'TLS is already in use on this connection');
+    else if (queuedBytes > 0) {
+      // The client must wait for the ACK before its TLS handshake; these bytes would be taken for it.
+      return { kind: 'close', soft: false, reason: `client sent ${queuedBytes} bytes after NBD_OPT_STARTTLS without waiting for the reply` };
+    } else {
+      this.reply(NBD_OPT_STARTTLS, NBD_REP_ACK);
+      this.usingTls = true;
+      // The spec: no negotiation state survives the upgrade.
+      this.structuredReplies = false;
+      this.metaContexts = [];
+      this.metaExportName = undefined;
+      return { kind: 'starttls' };
+    }
+    return { kind: 'continue' };
+  }
+
   /** provider.open with its failures turned into a message. */
   private open(name: string): { device: BlockDevice } | { error: string } {
+    assert(!this.tlsRequired, 'an export is opened before TLS in require mode');
     let device: BlockDevice | undefined;
     try {
       device = this.provider.open(name);
@@ -294,9 +359,10 @@ export class Handshake {
   }
 
   private negotiated(name: string, device: BlockDevice): Negotiated {
+    assert(!this.tlsRequired, 'an export is described or served before TLS in require mode');
     // The spec: contexts count only if the last SET_META_CONTEXT named the export finally chosen.
     const metaContexts = this.metaExportName === name ? this.metaContexts.filter((c) => device.extentContexts.includes(c.name)) : [];
-    return { exportName: name, device, structuredReplies: this.structuredReplies, metaContexts, transmissionFlags: transmissionFlagsFor(device, this.structuredReplies) };
+    return { exportName: name, device, structuredReplies: this.structuredReplies, metaContexts, transmissionFlags: transmissionFlagsFor(device, this.structuredReplies), tls: this.usingTls };
   }
 
   private exportName(data: Buffer): HandshakeStep {
@@ -311,6 +377,7 @@ export class Handshake {
   }
 
   private list(data: Buffer): HandshakeStep {
+    assert(!this.tlsRequired, 'exports are listed before TLS in require mode');
     if (data.length !== 0) {
       this.reply(NBD_OPT_LIST, NBD_REP_ERR_INVALID, 'LIST takes no data');
       return { kind: 'continue' };

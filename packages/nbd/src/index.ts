@@ -6,6 +6,8 @@
 export { NbdServer } from './server.js';
 export type { ListenTarget, NbdAddress, NbdServerOptions } from './server.js';
 export { NbdServerError } from './errors.js';
+export { parsePskFile, x509CredentialsFromDir } from './tls-config.js';
+export type { PskCredentials, TlsCredentials, TlsMode, TlsOptions, X509Credentials } from './tls-config.js';
 export type { NbdServerErrorCode } from './errors.js';
 export { errnoTable, nbdErrnoFor } from './errno-table.js';
 export { transmissionFlagsFor, blockSizesFor, serverHandshakeFlags } from './handshake.js';

@@ -50,3 +50,9 @@ export const shutdownTimeoutMs = 30_000;
 export const minPreferredBlockBytes = 512;
 /** Largest minimum block size the spec allows (2^16). */
 export const maxMinimumBlockBytes = 65536;
+/** Longest pre-shared key accepted from a PSK file (psktool makes 32-byte keys). */
+export const maxPskBytes = 256;
+/** Longest PSK username (identity); OpenSSL's limit is 128. */
+export const maxPskIdentityBytes = 128;
+/** Largest PSK file read. */
+export const maxPskFileBytes = 1024 * 1024;

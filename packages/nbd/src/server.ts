@@ -3,6 +3,11 @@
  * starts in the handshake (handshake.ts, a pure state machine fed from a ByteQueue) and, once the
  * client has chosen an export, hands the same queue to the transmission phase (transmission.ts).
  *
+ * TLS: when the handshake acknowledges STARTTLS, the connection stops reading the plain socket, wraps
+ * it (tls-upgrade.ts) and, once the TLS handshake succeeds, feeds the handshake and then the
+ * transmission from the TLS socket; replies go out through it too. A failed TLS handshake closes that
+ * connection with a log line. The handshake timeout covers the TLS handshake.
+ *
  * Isolation: every socket event handler catches everything; a client's misbehaviour or a device's
  * unexpected exception ends that connection only, never the process or another connection.
  *
@@ -17,7 +22,7 @@ import { chmod, lstat, unlink } from 'node:fs/promises';
 import type { ExportProvider } from '@cowstack/core';
 import { ByteQueue } from './byte-queue.js';
 import { errorMessageOf } from './errno-table.js';
-import { NbdServerError } from './errors.js';
+import { assert, NbdServerError } from './errors.js';
 import { Handshake, type HandshakeLimits } from './handshake.js';
 import {
   defaultHandshakeTimeoutMs,
@@ -28,6 +33,8 @@ import {
   defaultMaxPayloadBytes,
   shutdownTimeoutMs,
 } from './limits.js';
+import { resolveTls, type ResolvedTls, type TlsOptions } from './tls-config.js';
+import { upgradeToTls } from './tls-upgrade.js';
 import { Transmission, type TransmissionOptions } from './transmission.js';
 
 export interface NbdServerOptions {
@@ -48,6 +55,11 @@ export interface NbdServerOptions {
   readonly log?: (message: string) => void;
   /** Called once per answered request: command name ('READ', ...), its length, and latency. */
   readonly onRequest?: (command: string, bytes: number, latencyMs: number) => void;
+  /**
+   * TLS through NBD_OPT_STARTTLS (default off). `on`: clients may upgrade; `require`: nothing but
+   * STARTTLS and ABORT before they do. Credentials are read when the server is constructed.
+   */
+  readonly tls?: TlsOptions;
 }
 
 export type ListenTarget = { readonly socketPath: string; readonly socketMode?: number } | { readonly port: number; readonly host: string };
@@ -68,32 +80,45 @@ class Connection {
   readonly queue = new ByteQueue();
   handshake: Handshake | undefined;
   transmission: Transmission | undefined;
+  /** Where NBD bytes are read and written: the accepted socket, or the TLS socket over it. */
+  private socket: Socket;
   private timer: NodeJS.Timeout | undefined;
   private closing = false;
+  /** STARTTLS acknowledged and the TLS handshake not finished: nothing is read meanwhile. */
+  private upgrading = false;
   readonly closed: Promise<void>;
+  private readonly onDataListener = (chunk: Buffer): void => this.guard(() => this.onData(chunk));
+  private readonly onEndListener = (): void => this.guard(() => this.onEnd());
+  private readonly onErrorListener = (error: NodeJS.ErrnoException): void => {
+    // a client that goes away without a goodbye is routine; anything else is worth a line
+    if (error.code !== 'EPIPE' && error.code !== 'ECONNRESET') this.log(`socket error: ${error.message}`);
+    this.socket.destroy();
+  };
 
   constructor(
-    readonly socket: Socket,
+    private readonly raw: Socket,
     readonly id: number,
     private readonly server: NbdServer,
     private readonly config: ResolvedConfig,
   ) {
-    this.closed = new Promise((resolve) => socket.once('close', () => resolve()));
-    socket.setNoDelay(true);
-    socket.on('data', (chunk: Buffer) => this.guard(() => this.onData(chunk)));
-    socket.on('end', () => this.guard(() => this.onEnd()));
-    socket.on('error', (error: NodeJS.ErrnoException) => {
-      // a client that goes away without a goodbye is routine; anything else is worth a line
-      if (error.code !== 'EPIPE' && error.code !== 'ECONNRESET') this.log(`socket error: ${error.message}`);
-      socket.destroy();
-    });
-    socket.once('close', () => {
+    this.socket = raw;
+    // The accepted socket closes last (a TLS socket closes its transport), so it tracks the lifetime.
+    this.closed = new Promise((resolve) => raw.once('close', () => resolve()));
+    raw.setNoDelay(true);
+    this.listen(raw);
+    raw.once('close', () => {
       clearTimeout(this.timer);
       this.server.forget(this);
     });
-    this.handshake = new Handshake(config.provider, config.limits, (bytes) => this.write(bytes), (message) => this.log(message));
+    this.handshake = new Handshake(config.provider, config.limits, (bytes) => this.write(bytes), (message) => this.log(message), config.tls.mode);
     this.timer = setTimeout(() => this.destroy(`no export chosen within ${config.handshakeTimeoutMs} ms`), config.handshakeTimeoutMs);
     this.write(this.handshake.greeting());
+  }
+
+  private listen(socket: Socket): void {
+    socket.on('data', this.onDataListener);
+    socket.on('end', this.onEndListener);
+    socket.on('error', this.onErrorListener);
   }
 
   log(message: string): void {
@@ -115,6 +140,7 @@ class Connection {
 
   private onData(chunk: Buffer): void {
     if (this.closing) return;
+    assert(!this.upgrading, 'plain bytes read during the TLS upgrade');
     this.queue.push(chunk);
     if (this.transmission !== undefined) {
       this.transmission.receive();
@@ -123,7 +149,10 @@ class Connection {
     const handshake = this.handshake;
     if (handshake === undefined) return;
     const step = handshake.consume(this.queue);
-    if (step.kind === 'close') {
+    if (step.kind === 'starttls') {
+      assert(this.queue.length === 0, 'bytes queued behind an acknowledged STARTTLS');
+      this.startTls(handshake);
+    } else if (step.kind === 'close') {
       this.handshake = undefined;
       if (!step.soft) this.log(`handshake ended: ${step.reason}`);
       this.end(step.reason);
@@ -133,7 +162,7 @@ class Connection {
       this.timer = undefined;
       const { negotiated } = step;
       const contexts = negotiated.metaContexts.map((c) => c.name).join(',') || 'none';
-      this.log(`serving export '${negotiated.exportName}' (structured replies: ${negotiated.structuredReplies}, contexts: ${contexts})`);
+      this.log(`serving export '${negotiated.exportName}' (TLS: ${negotiated.tls}, structured replies: ${negotiated.structuredReplies}, contexts: ${contexts})`);
       this.transmission = new Transmission(this.socket, this.queue, negotiated, this.config.transmission, {
         end: (reason) => this.end(reason),
         destroy: (reason) => this.destroy(reason),
@@ -141,6 +170,39 @@ class Connection {
       if (this.server.isClosing) this.transmission.shutdown();
       else this.transmission.receive();
     }
+  }
+
+  /** Stops reading the plain socket, runs the TLS handshake, then resumes the NBD handshake over TLS. */
+  private startTls(handshake: Handshake): void {
+    const options = this.config.tls.serverOptions;
+    assert(options !== undefined, 'STARTTLS acknowledged without TLS credentials');
+    this.upgrading = true;
+    const raw = this.raw;
+    raw.off('data', this.onDataListener);
+    raw.off('end', this.onEndListener);
+    upgradeToTls(raw, options, this.config.handshakeTimeoutMs, {
+      secure: (socket, session) =>
+        this.guard(() => {
+          this.upgrading = false;
+          if (this.closing || raw.destroyed) {
+            socket.destroy();
+            return;
+          }
+          this.log(`TLS established (${session})`);
+          this.socket = socket;
+          this.listen(socket);
+          handshake.tlsEstablished();
+        }),
+      failed: (reason) =>
+        this.guard(() => {
+          this.upgrading = false;
+          if (this.closing) return;
+          // logged here: the socket may be closed already (a client that gave up), and then
+          // destroy() has nothing to say
+          this.log(`TLS handshake failed: ${reason}`);
+          this.hardClose();
+        }),
+    });
   }
 
   private onEnd(): void {
@@ -154,7 +216,10 @@ class Connection {
     this.closing = true;
     this.handshake = undefined;
     clearTimeout(this.timer);
-    this.timer = setTimeout(() => this.socket.destroy(), closeGraceMs);
+    this.timer = setTimeout(() => {
+      this.socket.destroy();
+      this.raw.destroy();
+    }, closeGraceMs);
     this.socket.resume(); // keep reading so the client's close is seen
     if (!this.socket.destroyed) this.socket.end();
     this.log(`closing: ${reason}`);
@@ -162,10 +227,15 @@ class Connection {
 
   /** Hard disconnect. */
   destroy(reason: string): void {
-    if (!this.socket.destroyed) this.log(`disconnecting: ${reason}`);
+    if (!this.raw.destroyed) this.log(`disconnecting: ${reason}`);
+    this.hardClose();
+  }
+
+  private hardClose(): void {
     this.closing = true;
     this.handshake = undefined;
     this.socket.destroy();
+    this.raw.destroy();
   }
 
   /** Server close(): see the file's design note. */
@@ -190,6 +260,7 @@ interface ResolvedConfig {
   readonly limits: HandshakeLimits;
   readonly transmission: TransmissionOptions;
   readonly log: (message: string) => void;
+  readonly tls: ResolvedTls;
 }
 
 export class NbdServer {
@@ -228,6 +299,7 @@ export class NbdServer {
         onRequest: options.onRequest,
       },
       log,
+      tls: resolveTls(options.tls),
     };
   }
 

@@ -5,6 +5,7 @@
 import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { createConnection, type Socket } from 'node:net';
+import { connect as tlsConnect, type ConnectionOptions, type TLSSocket } from 'node:tls';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { ExportProvider } from '@cowstack/core';
@@ -91,20 +92,45 @@ export class RawClient {
   ended = false;
   readonly closed: Promise<void>;
 
-  private constructor(readonly socket: Socket) {
-    socket.on('data', (d: Buffer) => {
-      this.buffer = Buffer.concat([this.buffer, d]);
-      this.wake();
-    });
-    socket.on('end', () => {
-      this.ended = true;
-      this.wake();
-    });
-    socket.on('error', () => {
-      this.ended = true;
-      this.wake();
-    });
+  private constructor(public socket: Socket) {
+    this.attach(socket);
     this.closed = new Promise((resolve) => socket.once('close', () => resolve()));
+  }
+
+  private readonly onData = (d: Buffer): void => {
+    this.buffer = Buffer.concat([this.buffer, d]);
+    this.wake();
+  };
+
+  private readonly onEnd = (): void => {
+    this.ended = true;
+    this.wake();
+  };
+
+  private attach(socket: Socket): void {
+    socket.on('data', this.onData);
+    socket.on('end', this.onEnd);
+    socket.on('error', this.onEnd);
+  }
+
+  /**
+   * After the server acknowledged STARTTLS: runs the TLS client handshake over this socket; from
+   * then on reads and writes go through TLS. Rejects when the handshake fails.
+   */
+  async startTls(options: ConnectionOptions): Promise<TLSSocket> {
+    if (this.buffer.length !== 0) throw new Error(`${this.buffer.length} plain bytes left before TLS`);
+    const plain = this.socket;
+    plain.off('data', this.onData);
+    plain.off('end', this.onEnd);
+    plain.off('error', this.onEnd);
+    const secure = tlsConnect({ ...options, socket: plain });
+    await new Promise<void>((resolve, reject) => {
+      secure.once('secureConnect', () => resolve());
+      secure.once('error', reject);
+    });
+    this.socket = secure;
+    this.attach(secure);
+    return secure;
   }
 
   static connect(socketPath: string): Promise<RawClient> {

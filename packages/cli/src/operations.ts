@@ -228,20 +228,37 @@ export const operations: Record<string, Operation> = {
   },
   async 'journal.tail'({ store, emit, signal, served }, args) {
     const lines = num(args, 'lines') ?? 10;
-    const from = Math.max(1, store.lastSeq - lines + 1);
-    await walkEvents(store, from, store.lastSeq, (line) => emit?.(line), signal);
-    if (args.follow !== true || served !== true || signal === undefined) return { following: false };
-    // Live: records arrive after the commit hook applied them, so the layer → volume lookup is current.
-    await new Promise<void>((done) => {
-      const subscription = store.eventLog.records$.subscribe({
-        next: (record) => emit?.(describe(record, store.projection)),
-        complete: () => done(),
-      });
-      signal.addEventListener('abort', () => {
-        subscription.unsubscribe();
-        done();
-      });
+    const last = store.lastSeq;
+    const from = Math.max(1, last - lines + 1);
+    if (args.follow !== true || served !== true || signal === undefined) {
+      await walkEvents(store, from, last, (line) => emit?.(line), signal);
+      return { following: false };
+    }
+    // Follow: subscribe before walking the journal, so that events committed during the walk are
+    // held back and sent after it, neither lost nor repeated. Live records arrive after the commit
+    // hook applied them, so the layer → volume lookup is current.
+    const heldBack: EventLine[] = [];
+    let walking = true;
+    let finished!: () => void;
+    const ended = new Promise<void>((resolve) => (finished = resolve));
+    const subscription = store.eventLog.records$.subscribe({
+      next: (record) => {
+        if (record.seq <= last) return;
+        const line = describe(record, store.projection);
+        if (walking) heldBack.push(line);
+        else emit?.(line);
+      },
+      complete: () => finished(),
     });
+    signal.addEventListener('abort', () => finished());
+    try {
+      await walkEvents(store, from, last, (line) => emit?.(line), signal);
+      walking = false;
+      for (const line of heldBack) emit?.(line);
+      await ended;
+    } finally {
+      subscription.unsubscribe();
+    }
     return { following: true };
   },
 };

@@ -2,9 +2,10 @@
  * `cowstack serve`: open the store (recovering it if needed), export every volume (read-write) and
  * snapshot (read-only) over NBD on a unix socket and/or TCP, accept operations on the control socket,
  * optionally expose Prometheus metrics, and on SIGINT/SIGTERM stop cleanly: finish requests in flight,
- * disconnect clients, write a checkpoint, release the store.
+ * disconnect clients, write a checkpoint, release the store. With `tls` the NBD servers offer (on) or
+ * demand (require) STARTTLS; their URIs are then nbds:// when TLS is required.
  */
-import { NbdServer, type NbdAddress } from '@cowstack/nbd';
+import { NbdServer, type NbdAddress, type TlsOptions } from '@cowstack/nbd';
 import { Store, StoreExports } from '@cowstack/core';
 import { ControlServer, removeServeRecord, writeServeRecord } from './control.js';
 import { Metrics } from './metrics.js';
@@ -17,6 +18,8 @@ export interface ServeOptions {
   readonly bind: string;
   readonly metrics?: { host: string; port: number };
   readonly maxConnections?: number;
+  /** TLS for the NBD servers (default off); credentials are read before any client connects. */
+  readonly tls?: TlsOptions;
   readonly verbose: boolean;
   readonly log: (line: string) => void;
   /** Resolves when the server should stop (a signal). */
@@ -26,10 +29,12 @@ export interface ServeOptions {
 
 const loopbackHosts = new Set(['127.0.0.1', '::1', 'localhost']);
 
-export function nbdUri(address: NbdAddress): string {
-  if ('socketPath' in address) return `nbd+unix:///?socket=${address.socketPath}`;
+/** The URI of an address; `nbds` when clients must use TLS. */
+export function nbdUri(address: NbdAddress, tlsRequired = false): string {
+  const scheme = tlsRequired ? 'nbds' : 'nbd';
+  if ('socketPath' in address) return `${scheme}+unix:///?socket=${address.socketPath}`;
   const host = address.host.includes(':') ? `[${address.host}]` : address.host;
-  return `nbd://${host}:${address.port}`;
+  return `${scheme}://${host}:${address.port}`;
 }
 
 export async function serve(dir: string, options: ServeOptions): Promise<void> {
@@ -52,6 +57,8 @@ export async function serve(dir: string, options: ServeOptions): Promise<void> {
   metrics?.attach(store);
   const provider = new StoreExports(store);
   const servers: NbdServer[] = [];
+  const tlsMode = options.tls?.mode ?? 'off';
+  const uri = (address: NbdAddress): string => nbdUri(address, tlsMode === 'require');
   const addresses: NbdAddress[] = [];
   const control = new ControlServer(store);
   const stopAll = async (): Promise<void> => {
@@ -66,6 +73,7 @@ export async function serve(dir: string, options: ServeOptions): Promise<void> {
       const server = new NbdServer({
         provider,
         maxConnections: options.maxConnections,
+        tls: options.tls,
         log: options.verbose ? options.log : () => {},
         onRequest: metrics?.onRequest,
       });
@@ -75,16 +83,18 @@ export async function serve(dir: string, options: ServeOptions): Promise<void> {
     if (options.socket !== undefined) addresses.push(await makeServer().listen({ socketPath: options.socket, socketMode: options.socketMode }));
     if (options.port !== undefined) addresses.push(await makeServer().listen({ port: options.port, host: options.bind }));
     await control.listen();
-    writeServeRecord(store.dir, { pid: process.pid, controlSocket: control.socketPath, exports: addresses.map(nbdUri), startedAt: new Date().toISOString() });
+    writeServeRecord(store.dir, { pid: process.pid, controlSocket: control.socketPath, exports: addresses.map(uri), startedAt: new Date().toISOString() });
   } catch (err) {
     await stopAll();
     throw err;
   }
   if (options.port !== undefined && !loopbackHosts.has(options.bind)) {
-    options.log(`warning: serving on ${options.bind} without TLS: anyone who can reach this address can read and write every volume`);
+    if (tlsMode === 'off') options.log(`warning: serving on ${options.bind} without TLS: anyone who can reach this address can read and write every volume`);
+    else if (tlsMode === 'on') options.log(`warning: serving on ${options.bind} with TLS optional (--tls on): a client that does not ask for TLS reads and writes in plaintext; --tls require refuses it`);
   }
+  if (options.tls !== undefined && options.tls.mode !== 'off') options.log(`TLS ${options.tls.mode} (${options.tls.credentials.kind === 'psk' ? `PSK from ${options.tls.credentials.pskFile}` : 'x509'})`);
   const names = provider.list().map((e) => e.name);
-  options.log(`serving ${store.dir} (${names.length} exports: ${names.join(', ')}) on ${addresses.map(nbdUri).join(' and ')}`);
+  options.log(`serving ${store.dir} (${names.length} exports: ${names.join(', ')}) on ${addresses.map(uri).join(' and ')}`);
   if (metrics !== undefined) {
     const timer = setInterval(() => metrics.connections.set(servers.reduce((n, s) => n + s.connections, 0)), 1000);
     timer.unref();

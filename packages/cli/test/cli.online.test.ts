@@ -8,6 +8,7 @@
  */
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
+import type { ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import {
@@ -244,6 +245,40 @@ test('journal tail --follow prints events as the server commits them and stops o
   const offline = await cowOk(['journal', 'tail', store, '--follow', '-n', '1']);
   assert.match(offline.stdout, /^\s+\d+\s+\S+Z\s+Frozen\s+default\/L\d+\s+crc [0-9a-f]{8}\s+snapshot default@live/);
   assert.is(offline.stderr, 'cowstack: the store is not being served, so no new events can arrive; not following\n');
+});
+
+test('journal tail --follow under write load: no event is missed or repeated between the listing and the live part', async () => {
+  const dir = tempDir('online');
+  const store = join(dir, 'store');
+  await cowOk(['init', store, '--size', '64M']);
+  const server = await Server.start(store);
+  const writer = start('/usr/bin/python3', [join(import.meta.dirname, 'fixtures', 'region-writer.py'), server.uri('default'), '1', '4096', '16384', '16']);
+  writer.stdin!.end();
+  const writerDone = finish(writer, 'region writer');
+  let tail: ChildProcess | undefined;
+  try {
+    // Start following once the journal is long enough that listing it takes a while, mid-load.
+    await waitFor('a long journal', async () => (await cowJson<{ lastSeq: number }>(['journal', 'stats', store])).lastSeq > 1500, 30_000, 100);
+    const [node, ...args] = cowArgs(['journal', 'tail', store, '--follow', '-n', '1000000', '--json']);
+    tail = start(node, args);
+    tail.stdin!.end();
+    const done = finish(tail, 'journal tail --follow');
+    let seen = '';
+    tail.stdout!.on('data', (t: string) => (seen += t));
+    const result = await writerDone;
+    assert.is(result.code, 0, result.stderr);
+    const { lastSeq } = await cowJson<{ lastSeq: number }>(['journal', 'stats', store]);
+    await waitFor(`the follower to reach seq ${lastSeq}`, () => seen.includes(`"seq":${lastSeq},`), 20_000);
+    tail.kill('SIGINT');
+    assert.is((await done).code, 0);
+    const seqs = jsonLines<{ seq: number }>(seen).map((e) => e.seq);
+    assert.is(seqs.length, lastSeq, `every event once (got ${seqs.length} lines for ${lastSeq} events)`);
+    seqs.forEach((seq, i) => assert.is(seq, i + 1, `line ${i} is seq ${i + 1}`));
+  } finally {
+    writer.kill('SIGKILL');
+    tail?.kill('SIGKILL');
+    await server.stop();
+  }
 });
 
 /** Prometheus text format → sample name with labels → value. */

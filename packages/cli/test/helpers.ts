@@ -67,6 +67,8 @@ export function start(command: string, args: readonly string[], cwd?: string): C
   const env = { ...process.env };
   delete env.COWSTACK_DEBUG;
   const child = spawn(command, args, { stdio: ['pipe', 'pipe', 'pipe'], env, cwd });
+  // A child that exits before reading its stdin must not take the test process down with EPIPE.
+  child.stdin!.on('error', () => {});
   children.add(child);
   child.on('exit', () => children.delete(child));
   return child;

@@ -4,6 +4,7 @@
  */
 import { resolve } from 'node:path';
 import { checkStore, limits, recoverStore, Store, StoreError, type BaseSpec } from '@cowstack/core';
+import { x509CredentialsFromDir, type TlsOptions } from '@cowstack/nbd';
 import { type Command, Option } from 'commander';
 import { blockSizeArg, example, intArg, ProblemsFound, sizeArg } from '../command-helpers.js';
 import { readServeRecord } from '../control.js';
@@ -16,6 +17,19 @@ function lockedMessage(dir: string, what: string): StoreError {
   const record = readServeRecord(dir);
   const holder = record ? `cowstack serve (pid ${record.pid})` : 'another process';
   return new StoreError('ELOCKED', `store ${dir} is in use by ${holder}; stop it before running ${what}`);
+}
+
+/** The serve command's --tls* flags as NbdServer TLS options; a bad combination is a usage error (exit 2). */
+function tlsOptions(command: Command, opts: { tls: 'off' | 'on' | 'require'; tlsCertificates?: string; tlsPsk?: string; tlsVerifyPeer?: boolean }): TlsOptions {
+  const given = opts.tlsCertificates !== undefined ? '--tls-certificates' : opts.tlsPsk !== undefined ? '--tls-psk' : undefined;
+  if (opts.tlsVerifyPeer === true && opts.tlsCertificates === undefined) command.error('error: --tls-verify-peer needs --tls-certificates', { exitCode: 2 });
+  if (opts.tls === 'off') {
+    if (given !== undefined) command.error(`error: ${given} needs --tls on or --tls require`, { exitCode: 2 });
+    return { mode: 'off' };
+  }
+  if (opts.tlsPsk !== undefined) return { mode: opts.tls, credentials: { kind: 'psk', pskFile: resolve(opts.tlsPsk) } };
+  if (opts.tlsCertificates !== undefined) return { mode: opts.tls, credentials: x509CredentialsFromDir(resolve(opts.tlsCertificates), { verifyPeer: opts.tlsVerifyPeer === true }) };
+  return command.error(`error: --tls ${opts.tls} needs --tls-certificates DIR or --tls-psk FILE`, { exitCode: 2 });
 }
 
 function hostPort(value: string): { host: string; port: number } {
@@ -62,9 +76,14 @@ export function registerStoreCommands(root: Command): void {
       .option('--bind <addr>', 'TCP address to listen on', '127.0.0.1')
       .option('--metrics <addr:port>', 'serve Prometheus metrics at http://ADDR:PORT/metrics')
       .option('--max-connections <n>', 'most NBD connections at once', intArg)
+      .addOption(new Option('--tls <mode>', 'TLS through NBD STARTTLS: off, on (clients choose) or require (no export is listed or served before TLS)').choices(['off', 'on', 'require']).default('off'))
+      .option('--tls-certificates <dir>', 'x509 credentials: DIR holds ca-cert.pem, server-cert.pem, server-key.pem (and optionally ca-crl.pem), as for qemu and nbdkit')
+      .addOption(new Option('--tls-psk <file>', 'pre-shared keys instead: psktool format, one username:hexkey line per client').conflicts('tlsCertificates'))
+      .option('--tls-verify-peer', 'with --tls-certificates: require a client certificate signed by ca-cert.pem')
       .option('-v, --verbose', 'log every connection and protocol event')
-      .action(async (dirArg: string, opts: { socket?: string; socketMode: number; port?: number; bind: string; metrics?: string; maxConnections?: number; verbose?: boolean }) => {
+      .action(async (dirArg: string, opts: { socket?: string; socketMode: number; port?: number; bind: string; metrics?: string; maxConnections?: number; tls: 'off' | 'on' | 'require'; tlsCertificates?: string; tlsPsk?: string; tlsVerifyPeer?: boolean; verbose?: boolean }, command: Command) => {
         const dir = resolve(dirArg);
+        const tls = tlsOptions(command, opts);
         const stopSignal = new Promise<string>((resolveSignal) => {
           const stop = (signal: string): void => {
             resolveSignal(signal);
@@ -85,6 +104,7 @@ export function registerStoreCommands(root: Command): void {
             bind: opts.bind,
             metrics: opts.metrics !== undefined ? hostPort(opts.metrics) : undefined,
             maxConnections: opts.maxConnections,
+            tls,
             verbose: opts.verbose === true,
             log: (line) => process.stderr.write(`cowstack: ${line}\n`),
             stopSignal,
@@ -99,6 +119,7 @@ export function registerStoreCommands(root: Command): void {
       }),
     'cowstack serve /srv/cow                         # nbd://127.0.0.1:10809/default',
     'cowstack serve /srv/cow --socket /run/cow.sock  # nbd+unix:///default?socket=/run/cow.sock',
+    'cowstack serve /srv/cow --bind 0.0.0.0 --tls require --tls-certificates /etc/pki/cowstack  # nbds://HOST:10809/default',
   );
 
   example(

@@ -88,9 +88,17 @@ export interface ExportInfo {
   readonly description: string;
 }
 
+/** Who a connection is, as the server knows it: recorded with writes so `blame` can name the client. */
+export interface ClientInfo {
+  /** The server's connection number. */
+  readonly id: number;
+  /** The peer address ("unix" for a unix socket, else host:port). */
+  readonly peer: string;
+}
+
 /** The server asks this at every handshake, so exports created later appear at once. */
 export interface ExportProvider {
   list(): readonly ExportInfo[];
   /** The device for an export name, or undefined when there is none. The empty name is the default. */
-  open(name: string): BlockDevice | undefined;
+  open(name: string, client?: ClientInfo): BlockDevice | undefined;
 }

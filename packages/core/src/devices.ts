@@ -6,7 +6,7 @@
  * "VOLUME@SNAPSHOT" (read-only). A device looks its volume or layer up on every call, so a volume
  * deleted while exported fails further requests with ESHUTDOWN instead of reading freed state.
  */
-import { BlockDeviceError, type BlockDevice, type ExportInfo, type ExportProvider, type Extent, type ExtentContext, type ReadResult, type WriteFlags, type ZeroFlags } from './block-device.js';
+import { BlockDeviceError, type BlockDevice, type ClientInfo, type ExportInfo, type ExportProvider, type Extent, type ExtentContext, type ReadResult, type WriteFlags, type ZeroFlags } from './block-device.js';
 import { StoreError } from './errors.js';
 import type { Store } from './store.js';
 
@@ -36,6 +36,8 @@ export class VolumeDevice implements BlockDevice {
   constructor(
     private readonly store: Store,
     readonly volume: string,
+    /** Recorded with every write (blame): which client wrote. */
+    private readonly origin?: string,
   ) {
     this.sizeBytes = store.volumeInfo(volume).sizeBytes;
     this.blockSizeBytes = store.blockSizeBytes;
@@ -51,15 +53,15 @@ export class VolumeDevice implements BlockDevice {
   }
 
   write(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
-    return this.store.writeVolume(this.volume, offset, data, flags.fua);
+    return this.store.writeVolume(this.volume, offset, data, flags.fua, this.origin);
   }
 
   zero(offset: number, length: number, flags: ZeroFlags): Promise<void> {
-    return this.store.zeroVolume(this.volume, offset, length, flags.fua);
+    return this.store.zeroVolume(this.volume, offset, length, flags.fua, this.origin);
   }
 
   trim(offset: number, length: number, flags: WriteFlags): Promise<void> {
-    return this.store.trimVolume(this.volume, offset, length, flags.fua);
+    return this.store.trimVolume(this.volume, offset, length, flags.fua, this.origin);
   }
 
   flush(): Promise<void> {
@@ -147,12 +149,13 @@ export class StoreExports implements ExportProvider {
     return out;
   }
 
-  open(name: string): BlockDevice | undefined {
+  open(name: string, client?: ClientInfo): BlockDevice | undefined {
     const ref = name === '' ? this.defaultVolume : name;
     try {
       if (ref.includes('@')) return new LayerDevice(this.store, this.store.snapshotLayer(ref));
       if (ref.startsWith('#')) return undefined;
-      return this.store.hasVolume(ref) ? new VolumeDevice(this.store, ref) : undefined;
+      const origin = client === undefined ? undefined : `nbd#${client.id} ${client.peer}`;
+      return this.store.hasVolume(ref) ? new VolumeDevice(this.store, ref, origin) : undefined;
     } catch (err) {
       if (err instanceof StoreError && (err.code === 'ENOENT' || err.code === 'EINVAL')) return undefined;
       throw err;

@@ -19,6 +19,7 @@ export const EventType = {
   VolumeDeleted: 9,
   Committed: 10,
   Flattened: 11,
+  SnapshotNamed: 12,
 } as const;
 
 export type LayerKind = 'zero' | 'external' | 'imported' | 'cow';
@@ -50,10 +51,13 @@ export type VolumeCreated = [typeof EventType.VolumeCreated, volume: string, top
 export type Frozen = [typeof EventType.Frozen, volume: string, layerId: number, newTopLayerId: number, name: string];
 /** A new volume whose new writable top sits on the frozen layer `fromLayerId`. */
 export type Cloned = [typeof EventType.Cloned, volume: string, fromLayerId: number, newTopLayerId: number];
-/** Whole blocks [firstBlock, firstBlock + blockCount) of a layer now hold the record's payload. */
-export type Write = [typeof EventType.Write, layerId: number, firstBlock: number, blockCount: number, blockCrcs: Buffer];
+/**
+ * Whole blocks [firstBlock, firstBlock + blockCount) of a layer now hold the record's payload.
+ * `origin` (optional) names who wrote it, e.g. "nbd#12 127.0.0.1:40312" (for blame).
+ */
+export type Write = [typeof EventType.Write, layerId: number, firstBlock: number, blockCount: number, blockCrcs: Buffer, origin?: string];
 /** Whole blocks of a layer now read as zeroes (trim and write-zeroes). */
-export type Zero = [typeof EventType.Zero, layerId: number, firstBlock: number, blockCount: number];
+export type Zero = [typeof EventType.Zero, layerId: number, firstBlock: number, blockCount: number, origin?: string];
 export type SnapshotDeleted = [typeof EventType.SnapshotDeleted, volume: string, name: string];
 export type VolumeDeleted = [typeof EventType.VolumeDeleted, volume: string];
 /**
@@ -63,6 +67,8 @@ export type VolumeDeleted = [typeof EventType.VolumeDeleted, volume: string];
 export type Committed = [typeof EventType.Committed, layerId: number, parentLayerId: number];
 /** The volume's top layer now holds every block of its view (copied by earlier events); it has no parent. */
 export type Flattened = [typeof EventType.Flattened, volume: string];
+/** A frozen layer (built by a retroactive snapshot) becomes snapshot `name` of a volume. */
+export type SnapshotNamed = [typeof EventType.SnapshotNamed, volume: string, name: string, layerId: number];
 
 export type StoreEvent =
   | StoreCreated
@@ -75,7 +81,8 @@ export type StoreEvent =
   | SnapshotDeleted
   | VolumeDeleted
   | Committed
-  | Flattened;
+  | Flattened
+  | SnapshotNamed;
 
 const names: Record<number, string> = Object.fromEntries(Object.entries(EventType).map(([name, code]) => [code, name]));
 

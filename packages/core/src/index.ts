@@ -6,6 +6,7 @@ export { BlockDeviceError } from './block-device.js';
 export type {
   BlockDevice,
   BlockDeviceErrorCode,
+  ClientInfo,
   ExportInfo,
   ExportProvider,
   Extent,
@@ -40,3 +41,7 @@ export type {
 } from './store.js';
 export { checkStore, recoverStore } from './maintenance.js';
 export type { CheckProblem, CheckProblemKind, CheckReport, RecoverReport } from './maintenance.js';
+export { blame, changedSince, PointInTimeView, pointInTimeView, resolvePoint } from './history.js';
+export type { BlameExtent } from './history.js';
+export { describeRetention, parseRetention } from './retention.js';
+export type { RetentionPolicy } from './retention.js';

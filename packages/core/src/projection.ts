@@ -372,6 +372,16 @@ export function applyEvent(state: Projection, seq: number, event: StoreEvent): P
       rebuildSubtree(state, top.id);
       break;
     }
+    case EventType.SnapshotNamed: {
+      const [, volumeName, name, layerId] = event;
+      const key = snapshotKey(volumeName, name);
+      check(!state.snapshots.has(key), `snapshot ${key} already exists`);
+      const layer = getLayer(state, layerId);
+      check(layer.frozen, `layer ${layerId} is not frozen; it cannot be a snapshot`);
+      layer.names.add(key);
+      state.snapshots.set(key, layerId);
+      break;
+    }
     default:
       throw new ProjectionError(`unknown event type ${String((event as unknown[])[0])}`);
   }

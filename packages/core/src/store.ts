@@ -48,6 +48,8 @@ import {
   storeFormatVersion,
 } from './limits.js';
 import type { ExtentMap } from './extent-map.js';
+import { pointInTimeView } from './history.js';
+import type { RetentionPolicy } from './retention.js';
 import { decodeProjection, encodeProjection } from './projection-codec.js';
 import {
   applyEvent,
@@ -72,6 +74,8 @@ export interface CreateOptions {
   /** Name of the volume created on the base (default "default"). */
   readonly volume?: string;
   readonly onProgress?: ProgressCallback;
+  /** How much write-payload history to keep (default: what recovery needs). */
+  readonly retain?: RetentionPolicy;
 }
 
 export interface OpenOptions {
@@ -214,13 +218,15 @@ export class Store {
   private lastCheckpointSeq: number;
   private readonly checkpointTimer: NodeJS.Timeout;
   private closed = false;
+  private retention: RetentionPolicy;
 
-  private constructor(dir: string, journal: Journal<StoreEvent>, state: Projection, files: LayerFiles, report: OpenReport) {
+  private constructor(dir: string, journal: Journal<StoreEvent>, state: Projection, files: LayerFiles, report: OpenReport, retention: RetentionPolicy) {
     this.dir = dir;
     this.journal = journal;
     this.state = state;
     this.files = files;
     this.openReport = report;
+    this.retention = retention;
     this.blockSizeBytes_ = state.config!.blockSizeBytes;
     this.nextLayerId = state.nextLayerId;
     this.lastCheckpointSeq = report.checkpointWritten ? state.seq : report.checkpointSeq;
@@ -268,6 +274,7 @@ export class Store {
     ]);
     await journal.close();
     const store = await Store.open(dir);
+    if (options.retain !== undefined) await store.setRetention(options.retain);
     if (base.kind === 'import') {
       await store.importInto(baseId, base.path, options.onProgress);
       await store.append([EventType.Frozen, '', baseId, -1, ''], true);
@@ -348,7 +355,8 @@ export class Store {
         checkpointWritten: eventsReplayed > 0,
         tailCut,
       };
-      const store = new Store(dir, journal, state, files, report);
+      const retention = (await journal.getMeta<RetentionPolicy>(retentionMetaKey)) ?? { kind: 'checkpoint' };
+      const store = new Store(dir, journal, state, files, report, retention);
       if (eventsReplayed > 0) await store.checkpoint();
       return store;
     } catch (err) {
@@ -385,13 +393,43 @@ export class Store {
       this.lastCheckpointSeq = seq;
       await this.journal.pruneCheckpoints(checkpointsKept);
       const kept = await this.journal.checkpointSeqs();
-      if (kept.length > 0) await this.journal.dropPayloads(kept[0]);
+      if (kept.length > 0) await this.journal.dropPayloads(await this.payloadDropPoint(kept[0]));
       return seq;
     })();
     this.checkpointRunning = run;
     return run.finally(() => {
       this.checkpointRunning = undefined;
     });
+  }
+
+  /**
+   * The seq through which payloads go, given the oldest kept checkpoint (recovery needs nothing at
+   * or below it) and the retention policy (which may keep more).
+   */
+  private async payloadDropPoint(oldestCheckpointSeq: number): Promise<number> {
+    const policy = this.retention;
+    switch (policy.kind) {
+      case 'checkpoint':
+        return oldestCheckpointSeq;
+      case 'all':
+        return 0;
+      case 'seq':
+        return Math.min(oldestCheckpointSeq, policy.seq - 1);
+      case 'time':
+        return Math.min(oldestCheckpointSeq, await this.journal.lastSeqAtOrBefore(Date.now() - policy.ms, this.journal.payloadsDroppedThroughSeq + 1));
+      case 'bytes':
+        return this.journal.payloadSeqWithinBytes(policy.bytes, oldestCheckpointSeq);
+    }
+  }
+
+  /** The retention policy (how much payload history to keep); stored in the journal. */
+  get retentionPolicy(): RetentionPolicy {
+    return this.retention;
+  }
+
+  async setRetention(policy: RetentionPolicy): Promise<void> {
+    await this.journal.putMeta(retentionMetaKey, policy);
+    this.retention = policy;
   }
 
   /** Resolves when every acknowledged write is durable (the journal is synced). */
@@ -690,7 +728,7 @@ export class Store {
    * Write `data` at `offset` of a volume. The device owns `data` until the promise settles. With
    * `fua`, the write is durable when the promise resolves.
    */
-  async writeVolume(name: string, offset: number, data: Buffer, fua: boolean): Promise<void> {
+  async writeVolume(name: string, offset: number, data: Buffer, fua: boolean, origin?: string): Promise<void> {
     let rt = this.runtime(name);
     while (rt.barrier !== undefined) {
       await rt.barrier;
@@ -712,19 +750,20 @@ export class Store {
       if ((offset + data.length) % bs !== 0 && (count > 1 || offset % bs === 0)) this.blockContent(rt, view, first + count - 1, payload, (count - 1) * bs);
       data.copy(payload, offset - first * bs);
     }
-    await this.appendBlocks(rt, view, first, count, payload, fua);
+    await this.appendBlocks(rt, view, first, count, payload, fua, origin);
   }
 
   /** Append a Write (payload) or Zero (no payload) event for whole blocks of a volume's top. */
-  private async appendBlocks(rt: VolumeRuntime, view: View, first: number, count: number, payload: Buffer | undefined, fua: boolean): Promise<void> {
+  private async appendBlocks(rt: VolumeRuntime, view: View, first: number, count: number, payload: Buffer | undefined, fua: boolean, origin: string | undefined): Promise<void> {
     const top = view.stack[view.stack.length - 1];
     const pending: PendingBlocks = { first, count, payload };
     rt.inflight.add(pending);
     try {
       if (payload === undefined) {
-        await this.journal.append([EventType.Zero, top, first, count], { sync: fua });
+        await this.journal.append(origin === undefined ? [EventType.Zero, top, first, count] : [EventType.Zero, top, first, count, origin], { sync: fua });
       } else {
-        await this.journal.append([EventType.Write, top, first, count, blockCrcs(payload, this.blockSizeBytes_)], { payload, sync: fua });
+        const crcs = blockCrcs(payload, this.blockSizeBytes_);
+        await this.journal.append(origin === undefined ? [EventType.Write, top, first, count, crcs] : [EventType.Write, top, first, count, crcs, origin], { payload, sync: fua });
       }
     } catch (err) {
       throw toDeviceError(err);
@@ -737,7 +776,7 @@ export class Store {
    * Make a range of a volume read as zeroes. Whole blocks become "zero" in the top layer (no data
    * written); partial blocks at the edges are written with zeroes.
    */
-  async zeroVolume(name: string, offset: number, length: number, fua: boolean): Promise<void> {
+  async zeroVolume(name: string, offset: number, length: number, fua: boolean, origin?: string): Promise<void> {
     let rt = this.runtime(name);
     while (rt.barrier !== undefined) {
       await rt.barrier;
@@ -755,20 +794,20 @@ export class Store {
       const payload = Buffer.allocUnsafe(bs);
       this.blockContent(rt, view, block, payload, 0);
       payload.fill(0, from - block * bs, to - block * bs);
-      work.push(this.appendBlocks(rt, view, block, 1, payload, fua));
+      work.push(this.appendBlocks(rt, view, block, 1, payload, fua, origin));
     };
     if (wholeFirst > wholeEnd) {
       edge(Math.floor(offset / bs), offset, end);
     } else {
       if (offset % bs !== 0) edge(wholeFirst - 1, offset, wholeFirst * bs);
-      if (wholeEnd > wholeFirst) work.push(this.appendBlocks(rt, view, wholeFirst, wholeEnd - wholeFirst, undefined, fua));
+      if (wholeEnd > wholeFirst) work.push(this.appendBlocks(rt, view, wholeFirst, wholeEnd - wholeFirst, undefined, fua, origin));
       if (end % bs !== 0) edge(wholeEnd, wholeEnd * bs, end);
     }
     await Promise.all(work);
   }
 
   /** Discard whole blocks of a range (they read as zeroes afterwards); partial blocks are left alone. */
-  async trimVolume(name: string, offset: number, length: number, fua: boolean): Promise<void> {
+  async trimVolume(name: string, offset: number, length: number, fua: boolean, origin?: string): Promise<void> {
     let rt = this.runtime(name);
     while (rt.barrier !== undefined) {
       await rt.barrier;
@@ -780,7 +819,7 @@ export class Store {
     const bs = this.blockSizeBytes_;
     const first = Math.ceil(offset / bs);
     const end = Math.floor((offset + length) / bs);
-    if (end > first) await this.appendBlocks(rt, view, first, end - first, undefined, fua);
+    if (end > first) await this.appendBlocks(rt, view, first, end - first, undefined, fua, origin);
     else if (fua) await this.flush();
   }
 
@@ -912,6 +951,42 @@ export class Store {
       await this.append([EventType.Frozen, volume, layerId, this.allocateLayerId(), chosen], true);
       return { volume, name: chosen, layerId };
     });
+  }
+
+  /**
+   * A retroactive snapshot: materialise `volume` as it was at journal seq `seq` into a new frozen
+   * layer named `volume@name` (default at-SEQ), usable for clone. Its data is copied from the layer
+   * files and the journal (needs the payloads of that time to be retained).
+   */
+  async snapshotAt(volume: string, seq: number, name: string = `at-${seq}`, onProgress?: ProgressCallback): Promise<SnapshotInfo> {
+    checkName('snapshot', name);
+    if (this.state.snapshots.has(snapshotKey(volume, name))) throw new StoreError('EEXIST', `snapshot ${volume}@${name} already exists`);
+    const pit = await pointInTimeView(this, volume, seq);
+    const layerId = this.allocateLayerId();
+    const bs = this.blockSizeBytes_;
+    await this.append([EventType.LayerCreated, layerId, pit.sizeBytes, 'cow', false, null], true);
+    const extents = pit.extents(0, pit.sizeBytes);
+    const total = extents.reduce((n, e) => n + (e.hole ? 0 : e.length), 0);
+    const window = new CopyWindow();
+    let at = 0;
+    let done = 0;
+    for (const e of extents) {
+      if (!e.hole) {
+        for (let from = at; from < at + e.length; from += copyChunkBytes) {
+          const length = Math.min(copyChunkBytes, at + e.length - from);
+          const payload = Buffer.alloc(Math.ceil(length / bs) * bs);
+          (await pit.read(from, Math.min(payload.length, pit.sizeBytes - from))).copy(payload);
+          await window.add(this.append([EventType.Write, layerId, from / bs, payload.length / bs, blockCrcs(payload, bs)], false, payload));
+          done += length;
+          onProgress?.('snapshot', done, total);
+        }
+      }
+      at += e.length;
+    }
+    await window.drain();
+    await this.append([EventType.Frozen, '', layerId, -1, ''], false);
+    await this.append([EventType.SnapshotNamed, volume, name, layerId], true);
+    return { volume, name, layerId };
   }
 
   async deleteSnapshot(ref: string): Promise<void> {
@@ -1117,6 +1192,9 @@ class CopyWindow {
     if (this.failure !== undefined) throw this.failure;
   }
 }
+
+/** Journal metadata key of the retention policy. */
+const retentionMetaKey = 'retention-policy';
 
 function isZero(buf: Buffer, at: number, length: number): boolean {
   for (let i = at; i < at + length; i += 8) if (buf.readBigUInt64LE(i) !== 0n) return false;

@@ -1,8 +1,9 @@
 /**
  * The engine's conformance suite: random sequences of write / read / zero / trim / concurrent
- * sub-block writes / snapshot / clone / delete / commit / flatten / close-reopen / crash-and-recover
- * on a real store (real LevelDB, real layer files), compared after every step with a plain reference
- * model: one flat Buffer per volume and per snapshot.
+ * sub-block writes / snapshot / clone / delete / commit / flatten / close-reopen / crash-and-recover /
+ * time travel (point-in-time views, changed blocks, retroactive snapshots) on a real store (real
+ * LevelDB, real layer files), compared after every step with a plain reference model: one flat Buffer
+ * per volume and per snapshot, and its history.
  *
  * "Crash" copies the store directory while the store is open and the journal is synced (what a
  * SIGKILL leaves on disk), then scribbles over every block written since the newest checkpoint in the
@@ -16,7 +17,7 @@ import { lastValueFrom, toArray } from 'rxjs';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { Journal } from '@cowstack/journal';
-import { EventType, Store, StoreError, type StoreEvent } from '../src/index.js';
+import { changedSince, EventType, pointInTimeView, Store, StoreError, type StoreEvent } from '../src/index.js';
 import { checkProperty, flat, tempDir } from './helpers.js';
 
 const volumeBytes = 192 * 1024;
@@ -35,7 +36,9 @@ type Action =
   | { kind: 'commitSnapshot'; snap: number }
   | { kind: 'flatten'; vol: number }
   | { kind: 'reopen' }
-  | { kind: 'crash'; scribble: number };
+  | { kind: 'crash'; scribble: number }
+  | { kind: 'timeTravel'; back: number; vol: number }
+  | { kind: 'snapshotAt'; back: number; vol: number };
 
 const rangeArb = fc.tuple(fc.nat(volumeBytes - 1), fc.integer({ min: 1, max: 3 * 4096 + 100 })).map(([offset, length]) => ({ offset, length: Math.min(length, volumeBytes - offset) }));
 
@@ -54,6 +57,8 @@ const actionArb: fc.Arbitrary<Action> = fc.oneof(
   { weight: 1, arbitrary: fc.record({ kind: fc.constant('flatten' as const), vol: fc.nat(7) }) },
   { weight: 1, arbitrary: fc.record({ kind: fc.constant('reopen' as const) }) },
   { weight: 1, arbitrary: fc.record({ kind: fc.constant('crash' as const), scribble: fc.nat(255) }) },
+  { weight: 2, arbitrary: fc.record({ kind: fc.constant('timeTravel' as const), back: fc.nat(30), vol: fc.nat(7) }) },
+  { weight: 1, arbitrary: fc.record({ kind: fc.constant('snapshotAt' as const), back: fc.nat(30), vol: fc.nat(7) }) },
 );
 
 function pattern(length: number, seed: number): Buffer {
@@ -106,9 +111,15 @@ async function checkAll(store: Store, volumes: Map<string, Buffer>, snapshots: M
 test('random operation sequences on a real store always agree with the flat-buffer model', async () => {
   await checkProperty(
     fc.asyncProperty(fc.constantFrom(512, 4096), fc.array(actionArb, { minLength: 1, maxLength: 30 }), async (blockSizeBytes, actions) => {
-      let store = await Store.create(tempDir('model'), { sizeBytes: volumeBytes, blockSizeBytes });
+      let store = await Store.create(tempDir('model'), { sizeBytes: volumeBytes, blockSizeBytes, retain: { kind: 'all' } });
       const volumes = new Map<string, Buffer>([['default', Buffer.alloc(volumeBytes)]]);
       const snapshots = new Map<string, Buffer>();
+      // The model's history: every volume's content after each step, with the journal seq then.
+      const history: Array<{ seq: number; volumes: Map<string, Buffer> }> = [];
+      const remember = (): void => {
+        history.push({ seq: store.lastSeq, volumes: new Map([...volumes].map(([k, v]) => [k, Buffer.from(v)])) });
+      };
+      remember();
       let made = 0;
       try {
         for (const [i, action] of actions.entries()) {
@@ -219,8 +230,36 @@ test('random operation sequences on a real store always agree with the flat-buff
               store = await Store.open(copy);
               break;
             }
+            case 'timeTravel': {
+              // A point-in-time view equals the model then; changes since then cover every changed byte.
+              const past = history[Math.max(0, history.length - 1 - action.back)];
+              const vol = pick([...past.volumes.keys()].filter((v) => volumes.has(v)), action.vol);
+              if (vol === undefined) break;
+              const pit = await pointInTimeView(store, vol, past.seq);
+              const then = past.volumes.get(vol)!;
+              const got = await pit.read(0, volumeBytes);
+              if (!got.equals(then)) assert.unreachable(`${step}: ${vol} at seq ${past.seq} differs from the model at byte ${got.findIndex((b, k) => b !== then[k])}`);
+              const changed = await changedSince(store, vol, past.seq, store.lastSeq);
+              const now = volumes.get(vol)!;
+              for (let k = 0; k < volumeBytes; k++) {
+                if (now[k] !== then[k] && !changed.some((e) => k >= e.offset && k < e.offset + e.length)) {
+                  assert.unreachable(`${step}: byte ${k} of ${vol} changed since seq ${past.seq} but is not reported`);
+                }
+              }
+              break;
+            }
+            case 'snapshotAt': {
+              const past = history[Math.max(0, history.length - 1 - action.back)];
+              const vol = pick([...past.volumes.keys()].filter((v) => volumes.has(v)), action.vol);
+              if (vol === undefined) break;
+              const name = `retro${++made}`;
+              await store.snapshotAt(vol, past.seq, name);
+              snapshots.set(`${vol}@${name}`, Buffer.from(past.volumes.get(vol)!));
+              break;
+            }
           }
           await checkAll(store, volumes, snapshots, step);
+          remember();
         }
       } finally {
         await store.close();

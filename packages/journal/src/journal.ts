@@ -573,6 +573,25 @@ export class Journal<M = unknown> {
     return cut;
   }
 
+  /**
+   * One record's payload, verified against its CRC; undefined when the record has none or retention
+   * dropped it (ERETAINED when the record itself was dropped).
+   */
+  async readPayload(seq: number): Promise<Buffer | undefined> {
+    this.checkOpen();
+    if (!Number.isSafeInteger(seq) || seq < 1 || seq > this.lastSeq) throw new JournalError('EINVAL', `seq ${seq} is not a committed seq (last is ${this.lastSeq})`);
+    if (seq < this.retention.firstSeq) throw new JournalError('ERETAINED', `record seq ${seq} was dropped by retention (the journal starts at seq ${this.retention.firstSeq})`);
+    if (seq <= this.retention.payloadsThrough) return undefined;
+    const key = await this.frameKeyAtOrBefore(seq);
+    const value = await this.db.get(key);
+    if (value === undefined) throw new JournalCorruptionError(seq, 'gap', `no frame holds seq ${seq}`);
+    const frame = decodeFrame(seqOfKey(key), value, undefined, false);
+    const i = seq - frame.firstSeq;
+    if (i < 0 || i >= frame.count) throw new JournalCorruptionError(seq, 'gap', `no frame holds seq ${seq}`);
+    if (frame.records[i][0] === 0) return undefined;
+    return this.framePayloads(frame, i, i, this.retention.payloadsThrough)[i];
+  }
+
   /** Key of the frame holding `seq`: the last frame key at or before it (or the first key, if none). */
   private async frameKeyAtOrBefore(seq: number): Promise<Buffer> {
     const keys = await this.db.keys({ gte: recordRange.gte, lte: recordKey(seq), reverse: true, limit: 1 }).all();
@@ -672,6 +691,26 @@ export class Journal<M = unknown> {
     this.retention = { ...this.retention, payloadsThrough: throughSeq };
     await this.db.put(metaKey('retention'), metaPackr.pack(this.retention), { sync: true });
     this.payloadLog.dropThrough(throughSeq);
+  }
+
+  /**
+   * The seq through which payloads may be dropped to keep at most `maxBytes` of them (whole payload-log
+   * segments, oldest first), never past `notAfterSeq`.
+   */
+  payloadSeqWithinBytes(maxBytes: number, notAfterSeq: number): number {
+    return this.payloadLog.seqToKeepWithin(maxBytes, notAfterSeq);
+  }
+
+  /** The last seq committed at or before `timeMs` (0 if none), found by a metadata scan from `fromSeq`. */
+  async lastSeqAtOrBefore(timeMs: number, fromSeq = this.retention.firstSeq): Promise<number> {
+    let seq = 0;
+    for await (const chunk of this.replayChunks(Math.max(fromSeq, this.retention.firstSeq), maxSeq, { payloads: false }, () => false)) {
+      for (const record of chunk) {
+        if (record.timeMs > timeMs) return seq;
+        seq = record.seq;
+      }
+    }
+    return seq;
   }
 
   /**

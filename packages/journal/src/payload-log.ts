@@ -145,6 +145,29 @@ export class PayloadLog {
     return dropped;
   }
 
+  /**
+   * The seq through which payloads can be dropped so that at most `maxBytes` stay in segment files,
+   * dropping whole segments from the oldest, and never past `notAfterSeq`.
+   */
+  seqToKeepWithin(maxBytes: number, notAfterSeq: number): number {
+    const sizes = this.segments.map((segment) => {
+      try {
+        return fstatSync(this.readFd(segment)).size;
+      } catch {
+        return 0;
+      }
+    });
+    let total = sizes.reduce((a, b) => a + b, 0);
+    let through = 0;
+    for (let i = 0; i + 1 < this.segments.length && total > maxBytes; i++) {
+      const lastSeqOfSegment = this.segments[i + 1] - 1;
+      if (lastSeqOfSegment > notAfterSeq) break;
+      through = lastSeqOfSegment;
+      total -= sizes[i];
+    }
+    return through;
+  }
+
   /** Bytes held in segment files. */
   diskBytes(): number {
     let total = 0;

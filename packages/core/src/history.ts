@@ -1,0 +1,357 @@
+/**
+ * Time travel over the journal: because every write is an event, the store can say what a volume
+ * held at any past seq, which blocks changed between two points, and who last wrote a block, with
+ * nothing declared in advance (no dirty bitmap, no snapshot).
+ *
+ * All of it comes from one fold: replay the journal's metadata from seq 1 with the same reducer as
+ * recovery, and beside it keep, per layer, a provenance map (block → seq of the last Write or Zero
+ * event to that block in that layer; ExtentMap values seq * 2, plus 1 for zero). A view's provenance
+ * at a block is the provenance of the layer the view reads it from.
+ *
+ * Data of the past: a block of a point-in-time view reads from the layer file when the layer still
+ * holds the very event that wrote it, else from that event's payload in the journal; when retention
+ * dropped the payload, the read fails with EOVERFLOW-like "outside the retention window" (ERETAINED).
+ *
+ * Points: "seq:N" (or a bare number), "time:ISO-8601" (the last event at or before that time), or a
+ * snapshot name of the volume ("NAME" or "VOLUME@NAME"; the point is the event that froze it, so it
+ * works for deleted snapshots too).
+ */
+import { closeSync, openSync, readSync } from 'node:fs';
+import { crc32c } from '@node-rs/crc32';
+import type { JournalRecord } from '@cowstack/journal';
+import { lastValueFrom, tap } from 'rxjs';
+import { BlockDeviceError } from './block-device.js';
+import { StoreError } from './errors.js';
+import { EventType, eventTypeName, type StoreEvent } from './events.js';
+import { ExtentMap } from './extent-map.js';
+import { applyEvent, emptyProjection, indexIsZero, indexPosition, type Projection, type View } from './projection.js';
+import type { DiffExtent, Store } from './store.js';
+
+/** Largest seq a provenance map can hold (values are seq * 2 + zero flag in an Int32Array). */
+const maxProvenanceSeq = 2 ** 30 - 1;
+
+/** Payloads kept in memory by one point-in-time view. */
+const payloadCacheEntries = 64;
+
+type Provenance = Map<number, ExtentMap>;
+
+function track(prov: Provenance, record: JournalRecord<StoreEvent>): void {
+  const e = record.meta;
+  if (e[0] !== EventType.Write && e[0] !== EventType.Zero) return;
+  if (record.seq > maxProvenanceSeq) throw new StoreError('EINVAL', `time travel covers seqs below ${maxProvenanceSeq}; seq ${record.seq} is beyond`);
+  let map = prov.get(e[1]);
+  if (map === undefined) prov.set(e[1], (map = new ExtentMap(0)));
+  map.set(e[2], e[3], record.seq * 2 + (e[0] === EventType.Zero ? 1 : 0));
+}
+
+interface Capture {
+  /** The volume's view at the captured seq. */
+  readonly view: View;
+  readonly sizeBytes: number;
+  /** Provenance of the view's layers at the captured seq. */
+  readonly prov: Provenance;
+  /** External image paths of the view's layers, by layer id. */
+  readonly external: Map<number, string>;
+}
+
+interface Folded {
+  readonly state: Projection;
+  readonly prov: Provenance;
+  readonly capture: Capture | undefined;
+}
+
+function captureVolume(state: Projection, prov: Provenance, volume: string): Capture | undefined {
+  const v = state.volumes.get(volume);
+  if (v === undefined) return undefined;
+  const captured: Provenance = new Map();
+  const external = new Map<number, string>();
+  for (const id of v.view.stack) {
+    const map = prov.get(id);
+    if (map !== undefined) captured.set(id, map.cloneShared());
+    const layer = state.layers.get(id);
+    if (layer?.kind === 'external' && layer.source !== null) external.set(id, layer.source.path);
+  }
+  return {
+    view: { stack: [...v.view.stack], index: v.view.index.cloneShared() },
+    sizeBytes: state.layers.get(v.top)!.sizeBytes,
+    prov: captured,
+    external,
+  };
+}
+
+/** Fold the journal (metadata) from seq 1 to `untilSeq`, optionally capturing a volume at `captureAt`. */
+async function fold(store: Store, untilSeq: number, captureAt?: { seq: number; volume: string }): Promise<Folded> {
+  const journal = store.eventLog;
+  if (journal.firstSeq !== 1) {
+    throw new StoreError('EINVAL', `the journal no longer starts at seq 1 (retention dropped records up to ${journal.firstSeq - 1}); history before it is gone`);
+  }
+  const state = emptyProjection();
+  const prov: Provenance = new Map();
+  let capture: Capture | undefined;
+  const take = (): void => {
+    if (captureAt !== undefined && capture === undefined && state.seq >= captureAt.seq) capture = captureVolume(state, prov, captureAt.volume) ?? capture;
+  };
+  await lastValueFrom(
+    journal.replay(1, untilSeq, { payloads: false }).pipe(
+      tap((record) => {
+        if (captureAt !== undefined && record.seq > captureAt.seq && capture === undefined) take();
+        track(prov, record);
+        applyEvent(state, record.seq, record.meta);
+      }),
+    ),
+    { defaultValue: undefined },
+  );
+  take();
+  if (captureAt !== undefined && capture === undefined) {
+    throw new StoreError('ENOENT', `volume ${captureAt.volume} did not exist at seq ${captureAt.seq}`);
+  }
+  return { state, prov, capture };
+}
+
+/** Turn a point ("seq:N", N, "time:ISO", snapshot name) into a seq. */
+export async function resolvePoint(store: Store, volume: string, spec: string): Promise<number> {
+  const journal = store.eventLog;
+  const seqMatch = /^(?:seq:)?(\d+)$/.exec(spec);
+  if (seqMatch !== null) {
+    const seq = Number(seqMatch[1]);
+    if (seq > journal.lastSeq) throw new StoreError('EINVAL', `seq ${seq} is in the future (the journal ends at seq ${journal.lastSeq})`);
+    return seq;
+  }
+  const timeText = spec.startsWith('time:') ? spec.slice(5) : /^\d{4}-\d\d-\d\d/.test(spec) ? spec : undefined;
+  if (timeText !== undefined) {
+    const timeMs = Date.parse(timeText);
+    if (Number.isNaN(timeMs)) throw new StoreError('EINVAL', `${JSON.stringify(timeText)} is not an ISO-8601 time`);
+    let seq = 0;
+    await lastValueFrom(
+      journal.replay(journal.firstSeq, undefined, { payloads: false }).pipe(
+        tap((r) => {
+          if (r.timeMs <= timeMs) seq = r.seq;
+        }),
+      ),
+      { defaultValue: undefined },
+    );
+    if (seq === 0) throw new StoreError('EINVAL', `no event at or before ${new Date(timeMs).toISOString()} is in the journal`);
+    return seq;
+  }
+  const name = spec.startsWith('snap:') ? spec.slice(5) : spec.includes('@') ? spec.slice(spec.indexOf('@') + 1) : spec;
+  const owner = spec.includes('@') && !spec.startsWith('snap:') ? spec.slice(0, spec.indexOf('@')) : volume;
+  let frozenAt = 0;
+  await lastValueFrom(
+    journal.replay(journal.firstSeq, undefined, { payloads: false }).pipe(
+      tap((r) => {
+        const e = r.meta;
+        if ((e[0] === EventType.Frozen && e[1] === owner && e[4] === name) || (e[0] === EventType.SnapshotNamed && e[1] === owner && e[2] === name)) frozenAt = r.seq;
+      }),
+    ),
+    { defaultValue: undefined },
+  );
+  if (frozenAt === 0) throw new StoreError('ENOENT', `${JSON.stringify(spec)} is not a seq, a time, or a snapshot of ${owner}`);
+  return frozenAt;
+}
+
+/** Runs of a view's blocks with the provenance (seq * 2 + zero, 0 = none) of the layer each is read from. */
+function forEachProvenance(view: View, prov: Provenance, blockCount: number, fn: (start: number, count: number, provenance: number, layer: number) => void): void {
+  view.index.forEachRun(0, blockCount, (start, count, value) => {
+    if (value === 0) return fn(start, count, 0, -1);
+    const layer = view.stack[indexPosition(value)];
+    const map = prov.get(layer);
+    if (map === undefined) return fn(start, count, 0, layer);
+    map.forEachRun(start, count, (s, n, p) => fn(s, n, p, layer));
+  });
+}
+
+/**
+ * Extents of a volume written (or zeroed) after seq `sinceSeq`, as it stood at `untilSeq`, in the
+ * volume's lineage (what it was cloned from counts): the dirty bitmap between two points.
+ */
+export async function changedSince(store: Store, volume: string, sinceSeq: number, untilSeq: number): Promise<DiffExtent[]> {
+  if (untilSeq < sinceSeq) throw new StoreError('EINVAL', `--until (seq ${untilSeq}) is before --since (seq ${sinceSeq})`);
+  const { capture } = await fold(store, untilSeq, { seq: untilSeq, volume });
+  const { view, prov, sizeBytes } = capture!;
+  const bs = store.blockSizeBytes;
+  const out: DiffExtent[] = [];
+  forEachProvenance(view, prov, Math.ceil(sizeBytes / bs), (start, count, provenance) => {
+    if (provenance === 0 || provenance >>> 1 <= sinceSeq) return;
+    const offset = start * bs;
+    const length = Math.min(count * bs, sizeBytes - offset);
+    const last = out[out.length - 1];
+    if (last !== undefined && last.offset + last.length === offset) out[out.length - 1] = { offset: last.offset, length: last.length + length };
+    else out.push({ offset, length });
+  });
+  return out;
+}
+
+export interface BlameExtent {
+  readonly offset: number;
+  readonly length: number;
+  /** The event that last wrote these bytes (null: never written; the base image's or zeroes). */
+  readonly seq: number | null;
+  readonly time: string | null;
+  readonly type: string;
+  readonly layerId: number | null;
+  readonly origin: string | null;
+}
+
+/** Per extent of [offset, offset + length) of a volume: which event last wrote it. */
+export async function blame(store: Store, volume: string, offset: number, length: number): Promise<BlameExtent[]> {
+  const { capture } = await fold(store, store.lastSeq, { seq: store.lastSeq, volume });
+  const { view, prov, sizeBytes } = capture!;
+  if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length <= 0 || offset + length > sizeBytes) {
+    throw new StoreError('EINVAL', `range ${offset}+${length} is outside the ${sizeBytes}-byte volume`);
+  }
+  const bs = store.blockSizeBytes;
+  const first = Math.floor(offset / bs);
+  const last = Math.floor((offset + length - 1) / bs);
+  const runs: Array<{ start: number; count: number; provenance: number; layer: number }> = [];
+  view.index.forEachRun(first, last - first + 1, (start, count, value) => {
+    if (value === 0) return runs.push({ start, count, provenance: 0, layer: -1 });
+    const layer = view.stack[indexPosition(value)];
+    const map = prov.get(layer);
+    if (map === undefined) return runs.push({ start, count, provenance: 0, layer });
+    map.forEachRun(start, count, (s, n, p) => runs.push({ start: s, count: n, provenance: p, layer }));
+  });
+  const details = new Map<number, JournalRecord<StoreEvent>>();
+  for (const run of runs) {
+    const seq = run.provenance >>> 1;
+    if (seq === 0 || details.has(seq)) continue;
+    const [record] = await recordsAt(store, seq);
+    details.set(seq, record);
+  }
+  return runs.map((run) => {
+    const from = Math.max(run.start * bs, offset);
+    const to = Math.min((run.start + run.count) * bs, offset + length);
+    const seq = run.provenance >>> 1;
+    if (seq === 0) {
+      return { offset: from, length: to - from, seq: null, time: null, type: run.layer === -1 ? 'never written' : 'base image', layerId: run.layer === -1 ? null : run.layer, origin: null };
+    }
+    const record = details.get(seq)!;
+    const e = record.meta;
+    const origin = e[0] === EventType.Write ? (e[5] ?? null) : e[0] === EventType.Zero ? (e[4] ?? null) : null;
+    return { offset: from, length: to - from, seq, time: new Date(record.timeMs).toISOString(), type: eventTypeName(e), layerId: run.layer, origin };
+  });
+}
+
+async function recordsAt(store: Store, seq: number): Promise<Array<JournalRecord<StoreEvent>>> {
+  const out: Array<JournalRecord<StoreEvent>> = [];
+  await lastValueFrom(store.eventLog.replay(seq, seq, { payloads: false }).pipe(tap((r) => out.push(r))), { defaultValue: undefined });
+  if (out.length !== 1) throw new StoreError('ECORRUPT', `journal record seq ${seq} is missing`);
+  return out;
+}
+
+/**
+ * A volume as it was at a past seq, read-only. Build with `pointInTimeView`; reads come from layer
+ * files where the layer still holds the same event, else from journal payloads.
+ */
+export class PointInTimeView {
+  private readonly payloads = new Map<number, { first: number; data: Buffer }>();
+
+  constructor(
+    private readonly store: Store,
+    readonly volume: string,
+    readonly seq: number,
+    readonly sizeBytes: number,
+    private readonly view: View,
+    private readonly provAt: Provenance,
+    private readonly provNow: Provenance,
+    private readonly external: Map<number, string>,
+  ) {}
+
+  /** Read `length` bytes at `offset` as they were at `seq`. */
+  async read(offset: number, length: number): Promise<Buffer> {
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length <= 0 || offset + length > this.sizeBytes) {
+      throw new BlockDeviceError('EINVAL', `range ${offset}+${length} is outside the ${this.sizeBytes}-byte device`);
+    }
+    const bs = this.store.blockSizeBytes;
+    const out = Buffer.alloc(length);
+    const first = Math.floor(offset / bs);
+    const last = Math.floor((offset + length - 1) / bs);
+    const block = Buffer.allocUnsafe(bs);
+    for (let b = first; b <= last; b++) {
+      const from = Math.max(b * bs, offset);
+      const to = Math.min((b + 1) * bs, offset + length);
+      if (!(await this.readBlock(b, block))) continue;
+      block.copy(out, from - offset, from - b * bs, to - b * bs);
+    }
+    return out;
+  }
+
+  /** Fill `target` with block `b` as it was; false when it read as zeroes. */
+  private async readBlock(b: number, target: Buffer): Promise<boolean> {
+    const value = this.view.index.get(b);
+    if (value === 0 || indexIsZero(value)) return false;
+    const layer = this.view.stack[indexPosition(value)];
+    const bs = this.store.blockSizeBytes;
+    const provenance = this.provAt.get(layer)?.get(b) ?? 0;
+    if (provenance === 0) {
+      const path = this.external.get(layer);
+      if (path === undefined) throw new BlockDeviceError('EIO', `block ${b} of layer ${layer} at seq ${this.seq} has data but no event`);
+      readFileAt(path, target, b * bs);
+      return true;
+    }
+    const seq = provenance >>> 1;
+    if ((provenance & 1) === 1) return false;
+    if (this.provNow.get(layer)?.get(b) === provenance && this.store.projection.layers.has(layer)) {
+      // The layer still holds the event that wrote this block: read the layer file.
+      const bytes = this.store.readLayerFile(layer, b * bs, bs);
+      bytes.copy(target);
+      return true;
+    }
+    const payload = await this.payload(seq);
+    const at = (b - payload.first) * bs;
+    payload.data.copy(target, 0, at, at + bs);
+    return true;
+  }
+
+  private async payload(seq: number): Promise<{ first: number; data: Buffer }> {
+    const cached = this.payloads.get(seq);
+    if (cached !== undefined) return cached;
+    const data = await this.store.eventLog.readPayload(seq);
+    if (data === undefined) {
+      throw new BlockDeviceError('EIO', `the data written at seq ${seq} is outside the journal's retention window (payloads kept from seq ${this.store.eventLog.payloadsDroppedThroughSeq + 1})`);
+    }
+    const [record] = await recordsAt(this.store, seq);
+    const e = record.meta;
+    if (e[0] !== EventType.Write) throw new BlockDeviceError('EIO', `journal record seq ${seq} is not a write`);
+    const crcs = e[4];
+    const bs = this.store.blockSizeBytes;
+    for (let i = 0; i < e[3]; i++) {
+      if (crc32c(data.subarray(i * bs, (i + 1) * bs)) !== crcs.readUInt32LE(4 * i)) throw new BlockDeviceError('EIO', `journal payload of seq ${seq} fails its block CRC at block ${e[2] + i}`);
+    }
+    const entry = { first: e[2], data };
+    if (this.payloads.size >= payloadCacheEntries) this.payloads.delete(this.payloads.keys().next().value!);
+    this.payloads.set(seq, entry);
+    return entry;
+  }
+
+  /** Extents at `seq`: data, zero or hole, like a device's block status. */
+  extents(offset: number, length: number): Array<{ length: number; hole: boolean; zero: boolean; depth: number }> {
+    const bs = this.store.blockSizeBytes;
+    const first = Math.floor(offset / bs);
+    const last = Math.floor((offset + length - 1) / bs);
+    const out: Array<{ length: number; hole: boolean; zero: boolean; depth: number }> = [];
+    this.view.index.forEachRun(first, last - first + 1, (start, count, value) => {
+      const from = Math.max(start * bs, offset);
+      const to = Math.min((start + count) * bs, offset + length);
+      const data = value !== 0 && !indexIsZero(value);
+      const depth = value === 0 ? 0 : this.view.stack.length - indexPosition(value);
+      out.push({ length: to - from, hole: !data, zero: !data, depth });
+    });
+    return out;
+  }
+}
+
+function readFileAt(path: string, target: Buffer, position: number): void {
+  const fd = openSync(path, 'r');
+  try {
+    const n = readSync(fd, target, 0, target.length, position);
+    target.fill(0, n);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** A read-only view of `volume` as it was at seq `seq`. */
+export async function pointInTimeView(store: Store, volume: string, seq: number): Promise<PointInTimeView> {
+  const { prov, capture } = await fold(store, store.lastSeq, { seq, volume });
+  return new PointInTimeView(store, volume, seq, capture!.sizeBytes, capture!.view, capture!.prov, prov, capture!.external);
+}

@@ -10,6 +10,9 @@ export const exitOk = 0;
 export const exitProblem = 1;
 export const exitUsage = 2;
 
+/** Largest TCP port number. */
+const maxPort = 65535;
+
 /** Thrown by a command that finished but found problems (exit code 1, nothing more to print). */
 export class ProblemsFound extends Error {
   constructor() {
@@ -37,6 +40,26 @@ export function blockSizeArg(value: string): number {
     throw new InvalidArgumentError(`${n} is not a power of two from ${limits.minBlockSizeBytes} to ${limits.maxBlockSizeBytes}`);
   }
   return n;
+}
+
+export function portArg(value: string): number {
+  const n = intArg(value);
+  if (n > maxPort) throw new InvalidArgumentError(`${n} is not a TCP port (0 to ${maxPort})`);
+  return n;
+}
+
+/** Unix permission bits in octal, as chmod takes them: 600, 0660. */
+export function modeArg(value: string): number {
+  if (!/^0?[0-7]{3}$/.test(value)) throw new InvalidArgumentError(`${JSON.stringify(value)} is not an octal mode (examples: 600, 0660)`);
+  return parseInt(value, 8);
+}
+
+/** ADDR:PORT (ADDR may be empty for 127.0.0.1, or an IPv6 address in brackets). */
+export function hostPortArg(value: string): { host: string; port: number } {
+  const match = /^(.*):(\d+)$/.exec(value);
+  const port = match === null ? NaN : Number(match[2]);
+  if (match === null || port > maxPort) throw new InvalidArgumentError(`${JSON.stringify(value)} is not ADDR:PORT (example: 127.0.0.1:9100)`);
+  return { host: match[1].replace(/^\[(.*)\]$/, '$1') || '127.0.0.1', port };
 }
 
 export function example(command: Command, ...lines: string[]): Command {

@@ -5,7 +5,7 @@
  * is taken through the control socket; the server is killed mid-stream. The crashed store is copied
  * three ways: `recover --json` and `recover` (text) must report the same replay (checkpoint seq,
  * events replayed, writes re-applied, seconds, events/s), and a third copy is served directly and
- * recovers on its own. Every acknowledged region must read back; every other region must hold
+ * recovers on its own (and reports the replay as metrics). Every acknowledged region must read back; every other region must hold
  * either its old or its new content, never a mix.
  */
 import { test } from 'uvu';
@@ -149,8 +149,13 @@ test('kill -9 under load, recover (text and --json), check, serve again: every a
   let served: Server | undefined;
   try {
     server = await Server.start(store);
-    served = await Server.start(copies[1]);
-    assert.match(served.stderr, /recovered: replayed \d+ events after checkpoint seq \d+, re-applied \d+ writes/, 'serve recovers a crashed store by itself');
+    served = await Server.start(copies[1], ['--metrics', '127.0.0.1:0']);
+    const replayed = /recovered: replayed (\d+) events after checkpoint seq (\d+), re-applied (\d+) writes/.exec(served.stderr);
+    assert.ok(replayed, `serve recovers a crashed store by itself: ${served.stderr}`);
+    assert.equal(replayed!.slice(1).map(Number), [report.eventsReplayed, report.checkpointSeq, report.writesReapplied], 'serve replays what recover replayed');
+    const metrics = await (await fetch(served.metricsUrl)).text();
+    assert.match(metrics, `\ncowstack_replay_events ${report.eventsReplayed}\n`, 'replay progress is a metric');
+    assert.match(metrics, `\ncowstack_replay_events_total_to_replay ${report.eventsReplayed}\n`);
     for (const w of writers) {
       const [a, b] = await Promise.all([readExport(server.uri(w.volume)), readExport(served.uri(w.volume))]);
       verifyRegions(a, w, old, `${w.volume} after recover`);

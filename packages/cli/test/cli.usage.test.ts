@@ -96,6 +96,11 @@ test('usage errors exit 2 with a message and a pointer to --help', async () => {
     { args: ['journal', 'inspect', store, '--to', '-1'], message: '"-1" is not a whole number' },
     { args: ['journal', 'tail', store, '-n', 'x'], message: '"x" is not a whole number' },
     { args: ['serve', store, '--port', 'http'], message: '"http" is not a whole number' },
+    { args: ['serve', store, '--port', '99999'], message: '99999 is not a TCP port (0 to 65535)' },
+    { args: ['serve', store, '--socket', 's', '--socket-mode', 'rw'], message: '"rw" is not an octal mode' },
+    { args: ['serve', store, '--socket', 's', '--socket-mode', '999'], message: '"999" is not an octal mode' },
+    { args: ['serve', store, '--metrics', 'localhost'], message: '"localhost" is not ADDR:PORT' },
+    { args: ['serve', store, '--metrics', '127.0.0.1:70000'], message: '"127.0.0.1:70000" is not ADDR:PORT' },
   ];
   const results = await Promise.all(cases.map(async (c) => ({ c, r: await cow(c.args) })));
   for (const { c, r } of results) {

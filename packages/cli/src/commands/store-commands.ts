@@ -6,7 +6,7 @@ import { resolve } from 'node:path';
 import { checkStore, limits, recoverStore, Store, StoreError, type BaseSpec } from '@cowstack/core';
 import { x509CredentialsFromDir, type TlsOptions } from '@cowstack/nbd';
 import { type Command, Option } from 'commander';
-import { blockSizeArg, example, intArg, ProblemsFound, sizeArg } from '../command-helpers.js';
+import { blockSizeArg, example, hostPortArg, intArg, modeArg, portArg, ProblemsFound, sizeArg } from '../command-helpers.js';
 import { readServeRecord } from '../control.js';
 import { Output } from '../output.js';
 import { progress } from '../progress.js';
@@ -30,12 +30,6 @@ function tlsOptions(command: Command, opts: { tls: 'off' | 'on' | 'require'; tls
   if (opts.tlsPsk !== undefined) return { mode: opts.tls, credentials: { kind: 'psk', pskFile: resolve(opts.tlsPsk) } };
   if (opts.tlsCertificates !== undefined) return { mode: opts.tls, credentials: x509CredentialsFromDir(resolve(opts.tlsCertificates), { verifyPeer: opts.tlsVerifyPeer === true }) };
   return command.error(`error: --tls ${opts.tls} needs --tls-certificates DIR or --tls-psk FILE`, { exitCode: 2 });
-}
-
-function hostPort(value: string): { host: string; port: number } {
-  const match = /^(.*):(\d+)$/.exec(value);
-  if (match === null) throw new Error(`${JSON.stringify(value)} is not ADDR:PORT`);
-  return { host: match[1].replace(/^\[(.*)\]$/, '$1') || '127.0.0.1', port: Number(match[2]) };
 }
 
 export function registerStoreCommands(root: Command): void {
@@ -71,17 +65,17 @@ export function registerStoreCommands(root: Command): void {
       .description('serve every volume (read-write) and snapshot (read-only) over NBD until SIGINT/SIGTERM')
       .argument('<store>', 'store directory')
       .option('--socket <path>', 'listen on this unix socket (TCP then only with --port)')
-      .option('--socket-mode <mode>', 'permissions of the unix socket, octal', (v) => parseInt(v, 8), 0o600)
-      .option('--port <port>', 'TCP port (default 10809 when no --socket is given)', intArg)
+      .option('--socket-mode <mode>', 'permissions of the unix socket, octal', modeArg, 0o600)
+      .option('--port <port>', 'TCP port (default 10809 when no --socket is given)', portArg)
       .option('--bind <addr>', 'TCP address to listen on', '127.0.0.1')
-      .option('--metrics <addr:port>', 'serve Prometheus metrics at http://ADDR:PORT/metrics')
+      .option('--metrics <addr:port>', 'serve Prometheus metrics at http://ADDR:PORT/metrics', hostPortArg)
       .option('--max-connections <n>', 'most NBD connections at once', intArg)
       .addOption(new Option('--tls <mode>', 'TLS through NBD STARTTLS: off, on (clients choose) or require (no export is listed or served before TLS)').choices(['off', 'on', 'require']).default('off'))
       .option('--tls-certificates <dir>', 'x509 credentials: DIR holds ca-cert.pem, server-cert.pem, server-key.pem (and optionally ca-crl.pem), as for qemu and nbdkit')
       .addOption(new Option('--tls-psk <file>', 'pre-shared keys instead: psktool format, one username:hexkey line per client').conflicts('tlsCertificates'))
       .option('--tls-verify-peer', 'with --tls-certificates: require a client certificate signed by ca-cert.pem')
       .option('-v, --verbose', 'log every connection and protocol event')
-      .action(async (dirArg: string, opts: { socket?: string; socketMode: number; port?: number; bind: string; metrics?: string; maxConnections?: number; tls: 'off' | 'on' | 'require'; tlsCertificates?: string; tlsPsk?: string; tlsVerifyPeer?: boolean; verbose?: boolean }, command: Command) => {
+      .action(async (dirArg: string, opts: { socket?: string; socketMode: number; port?: number; bind: string; metrics?: { host: string; port: number }; maxConnections?: number; tls: 'off' | 'on' | 'require'; tlsCertificates?: string; tlsPsk?: string; tlsVerifyPeer?: boolean; verbose?: boolean }, command: Command) => {
         const dir = resolve(dirArg);
         const tls = tlsOptions(command, opts);
         const stopSignal = new Promise<string>((resolveSignal) => {
@@ -102,7 +96,7 @@ export function registerStoreCommands(root: Command): void {
             socketMode: opts.socketMode,
             port: opts.port ?? (opts.socket === undefined ? 10809 : undefined),
             bind: opts.bind,
-            metrics: opts.metrics !== undefined ? hostPort(opts.metrics) : undefined,
+            metrics: opts.metrics,
             maxConnections: opts.maxConnections,
             tls,
             verbose: opts.verbose === true,

@@ -128,6 +128,7 @@ function resolveX509(credentials: X509Credentials): ResolvedTls {
     key,
     ...(verifyPeer ? { ca, ...(crl !== undefined ? { crl } : {}) } : {}),
     minVersion: 'TLSv1.2' as const,
+    honorCipherOrder: true,
     requestCert: verifyPeer,
     rejectUnauthorized: verifyPeer,
   };
@@ -136,6 +137,10 @@ function resolveX509(credentials: X509Credentials): ResolvedTls {
 }
 
 const pskCiphersTls12 = [
+  // TLS 1.3 first. A PSK from the legacy callback is bound to SHA-256, so AES-128-GCM is the
+  // fastest usable suite on CPUs with AES instructions; listed before ChaCha20 and honoured.
+  'TLS_AES_128_GCM_SHA256',
+  'TLS_CHACHA20_POLY1305_SHA256',
   'ECDHE-PSK-CHACHA20-POLY1305',
   'ECDHE-PSK-AES256-CBC-SHA384',
   'ECDHE-PSK-AES128-CBC-SHA256',
@@ -152,6 +157,7 @@ function resolvePsk(credentials: PskCredentials): ResolvedTls {
   const keys = parsePskFile(text.toString('utf8'), credentials.pskFile);
   const serverOptions = {
     minVersion: 'TLSv1.2' as const,
+    honorCipherOrder: true,
     // TLS 1.3 suites are configured apart (the defaults all work with a PSK); this is the TLS 1.2
     // list, which without a certificate can only be PSK suites: forward-secret ones first, as in
     // GnuTLS's NORMAL:+ECDHE-PSK:+DHE-PSK:+PSK. (Node's default list ends in !PSK.)

@@ -216,6 +216,7 @@ test('journal tail --follow prints events as the server commits them and stops o
   const dir = tempDir('online');
   const store = join(dir, 'store');
   await cowOk(['init', store, '--size', '4M']);
+  const { lastSeq: initSeq } = await cowJson<{ lastSeq: number }>(['journal', 'stats', store]);
   const server = await Server.start(store);
   const [node, ...args] = cowArgs(['journal', 'tail', store, '--follow', '-n', '2', '--json']);
   const tail = start(node, args);
@@ -225,13 +226,13 @@ test('journal tail --follow prints events as the server commits them and stops o
   tail.stdout!.on('data', (t: string) => (seen += t));
   try {
     await waitFor('the last two events', () => jsonLines(seen).length >= 2);
-    assert.equal(jsonLines<{ seq: number }>(seen).map((e) => e.seq), [2, 3]);
+    assert.equal(jsonLines<{ seq: number }>(seen).map((e) => e.seq), [initSeq - 1, initSeq]);
     await qemuIo(server.uri('default'), ['write -P 0x01 64k 8k']);
     await cowOk(['snapshot', store, 'default', '--name', 'live']);
     await waitFor('the write and the snapshot to be followed', () => jsonLines(seen).length >= 4, 10_000);
     const [write, frozen] = jsonLines<{ seq: number; type: string; volume: string; offset: number; length: number; detail: string }>(seen).slice(2);
-    assert.equal([write.seq, write.type, write.volume, write.offset, write.length], [4, 'Write', 'default', 64 * KiB, 8 * KiB]);
-    assert.equal([frozen.seq, frozen.type, frozen.volume], [5, 'Frozen', 'default']);
+    assert.equal([write.seq, write.type, write.volume, write.offset, write.length], [initSeq + 1, 'Write', 'default', 64 * KiB, 8 * KiB]);
+    assert.equal([frozen.seq, frozen.type, frozen.volume], [initSeq + 2, 'Frozen', 'default']);
     assert.match(frozen.detail, 'snapshot default@live');
     tail.kill('SIGINT');
     const result = await done;
@@ -330,7 +331,8 @@ test('serve --metrics: the metric families exist and move with requests, journal
     assert.is(before.get('cowstack_volumes'), 1);
     assert.is(before.get('cowstack_layers'), 2);
     assert.is(before.get('cowstack_snapshots'), 0);
-    assert.is(before.get('cowstack_journal_last_seq'), 3);
+    const { lastSeq } = await cowJson<{ lastSeq: number }>(['journal', 'stats', store]);
+    assert.is(before.get('cowstack_journal_last_seq'), lastSeq);
 
     // 32 writes in flight at once (group commit), a flush and a read.
     const writes = Array.from({ length: 32 }, (_, i) => `aio_write -P ${i + 1} ${i * 64 * KiB} 4k`);
@@ -356,7 +358,7 @@ test('serve --metrics: the metric families exist and move with requests, journal
     assert.is(get('cowstack_volumes'), 2);
     assert.is(get('cowstack_layers'), 4);
     assert.is(get('cowstack_snapshots'), 1);
-    assert.is(get('cowstack_journal_last_seq'), 3 + 32 + 2);
+    assert.is(get('cowstack_journal_last_seq'), lastSeq + 32 + 2);
     assert.ok(get('cowstack_process_resident_memory_bytes') > 0, 'process metrics are exported');
 
     const other = await fetch(url.replace('/metrics', '/other'));

@@ -28,9 +28,10 @@ export function sizeArg(value: string): number {
   }
 }
 
+/** Decimal digits only: not "", "0x10" or "1e3", which Number() would take. */
 export function intArg(value: string): number {
-  const n = Number(value);
-  if (!Number.isSafeInteger(n) || n < 0) throw new InvalidArgumentError(`${JSON.stringify(value)} is not a whole number`);
+  const n = /^\d+$/.test(value) ? Number(value) : NaN;
+  if (!Number.isSafeInteger(n)) throw new InvalidArgumentError(`${JSON.stringify(value)} is not a whole number`);
   return n;
 }
 

@@ -176,6 +176,22 @@ test('recover, check and a second serve on a served store exit 1 naming the serv
   }
 });
 
+test('a store whose path is too long for a unix socket address still has a working control socket', async () => {
+  const deep = join(tempDir('online'), 'a-directory-name-long-enough'.repeat(4));
+  const store = join(deep, 'store');
+  assert.ok(Buffer.byteLength(join(store, 'control.sock')) > 108, 'the control socket cannot live in the store');
+  await cowOk(['init', store, '--size', '1M']);
+  const server = await Server.start(store);
+  try {
+    const record = JSON.parse(readFileSync(join(store, 'serve.json'), 'utf8')) as { controlSocket: string };
+    assert.ok(Buffer.byteLength(record.controlSocket) <= 100, `control socket ${record.controlSocket}`);
+    assert.is((await cowOk(['volume', 'create', store, 'v2', '--size', '1M'])).stdout, 'created volume v2 (1 MiB)\n');
+    assert.equal((await listExports(server)).map((e) => e.name).sort(), ['default', 'v2']);
+  } finally {
+    assert.is(await server.stop(), 0);
+  }
+});
+
 /** Holds the store's journal lock (LevelDB takes a POSIX record lock on journal/LOCK) until stdin closes. */
 const lockHolder = `
 import fcntl, sys

@@ -7,7 +7,8 @@
  *
  * Protocol: one request per connection, JSON lines. The client sends {op, args, progress}; the server
  * answers with any number of {type: 'progress' | 'item'} lines, then one {type: 'result'} or
- * {type: 'error'} line, and closes. A client that disconnects early aborts a streaming operation.
+ * {type: 'error'} line, and closes. A client that disconnects early aborts a streaming operation; a
+ * server that stops answers the clients still connected with an ESHUTDOWN error.
  */
 import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -122,7 +123,7 @@ export class ControlServer {
 
   private async handle(socket: Socket, line: string, signal: AbortSignal): Promise<void> {
     const send = (message: unknown): void => {
-      if (!socket.destroyed) socket.write(`${JSON.stringify(message)}\n`);
+      if (!socket.destroyed && !socket.writableEnded) socket.write(`${JSON.stringify(message)}\n`);
     };
     try {
       const request = JSON.parse(line) as { op?: unknown; args?: unknown; progress?: unknown };
@@ -142,12 +143,17 @@ export class ControlServer {
     } catch (err) {
       send({ type: 'error', error: { code: (err as { code?: string }).code ?? 'EIO', message: (err as Error).message } });
     } finally {
-      socket.end();
+      if (!socket.writableEnded) socket.end();
     }
   }
 
+  /** Stop listening; a client still connected (a `journal tail --follow`, a long operation) is told why. */
   async close(): Promise<void> {
-    for (const socket of this.sockets) socket.destroy();
+    const stopping = `${JSON.stringify({ type: 'error', error: { code: 'ESHUTDOWN', message: `cowstack serve (pid ${process.pid}) is stopping` } })}\n`;
+    for (const socket of this.sockets) {
+      if (socket.writableEnded) socket.destroy();
+      else socket.end(stopping, () => socket.destroy());
+    }
     await new Promise<void>((resolve) => (this.server ? this.server.close(() => resolve()) : resolve()));
     rmSync(this.socketPath, { force: true });
   }

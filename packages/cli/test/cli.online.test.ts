@@ -3,8 +3,9 @@
  * map and journal inspect go through its control socket and take effect at once (nbdinfo lists a new
  * export right away), without disturbing a client that stays connected throughout. recover, check and
  * a second serve refuse with a clear message naming the serving pid. `journal tail --follow` prints
- * events as the server commits them and stops on SIGINT. `serve --metrics` exposes the metric
- * families, and they move with the load.
+ * events as the server commits them, misses none under load, and stops on SIGINT or when the server
+ * stops. A stale serve.json and an over-long store path are handled. `serve --metrics` exposes the
+ * metric families, and they move with the load.
  */
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
@@ -254,6 +255,19 @@ test('journal tail --follow prints events as the server commits them and stops o
     const result = await done;
     assert.is(result.code, 0, `tail --follow exits 0 on SIGINT: ${result.stderr}`);
     assert.is(result.stderr, '');
+
+    // A follower still running when the server stops ends too, with a note (exit 0).
+    const [node2, ...args2] = cowArgs(['journal', 'tail', store, '--follow', '-n', '1']);
+    const second = start(node2, args2);
+    second.stdin!.end();
+    const secondDone = finish(second, 'second journal tail --follow');
+    let secondSeen = '';
+    second.stdout!.on('data', (t: string) => (secondSeen += t));
+    await waitFor('the second follower to start', () => secondSeen.includes('Frozen'));
+    assert.is(await server.stop(), 0);
+    const ended = await secondDone;
+    assert.is(ended.code, 0, `a follow ended by the server stopping exits 0: ${ended.stderr}`);
+    assert.is(ended.stderr, `cowstack: cowstack serve (pid ${server.pid}) is stopping; no more events to follow\n`);
   } finally {
     tail.kill('SIGKILL');
     await server.stop();

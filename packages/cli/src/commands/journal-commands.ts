@@ -7,6 +7,7 @@ import { resolve } from 'node:path';
 import type { JournalStats, VerifyReport } from '@cowstack/journal';
 import type { Command } from 'commander';
 import { example, intArg, ProblemsFound } from '../command-helpers.js';
+import { ControlError } from '../control.js';
 import type { EventLine } from '../operations.js';
 import { Output } from '../output.js';
 import { formatSize } from '../sizes.js';
@@ -89,6 +90,10 @@ export function registerJournalCommands(root: Command): void {
         try {
           const { via } = await runOnStore(resolve(dir), 'journal.tail', { lines: opts.lines, follow: opts.follow === true }, { item: streamTo(out), signal: abort.signal });
           if (opts.follow && via === 'local') out.note('cowstack: the store is not being served, so no new events can arrive; not following');
+        } catch (err) {
+          // The server stopping ends a follow the way SIGINT does: there will be no more events.
+          if (!(opts.follow && err instanceof ControlError && err.code === 'ESHUTDOWN')) throw err;
+          out.note(`cowstack: ${err.message}; no more events to follow`);
         } finally {
           process.off('SIGINT', stop);
           process.off('SIGTERM', stop);

@@ -31,8 +31,14 @@ export interface ReadPiece {
  */
 export type ReadResult = Buffer | readonly ReadPiece[];
 
-/** Metadata contexts a device can describe. */
-export type ExtentContext = 'base:allocation' | 'qemu:allocation-depth';
+/**
+ * Metadata contexts a device can describe: allocation, allocation depth, and qemu-style dirty bitmaps
+ * (`qemu:dirty-bitmap:NAME`, where cowstack's NAME is a point in the journal: a snapshot name,
+ * `seq:N` or `time:ISO-8601`; dirty = written since that point).
+ */
+export type ExtentContext = 'base:allocation' | 'qemu:allocation-depth' | `qemu:dirty-bitmap:${string}`;
+
+export const dirtyBitmapPrefix = 'qemu:dirty-bitmap:';
 
 /**
  * One extent of block status, in order from the requested offset. For 'base:allocation': `hole` (not
@@ -44,6 +50,8 @@ export interface Extent {
   readonly hole: boolean;
   readonly zero: boolean;
   readonly depth: number;
+  /** For a `qemu:dirty-bitmap:*` context: changed since the bitmap's point. */
+  readonly dirty?: boolean;
 }
 
 export interface WriteFlags {
@@ -67,8 +75,10 @@ export interface BlockDevice {
   readonly canMultiConn: boolean;
   /** True when zero(..., { fast: true }) can succeed (writing zeroes costs no data I/O). */
   readonly canFastZero: boolean;
-  /** Which metadata contexts extents() answers. */
+  /** The metadata contexts extents() answers, as listed to clients. */
   readonly extentContexts: readonly ExtentContext[];
+  /** Whether extents() also answers a context not listed (e.g. a dirty bitmap named by a seq). */
+  acceptsContext?(name: string): boolean;
 
   read(offset: number, length: number): Promise<ReadResult>;
   /** The device may keep `data` (without copying) until the promise settles: do not reuse it before. */

@@ -3,12 +3,31 @@
  * through the seam packages/nbd serves, and the ExportProvider that names them.
  *
  * Export names: a volume by its name (the empty name means "default"), a snapshot as
- * "VOLUME@SNAPSHOT" (read-only). A device looks its volume or layer up on every call, so a volume
- * deleted while exported fails further requests with ESHUTDOWN instead of reading freed state.
+ * "VOLUME@SNAPSHOT" (read-only), and a volume as it was at a point in the journal as
+ * "VOLUME@seq:N" or "VOLUME@time:ISO-8601" (read-only, built from the journal on first use). A device
+ * looks its volume or layer up on every call, so a volume deleted while exported fails further
+ * requests with ESHUTDOWN instead of reading freed state.
+ *
+ * Volumes also answer qemu-style dirty bitmaps, `qemu:dirty-bitmap:POINT` (POINT: a snapshot name,
+ * seq:N or time:ISO): dirty = written since that point, computed from the journal once per
+ * connection and context.
  */
-import { BlockDeviceError, type BlockDevice, type ClientInfo, type ExportInfo, type ExportProvider, type Extent, type ExtentContext, type ReadResult, type WriteFlags, type ZeroFlags } from './block-device.js';
+import {
+  BlockDeviceError,
+  type BlockDevice,
+  type ClientInfo,
+  dirtyBitmapPrefix,
+  type ExportInfo,
+  type ExportProvider,
+  type Extent,
+  type ExtentContext,
+  type ReadResult,
+  type WriteFlags,
+  type ZeroFlags,
+} from './block-device.js';
 import { StoreError } from './errors.js';
-import type { Store } from './store.js';
+import { changedSince, type PointInTimeView, pointInTimeView, resolvePoint } from './history.js';
+import type { DiffExtent, Store } from './store.js';
 
 const extentContexts: readonly ExtentContext[] = ['base:allocation', 'qemu:allocation-depth'];
 
@@ -29,9 +48,9 @@ export class VolumeDevice implements BlockDevice {
   readonly readOnly = false;
   readonly canMultiConn = true;
   readonly canFastZero = true;
-  readonly extentContexts = extentContexts;
   readonly sizeBytes: number;
   readonly blockSizeBytes: number;
+  private readonly dirtyBitmaps = new Map<string, Promise<DiffExtent[]>>();
 
   constructor(
     private readonly store: Store,
@@ -74,8 +93,101 @@ export class VolumeDevice implements BlockDevice {
     });
   }
 
+  /** Allocation, depth, and one dirty bitmap per snapshot of the volume. */
+  get extentContexts(): readonly ExtentContext[] {
+    const snapshots = this.store.hasVolume(this.volume) ? this.store.volumeInfo(this.volume).snapshots : [];
+    return [...extentContexts, ...snapshots.map((s): ExtentContext => `${dirtyBitmapPrefix}${s}`)];
+  }
+
+  /** Any dirty bitmap named by a point (seq:N, time:ISO or a snapshot name). */
+  acceptsContext(name: string): boolean {
+    return name.startsWith(dirtyBitmapPrefix) && name.length > dirtyBitmapPrefix.length;
+  }
+
   extents(offset: number, length: number, context: ExtentContext): Promise<Extent[]> {
+    if (context.startsWith(dirtyBitmapPrefix)) return guard(() => this.dirtyExtents(offset, length, context));
     return guard(() => this.store.extents(this.top(), offset, length, context));
+  }
+
+  private async dirtyExtents(offset: number, length: number, context: string): Promise<Extent[]> {
+    let changed = this.dirtyBitmaps.get(context);
+    if (changed === undefined) {
+      const point = context.slice(dirtyBitmapPrefix.length);
+      changed = resolvePoint(this.store, this.volume, point).then((seq) => changedSince(this.store, this.volume, seq, this.store.lastSeq));
+      this.dirtyBitmaps.set(context, changed);
+    }
+    return dirtyExtentsOf(await changed, offset, length);
+  }
+}
+
+/** Clean/dirty extents of [offset, offset + length) given the changed ranges (sorted, disjoint). */
+function dirtyExtentsOf(changed: readonly DiffExtent[], offset: number, length: number): Extent[] {
+  const out: Extent[] = [];
+  const end = offset + length;
+  let at = offset;
+  const push = (to: number, dirty: boolean): void => {
+    if (to > at) out.push({ length: to - at, hole: false, zero: false, depth: 0, dirty });
+    at = Math.max(at, to);
+  };
+  for (const e of changed) {
+    if (e.offset + e.length <= at) continue;
+    if (e.offset >= end) break;
+    push(Math.min(e.offset, end), false);
+    push(Math.min(e.offset + e.length, end), true);
+  }
+  push(end, false);
+  return out;
+}
+
+/** A volume as it was at a point in the journal, read-only. */
+export class PointInTimeDevice implements BlockDevice {
+  readonly readOnly = true;
+  readonly canMultiConn = true;
+  readonly canFastZero = false;
+  readonly extentContexts = extentContexts;
+  readonly sizeBytes: number;
+  readonly blockSizeBytes: number;
+  private readonly view: Promise<PointInTimeView>;
+
+  constructor(store: Store, volume: string, point: string) {
+    this.sizeBytes = store.volumeInfo(volume).sizeBytes;
+    this.blockSizeBytes = store.blockSizeBytes;
+    this.view = resolvePoint(store, volume, point).then((seq) => pointInTimeView(store, volume, seq));
+    this.view.catch(() => undefined);
+  }
+
+  read(offset: number, length: number): Promise<ReadResult> {
+    return guard(async () => (await this.view).read(offset, length));
+  }
+
+  private refuse(): Promise<never> {
+    return Promise.reject(new BlockDeviceError('EPERM', 'a point-in-time export is read-only'));
+  }
+
+  write(): Promise<void> {
+    return this.refuse();
+  }
+
+  zero(): Promise<void> {
+    return this.refuse();
+  }
+
+  trim(): Promise<void> {
+    return this.refuse();
+  }
+
+  flush(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  cache(): Promise<void> {
+    return guard(async () => {
+      await this.view;
+    });
+  }
+
+  extents(offset: number, length: number): Promise<Extent[]> {
+    return guard(async () => (await this.view).extents(offset, length));
   }
 }
 
@@ -152,6 +264,8 @@ export class StoreExports implements ExportProvider {
   open(name: string, client?: ClientInfo): BlockDevice | undefined {
     const ref = name === '' ? this.defaultVolume : name;
     try {
+      const pit = /^(.+)@((?:seq|time):.+)$/.exec(ref);
+      if (pit !== null) return this.store.hasVolume(pit[1]) ? new PointInTimeDevice(this.store, pit[1], pit[2]) : undefined;
       if (ref.includes('@')) return new LayerDevice(this.store, this.store.snapshotLayer(ref));
       if (ref.startsWith('#')) return undefined;
       const origin = client === undefined ? undefined : `nbd#${client.id} ${client.peer}`;

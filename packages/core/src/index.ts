@@ -2,7 +2,7 @@
  * @cowstack/core: the copy-on-write engine. Stores, volumes, snapshots, clones, the reducer and its
  * projection, recovery and check, and the BlockDevice seam that protocol servers serve.
  */
-export { BlockDeviceError } from './block-device.js';
+export { BlockDeviceError, dirtyBitmapPrefix } from './block-device.js';
 export type {
   BlockDevice,
   BlockDeviceErrorCode,
@@ -16,7 +16,7 @@ export type {
   WriteFlags,
   ZeroFlags,
 } from './block-device.js';
-export { LayerDevice, StoreExports, VolumeDevice } from './devices.js';
+export { LayerDevice, PointInTimeDevice, StoreExports, VolumeDevice } from './devices.js';
 export { StoreError } from './errors.js';
 export type { StoreErrorCode } from './errors.js';
 export { EventType, eventTypeCode, eventTypeName, eventTypeNames } from './events.js';

@@ -20,12 +20,12 @@
  * NBD_REP_ERR_TLS_REQD (an oversized one too) and EXPORT_NAME closes the connection, so nothing
  * about the exports is told to a client that has not upgraded.
  */
-import type { BlockDevice, ExportProvider, ExtentContext } from '@cowstack/core';
+import type { BlockDevice, ClientInfo, ExportProvider, ExtentContext } from '@cowstack/core';
 import type { ByteQueue } from './byte-queue.js';
 import { assert } from './errors.js';
 import { errorMessageOf } from './errno-table.js';
 import { maxDiscardedOptionBytes, extraOptionsPerListedExport, maxExportSizeBytes, maxMinimumBlockBytes, minPreferredBlockBytes } from './limits.js';
-import { listMetaContexts, metaContextId, selectMetaContexts } from './meta-contexts.js';
+import { listMetaContexts, selectMetaContexts } from './meta-contexts.js';
 import type { TlsMode } from './tls-config.js';
 import {
   decodeInfoRequest,
@@ -176,6 +176,8 @@ export class Handshake {
     private readonly send: (bytes: Buffer) => void,
     private readonly log: (message: string) => void = () => {},
     private readonly tlsMode: TlsMode = 'off',
+    /** Who the client is, passed to the provider (recorded with writes). */
+    private readonly client?: ClientInfo,
   ) {
     this.optionBudget = limits.maxOptionsPerHandshake;
   }
@@ -344,7 +346,7 @@ export class Handshake {
     assert(!this.tlsRequired, 'an export is opened before TLS in require mode');
     let device: BlockDevice | undefined;
     try {
-      device = this.provider.open(name);
+      device = this.provider.open(name, this.client);
     } catch (error) {
       this.log(`opening export '${name}' failed: ${errorMessageOf(error)}`);
       return { error: `export '${name}' cannot be opened: ${errorMessageOf(error)}` };
@@ -361,7 +363,8 @@ export class Handshake {
   private negotiated(name: string, device: BlockDevice): Negotiated {
     assert(!this.tlsRequired, 'an export is described or served before TLS in require mode');
     // The spec: contexts count only if the last SET_META_CONTEXT named the export finally chosen.
-    const metaContexts = this.metaExportName === name ? this.metaContexts.filter((c) => device.extentContexts.includes(c.name)) : [];
+    const metaContexts =
+      this.metaExportName === name ? this.metaContexts.filter((c) => device.extentContexts.includes(c.name) || device.acceptsContext?.(c.name) === true) : [];
     return { exportName: name, device, structuredReplies: this.structuredReplies, metaContexts, transmissionFlags: transmissionFlagsFor(device, this.structuredReplies), tls: this.usingTls };
   }
 
@@ -462,13 +465,16 @@ export class Handshake {
       this.reply(option, NBD_REP_ERR_UNKNOWN, opened.error);
       return { kind: 'continue' };
     }
-    const available = opened.device.extentContexts;
-    const contexts = set ? selectMetaContexts(available, queries) : listMetaContexts(available, queries);
-    const replies = contexts.map((c) => encodeOptionReply(option, NBD_REP_META_CONTEXT, encodeMetaContext(set ? metaContextId(c) : 0, c)));
+    const device = opened.device;
+    const available = device.extentContexts;
+    const accepts = device.acceptsContext === undefined ? undefined : (context: string): boolean => device.acceptsContext!(context);
+    const contexts = set ? selectMetaContexts(available, queries, accepts) : listMetaContexts(available, queries, accepts);
+    // Ids are numbered per connection, in the canonical order of the selection.
+    const replies = contexts.map((c, i) => encodeOptionReply(option, NBD_REP_META_CONTEXT, encodeMetaContext(set ? i + 1 : 0, c)));
     replies.push(encodeOptionReply(option, NBD_REP_ACK));
     if (set) {
       this.metaExportName = name;
-      this.metaContexts = contexts.map((c) => ({ id: metaContextId(c), name: c }));
+      this.metaContexts = contexts.map((c, i) => ({ id: i + 1, name: c }));
     }
     this.send(Buffer.concat(replies));
     return { kind: 'continue' };

@@ -1,25 +1,29 @@
 /**
  * Metadata context queries (NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT), pure.
  *
- * The server knows two contexts, `base:allocation` (spec) and `qemu:allocation-depth` (qemu's
- * registered namespace); an export offers those its device lists in `extentContexts`. Query syntax,
- * as the spec and qemu define it:
+ * The server knows `base:allocation` (spec), `qemu:allocation-depth` and `qemu:dirty-bitmap:NAME`
+ * (qemu's registered namespace); an export offers those its device lists in `extentContexts`, and a
+ * device may also accept exact names it does not list (`acceptsContext`, e.g. a dirty bitmap named by
+ * a point in time). Query syntax, as the spec and qemu define it:
  * - LIST with no queries returns every context the export offers.
- * - LIST with `base:` or `qemu:` (empty leaf) returns every offered context of that namespace.
- * - An exact name selects that context if offered. SET honours only exact names: `base:` and `qemu:`
- *   select nothing there, as the spec requires.
+ * - LIST with `base:` or `qemu:` (empty leaf) returns every offered context of that namespace;
+ *   `qemu:dirty-bitmap:` returns every offered dirty bitmap.
+ * - An exact name selects that context if offered or accepted. SET honours only exact names: `base:`
+ *   and `qemu:` select nothing there, as the spec requires.
  * - Anything else (unknown namespace, unknown leaf, no colon) is ignored, never an error.
- * Results come in the server's canonical order without duplicates. Context ids are fixed per name
- * (nonzero, unique) so a BLOCK_STATUS reply can name its context without a per-connection table.
+ * Results come in the server's canonical order (base, depth, dirty bitmaps) without duplicates.
+ * Context ids are numbered per connection (1, 2, ...) in that order.
  */
 import type { ExtentContext } from '@cowstack/core';
 
-export const knownMetaContexts: readonly ExtentContext[] = ['base:allocation', 'qemu:allocation-depth'];
+const dirtyPrefix = 'qemu:dirty-bitmap:';
 
-const contextIds: Readonly<Record<ExtentContext, number>> = { 'base:allocation': 1, 'qemu:allocation-depth': 2 };
+function known(name: string): name is ExtentContext {
+  return name === 'base:allocation' || name === 'qemu:allocation-depth' || (name.startsWith(dirtyPrefix) && name.length > dirtyPrefix.length);
+}
 
-export function metaContextId(context: ExtentContext): number {
-  return contextIds[context];
+function rank(name: ExtentContext): number {
+  return name === 'base:allocation' ? 0 : name === 'qemu:allocation-depth' ? 1 : 2;
 }
 
 function namespaceOf(name: string): string {
@@ -28,18 +32,22 @@ function namespaceOf(name: string): string {
 }
 
 function offered(available: readonly ExtentContext[]): ExtentContext[] {
-  return knownMetaContexts.filter((c) => available.includes(c));
+  return [...new Set(available.filter(known))].sort((a, b) => rank(a) - rank(b));
 }
 
 /** Contexts to report for NBD_OPT_LIST_META_CONTEXT. */
-export function listMetaContexts(available: readonly ExtentContext[], queries: readonly string[]): ExtentContext[] {
+export function listMetaContexts(available: readonly ExtentContext[], queries: readonly string[], accepts?: (name: string) => boolean): ExtentContext[] {
   const offer = offered(available);
   if (queries.length === 0) return offer;
-  return offer.filter((context) => queries.some((q) => q === context || (q === namespaceOf(context) && q.length > 1)));
+  const out = offer.filter((context) => queries.some((q) => q === context || (q === namespaceOf(context) && q.length > 1) || (q === dirtyPrefix && context.startsWith(dirtyPrefix))));
+  for (const q of queries) if (known(q) && !out.includes(q) && accepts?.(q) === true) out.push(q);
+  return out.sort((a, b) => rank(a) - rank(b));
 }
 
 /** Contexts selected by NBD_OPT_SET_META_CONTEXT. */
-export function selectMetaContexts(available: readonly ExtentContext[], queries: readonly string[]): ExtentContext[] {
+export function selectMetaContexts(available: readonly ExtentContext[], queries: readonly string[], accepts?: (name: string) => boolean): ExtentContext[] {
   const offer = offered(available);
-  return offer.filter((context) => queries.includes(context));
+  const out = offer.filter((context) => queries.includes(context));
+  for (const q of queries) if (known(q) && !out.includes(q) && accepts?.(q) === true) out.push(q);
+  return [...new Set(out)].sort((a, b) => rank(a) - rank(b));
 }

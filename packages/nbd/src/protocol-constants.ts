@@ -108,6 +108,8 @@ export const NBD_REPLY_TYPE_ERROR_OFFSET = (1 << 15) + 2;
 // ---- base:allocation status flags ----
 export const NBD_STATE_HOLE = 1 << 0;
 export const NBD_STATE_ZERO = 1 << 1;
+/** qemu:dirty-bitmap:* status: the extent changed since the bitmap began. */
+export const NBD_STATE_DIRTY = 1 << 0;
 
 // ---- errnos (the only values allowed in a reply's error field) ----
 export const NBD_SUCCESS = 0;

@@ -110,7 +110,8 @@ class Connection {
       clearTimeout(this.timer);
       this.server.forget(this);
     });
-    this.handshake = new Handshake(config.provider, config.limits, (bytes) => this.write(bytes), (message) => this.log(message), config.tls.mode);
+    const peer = raw.remoteAddress === undefined ? 'unix' : `${raw.remoteAddress}:${raw.remotePort}`;
+    this.handshake = new Handshake(config.provider, config.limits, (bytes) => this.write(bytes), (message) => this.log(message), config.tls.mode, { id, peer });
     this.timer = setTimeout(() => this.destroy(`no export chosen within ${config.handshakeTimeoutMs} ms`), config.handshakeTimeoutMs);
     this.write(this.handshake.greeting());
   }

@@ -305,6 +305,29 @@ test('metadata context queries: LIST wildcards, SET exact names only', () => {
   assert.deepEqual(selectMetaContexts(both, []), []);
 });
 
+test('metadata context queries: dirty bitmaps are listed, prefix-queried, and accepted by exact name', () => {
+  const offered = ['qemu:dirty-bitmap:golden', 'base:allocation', 'qemu:allocation-depth'] as const;
+  const accepts = (name: string): boolean => name.startsWith('qemu:dirty-bitmap:seq:');
+  assert.deepEqual(listMetaContexts(offered, []), ['base:allocation', 'qemu:allocation-depth', 'qemu:dirty-bitmap:golden']);
+  assert.deepEqual(listMetaContexts(offered, ['qemu:dirty-bitmap:']), ['qemu:dirty-bitmap:golden']);
+  assert.deepEqual(listMetaContexts(offered, ['qemu:']), ['qemu:allocation-depth', 'qemu:dirty-bitmap:golden']);
+  assert.deepEqual(listMetaContexts(offered, ['qemu:dirty-bitmap:seq:12'], accepts), ['qemu:dirty-bitmap:seq:12']);
+  assert.deepEqual(listMetaContexts(offered, ['qemu:dirty-bitmap:other'], accepts), [], 'not offered and not accepted');
+  assert.deepEqual(selectMetaContexts(offered, ['qemu:dirty-bitmap:seq:7', 'base:allocation'], accepts), ['base:allocation', 'qemu:dirty-bitmap:seq:7']);
+  assert.deepEqual(selectMetaContexts(offered, ['qemu:dirty-bitmap:'], accepts), [], 'SET takes exact names only');
+  const dirty = extentsToDescriptors(
+    [
+      { length: 4096, hole: false, zero: false, depth: 0, dirty: false },
+      { length: 8192, hole: false, zero: false, depth: 0, dirty: true },
+    ],
+    { offset: 0, length: 12288, sizeBytes: 1 << 20, reqOne: false, context: 'qemu:dirty-bitmap:golden' },
+  );
+  assert.deepEqual(dirty, [
+    { length: 4096, status: 0 },
+    { length: 8192, status: 1 },
+  ]);
+});
+
 test('extent descriptors: status, merging, REQ_ONE, clamping to the export', () => {
   const e = (length: number, hole: boolean, depth = hole ? 0 : 1) => ({ length, hole, zero: hole, depth });
   const req = { offset: 0, length: 8192, sizeBytes: 1 << 20, reqOne: false, context: 'base:allocation' as const };

@@ -98,6 +98,7 @@ test('usage errors exit 2 with a message and a pointer to --help', async () => {
     { args: ['journal', 'tail', store, '-n', ''], message: '"" is not a whole number' },
     { args: ['journal', 'inspect', store, '--from', '0x10'], message: '"0x10" is not a whole number' },
     { args: ['journal', 'inspect', store, '--from', '1e3'], message: '"1e3" is not a whole number' },
+    { args: ['journal', 'inspect', store, '--type', 'Wrte'], message: '"Wrte" is not an event type (one of StoreCreated, LayerCreated' },
     { args: ['serve', store, '--port', 'http'], message: '"http" is not a whole number' },
     { args: ['serve', store, '--port', '99999'], message: '99999 is not a TCP port (0 to 65535)' },
     { args: ['serve', store, '--socket', 's', '--socket-mode', 'rw'], message: '"rw" is not an octal mode' },

@@ -5,7 +5,8 @@
  */
 import { resolve } from 'node:path';
 import type { JournalStats, VerifyReport } from '@cowstack/journal';
-import type { Command } from 'commander';
+import { eventTypeNames } from '@cowstack/core';
+import { type Command, InvalidArgumentError } from 'commander';
 import { example, intArg, ProblemsFound } from '../command-helpers.js';
 import { ControlError } from '../control.js';
 import type { EventLine } from '../operations.js';
@@ -17,6 +18,13 @@ function eventText(e: EventLine): string {
   const where = e.volume !== null ? `${e.volume}${e.layer !== null ? `/L${e.layer}` : ''}` : e.layer !== null ? `L${e.layer}` : '-';
   const range = e.offset !== null && e.length !== null ? `off ${e.offset} len ${e.length}` : e.length !== null ? `size ${e.length}` : '';
   return [String(e.seq).padStart(8), e.time, e.type.padEnd(15), where.padEnd(16), range.padEnd(28), `crc ${e.crc}`, e.detail].join('  ').trimEnd();
+}
+
+/** An event type name, in any case; an unknown one is a usage error rather than an empty listing. */
+function eventTypeArg(value: string): string {
+  const name = eventTypeNames.find((n) => n.toLowerCase() === value.toLowerCase());
+  if (name === undefined) throw new InvalidArgumentError(`${JSON.stringify(value)} is not an event type (one of ${eventTypeNames.join(', ')})`);
+  return name;
 }
 
 function streamTo(out: Output): (item: unknown) => void {
@@ -64,7 +72,7 @@ export function registerJournalCommands(root: Command): void {
       .option('--from <seq>', 'first seq', intArg)
       .option('--to <seq>', 'last seq', intArg)
       .option('--volume <name>', 'only events of this volume')
-      .option('--type <type>', 'only events of this type (Write, Zero, Frozen, Cloned, ...)')
+      .option('--type <type>', 'only events of this type (Write, Zero, Frozen, Cloned, ...)', eventTypeArg)
       .option('--json', 'JSON lines')
       .action(async (dir: string, opts: { from?: number; to?: number; volume?: string; type?: string; json?: boolean }) => {
         const out = new Output(opts.json === true);

@@ -45,3 +45,5 @@ export { blame, changedSince, PointInTimeView, pointInTimeView, resolvePoint } f
 export type { BlameExtent } from './history.js';
 export { describeRetention, parseRetention } from './retention.js';
 export type { RetentionPolicy } from './retention.js';
+export { buildDmCowBitmap, dmCowBitmapSectors, dmCowMagic, dmCowMagicOffset, dmCowTable, importDmCow, readDmCowBitmap } from './dmcow.js';
+export type { DmCowImportOptions, DmCowImportReport, DmCowTable } from './dmcow.js';

@@ -43,6 +43,12 @@ export function blockSizeArg(value: string): number {
   return n;
 }
 
+export function positiveIntArg(value: string): number {
+  const n = intArg(value);
+  if (n === 0) throw new InvalidArgumentError('0 is not allowed here: give 1 or more');
+  return n;
+}
+
 export function portArg(value: string): number {
   const n = intArg(value);
   if (n > maxPort) throw new InvalidArgumentError(`${n} is not a TCP port (0 to ${maxPort})`);

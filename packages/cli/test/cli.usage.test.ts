@@ -101,6 +101,7 @@ test('usage errors exit 2 with a message and a pointer to --help', async () => {
     { args: ['journal', 'inspect', store, '--type', 'Wrte'], message: '"Wrte" is not an event type (one of StoreCreated, LayerCreated' },
     { args: ['serve', store, '--port', 'http'], message: '"http" is not a whole number' },
     { args: ['serve', store, '--port', '99999'], message: '99999 is not a TCP port (0 to 65535)' },
+    { args: ['serve', store, '--max-connections', '0'], message: '0 is not allowed here: give 1 or more' },
     { args: ['serve', store, '--socket', 's', '--socket-mode', 'rw'], message: '"rw" is not an octal mode' },
     { args: ['serve', store, '--socket', 's', '--socket-mode', '999'], message: '"999" is not an octal mode' },
     { args: ['serve', store, '--metrics', 'localhost'], message: '"localhost" is not ADDR:PORT' },

@@ -6,7 +6,7 @@ import { resolve } from 'node:path';
 import { checkStore, limits, recoverStore, Store, StoreError, type BaseSpec } from '@cowstack/core';
 import { x509CredentialsFromDir, type TlsOptions } from '@cowstack/nbd';
 import { type Command, Option } from 'commander';
-import { blockSizeArg, example, hostPortArg, intArg, modeArg, portArg, ProblemsFound, sizeArg } from '../command-helpers.js';
+import { blockSizeArg, example, hostPortArg, modeArg, portArg, positiveIntArg, ProblemsFound, sizeArg } from '../command-helpers.js';
 import { readServeRecord } from '../control.js';
 import { Output } from '../output.js';
 import { progress } from '../progress.js';
@@ -69,7 +69,7 @@ export function registerStoreCommands(root: Command): void {
       .option('--port <port>', 'TCP port (default 10809 when no --socket is given)', portArg)
       .option('--bind <addr>', 'TCP address to listen on', '127.0.0.1')
       .option('--metrics <addr:port>', 'serve Prometheus metrics at http://ADDR:PORT/metrics', hostPortArg)
-      .option('--max-connections <n>', 'most NBD connections at once', intArg)
+      .option('--max-connections <n>', 'most NBD connections at once', positiveIntArg)
       .addOption(new Option('--tls <mode>', 'TLS through NBD STARTTLS: off, on (clients choose) or require (no export is listed or served before TLS)').choices(['off', 'on', 'require']).default('off'))
       .option('--tls-certificates <dir>', 'x509 credentials: DIR holds ca-cert.pem, server-cert.pem, server-key.pem (and optionally ca-crl.pem), as for qemu and nbdkit')
       .addOption(new Option('--tls-psk <file>', 'pre-shared keys instead: psktool format, one username:hexkey line per client').conflicts('tlsCertificates'))

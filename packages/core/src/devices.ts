@@ -27,7 +27,7 @@ import {
 } from './block-device.js';
 import { StoreError } from './errors.js';
 import { changedSince, type PointInTimeView, pointInTimeView, resolvePoint } from './history.js';
-import type { DiffExtent, Store } from './store.js';
+import type { DiffExtent, Store, WriteSource } from './store.js';
 
 const extentContexts: readonly ExtentContext[] = ['base:allocation', 'qemu:allocation-depth'];
 
@@ -51,19 +51,24 @@ export class VolumeDevice implements BlockDevice {
   readonly sizeBytes: number;
   readonly blockSizeBytes: number;
   private readonly dirtyBitmaps = new Map<string, Promise<DiffExtent[]>>();
+  /** This volume, not a later one that takes its name. */
+  private readonly source: WriteSource;
 
   constructor(
     private readonly store: Store,
     readonly volume: string,
     /** Recorded with every write (blame): which client wrote. */
-    private readonly origin?: string,
+    origin?: string,
   ) {
     this.sizeBytes = store.volumeInfo(volume).sizeBytes;
     this.blockSizeBytes = store.blockSizeBytes;
+    this.source = { origin, createdSeq: store.volumeCreatedSeq(volume) };
   }
 
   private top(): number {
-    if (!this.store.hasVolume(this.volume)) throw new BlockDeviceError('ESHUTDOWN', `volume ${this.volume} was deleted`);
+    if (this.store.volumeCreatedSeq(this.volume) !== this.source.createdSeq) {
+      throw new BlockDeviceError('ESHUTDOWN', `volume ${this.volume} was deleted${this.store.hasVolume(this.volume) ? ' (a new volume has its name)' : ''}`);
+    }
     return this.store.resolveView(this.volume).layerId;
   }
 
@@ -72,15 +77,15 @@ export class VolumeDevice implements BlockDevice {
   }
 
   write(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
-    return this.store.writeVolume(this.volume, offset, data, flags.fua, this.origin);
+    return this.store.writeVolume(this.volume, offset, data, flags.fua, this.source);
   }
 
   zero(offset: number, length: number, flags: ZeroFlags): Promise<void> {
-    return this.store.zeroVolume(this.volume, offset, length, flags.fua, this.origin);
+    return this.store.zeroVolume(this.volume, offset, length, flags.fua, this.source);
   }
 
   trim(offset: number, length: number, flags: WriteFlags): Promise<void> {
-    return this.store.trimVolume(this.volume, offset, length, flags.fua, this.origin);
+    return this.store.trimVolume(this.volume, offset, length, flags.fua, this.source);
   }
 
   flush(): Promise<void> {
@@ -89,7 +94,7 @@ export class VolumeDevice implements BlockDevice {
 
   cache(offset: number, length: number): Promise<void> {
     return guard(() => {
-      this.store.readVolume(this.volume, offset, length);
+      this.store.readLayer(this.top(), offset, length);
     });
   }
 
@@ -110,6 +115,7 @@ export class VolumeDevice implements BlockDevice {
   }
 
   private async dirtyExtents(offset: number, length: number, context: string): Promise<Extent[]> {
+    this.top();
     let changed = this.dirtyBitmaps.get(context);
     if (changed === undefined) {
       const point = context.slice(dirtyBitmapPrefix.length);

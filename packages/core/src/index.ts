@@ -38,6 +38,7 @@ export type {
   ProgressCallback,
   SnapshotInfo,
   VolumeInfo,
+  WriteSource,
 } from './store.js';
 export { checkStore, recoverStore } from './maintenance.js';
 export type { CheckProblem, CheckProblemKind, CheckReport, RecoverReport } from './maintenance.js';

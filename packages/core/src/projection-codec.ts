@@ -21,7 +21,7 @@ interface Encoded {
   config: StoreConfig;
   nextLayerId: number;
   layers: LayerRow[];
-  volumes: Array<[name: string, top: number]>;
+  volumes: Array<[name: string, top: number, createdSeq: number]>;
   snapshots: Array<[key: string, layerId: number]>;
 }
 
@@ -37,7 +37,7 @@ function canonical(state: Projection): Encoded {
     config: state.config,
     nextLayerId: state.nextLayerId,
     layers,
-    volumes: [...state.volumes.values()].map((v): [string, number] => [v.name, v.top]).sort((a, b) => (a[0] < b[0] ? -1 : 1)),
+    volumes: [...state.volumes.values()].map((v): [string, number, number] => [v.name, v.top, v.createdSeq]).sort((a, b) => (a[0] < b[0] ? -1 : 1)),
     snapshots: [...state.snapshots.entries()].sort((a, b) => (a[0] < b[0] ? -1 : 1)),
   };
 }
@@ -72,11 +72,11 @@ export function decodeProjection(blob: Uint8Array): Projection {
     layer.names.add(key);
     state.snapshots.set(key, layerId);
   }
-  for (const [name, top] of data.volumes) {
+  for (const [name, top, createdSeq] of data.volumes) {
     const layer = state.layers.get(top);
     if (layer === undefined) throw new ProjectionError(`checkpoint volume ${name} has a missing top layer ${top}`);
     layer.volume = name;
-    state.volumes.set(name, { name, top, view: { stack: [], index: new ExtentMap() } });
+    state.volumes.set(name, { name, createdSeq, top, view: { stack: [], index: new ExtentMap() } });
   }
   for (const name of state.volumes.keys()) refreshVolumeView(state, name);
   state.nextLayerId = data.nextLayerId;
@@ -104,11 +104,13 @@ export function diffProjections(expected: Projection, actual: Projection): strin
     }
   }
   for (const id of rowsB.keys()) if (!rowsA.has(id)) out.push(`layer ${id} should not exist`);
-  const volsA = new Map(a.volumes);
-  const volsB = new Map(b.volumes);
-  for (const [name, top] of volsA) {
-    if (!volsB.has(name)) out.push(`volume ${name} is missing`);
-    else if (volsB.get(name) !== top) out.push(`volume ${name} has top layer ${volsB.get(name)}, expected ${top}`);
+  const volsA = new Map(a.volumes.map(([name, top, created]) => [name, { top, created }]));
+  const volsB = new Map(b.volumes.map(([name, top, created]) => [name, { top, created }]));
+  for (const [name, v] of volsA) {
+    const other = volsB.get(name);
+    if (other === undefined) out.push(`volume ${name} is missing`);
+    else if (other.top !== v.top) out.push(`volume ${name} has top layer ${other.top}, expected ${v.top}`);
+    else if (other.created !== v.created) out.push(`volume ${name} was created at seq ${other.created}, expected ${v.created}`);
   }
   for (const name of volsB.keys()) if (!volsA.has(name)) out.push(`volume ${name} should not exist`);
   const snapsA = new Map(a.snapshots);

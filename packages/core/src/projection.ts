@@ -58,6 +58,8 @@ export interface Layer {
 
 export interface Volume {
   readonly name: string;
+  /** Seq of the event that created the volume: tells a volume from a later one of the same name. */
+  readonly createdSeq: number;
   top: number;
   view: View;
 }
@@ -265,7 +267,7 @@ export function applyEvent(state: Projection, seq: number, event: StoreEvent): P
       const top = newLayer(state, topId, parentId, parent.sizeBytes, 'cow', false, null);
       const below = viewOf(state, parentId);
       top.volume = name;
-      state.volumes.set(name, { name, top: topId, view: { stack: [...below.stack, topId], index: below.index.cloneShared() } });
+      state.volumes.set(name, { name, createdSeq: seq, top: topId, view: { stack: [...below.stack, topId], index: below.index.cloneShared() } });
       break;
     }
     case EventType.Frozen: {
@@ -301,7 +303,7 @@ export function applyEvent(state: Projection, seq: number, event: StoreEvent): P
       const below = viewOf(state, fromId);
       const top = newLayer(state, newTopId, fromId, from.sizeBytes, 'cow', false, null);
       top.volume = name;
-      state.volumes.set(name, { name, top: newTopId, view: { stack: [...below.stack, newTopId], index: below.index.cloneShared() } });
+      state.volumes.set(name, { name, createdSeq: seq, top: newTopId, view: { stack: [...below.stack, newTopId], index: below.index.cloneShared() } });
       break;
     }
     case EventType.Write: {

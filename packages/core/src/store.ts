@@ -152,6 +152,14 @@ export interface MapExtent {
   readonly depth: number;
 }
 
+/** Who writes, and to which volume exactly. */
+export interface WriteSource {
+  /** Recorded with the events (blame), e.g. "nbd#12 127.0.0.1:40312". */
+  readonly origin?: string;
+  /** The volume's createdSeq when the writer opened it: refuse if the name now belongs to another. */
+  readonly createdSeq?: number;
+}
+
 interface PendingBlocks {
   readonly first: number;
   readonly count: number;
@@ -162,6 +170,8 @@ interface PendingBlocks {
 interface VolumeRuntime {
   barrier: Promise<void> | undefined;
   readonly inflight: Set<PendingBlocks>;
+  /** Resolves when the in-flight set next becomes empty (created on demand by a barrier). */
+  drained: { promise: Promise<void>; resolve: () => void } | undefined;
 }
 
 function toStoreError(err: unknown, dir: string): unknown {
@@ -508,19 +518,31 @@ export class Store {
   private runtime(volume: string): VolumeRuntime {
     let rt = this.runtimes.get(volume);
     if (rt === undefined) {
-      rt = { barrier: undefined, inflight: new Set() };
+      rt = { barrier: undefined, inflight: new Set(), drained: undefined };
       this.runtimes.set(volume, rt);
     }
     return rt;
   }
 
-  /** Run `body` with the volume's writes held back; writes already issued are ordered before it. */
+  /**
+   * Run `body` with the volume's writes held back: new writes wait, and writes already issued are
+   * committed and applied first (commit and flatten walk the applied state, so a write still in
+   * flight would be missed and lost).
+   */
   private async withBarrier<T>(volume: string, body: () => Promise<T>): Promise<T> {
     const rt = this.runtime(volume);
     while (rt.barrier !== undefined) await rt.barrier;
     let release!: () => void;
     rt.barrier = new Promise<void>((r) => (release = r));
     try {
+      while (rt.inflight.size > 0) {
+        if (rt.drained === undefined) {
+          let resolve!: () => void;
+          const promise = new Promise<void>((r) => (resolve = r));
+          rt.drained = { promise, resolve };
+        }
+        await rt.drained.promise;
+      }
       return await body();
     } finally {
       rt.barrier = undefined;
@@ -619,9 +641,11 @@ export class Store {
     return viewOf(this.state, layerId);
   }
 
-  private volumeView(name: string): { view: View; sizeBytes: number } {
+  private volumeView(name: string, createdSeq?: number): { view: View; sizeBytes: number } {
     const volume = this.state.volumes.get(name);
-    if (volume === undefined) throw new BlockDeviceError('ESHUTDOWN', `volume ${name} no longer exists`);
+    if (volume === undefined || (createdSeq !== undefined && volume.createdSeq !== createdSeq)) {
+      throw new BlockDeviceError('ESHUTDOWN', `volume ${name} no longer exists${volume !== undefined ? ' (a new volume has its name)' : ''}`);
+    }
     return { view: volume.view, sizeBytes: this.state.layers.get(volume.top)!.sizeBytes };
   }
 
@@ -728,14 +752,14 @@ export class Store {
    * Write `data` at `offset` of a volume. The device owns `data` until the promise settles. With
    * `fua`, the write is durable when the promise resolves.
    */
-  async writeVolume(name: string, offset: number, data: Buffer, fua: boolean, origin?: string): Promise<void> {
+  async writeVolume(name: string, offset: number, data: Buffer, fua: boolean, source: WriteSource = {}): Promise<void> {
     let rt = this.runtime(name);
     while (rt.barrier !== undefined) {
       await rt.barrier;
       rt = this.runtime(name);
     }
     this.checkHealthy();
-    const { view, sizeBytes } = this.volumeView(name);
+    const { view, sizeBytes } = this.volumeView(name, source.createdSeq);
     checkRange(offset, data.length, sizeBytes, 'ENOSPC');
     if (data.length > maxWriteBytes) throw new BlockDeviceError('EINVAL', `write of ${data.length} bytes is over maxWriteBytes (${maxWriteBytes})`);
     const bs = this.blockSizeBytes_;
@@ -750,7 +774,7 @@ export class Store {
       if ((offset + data.length) % bs !== 0 && (count > 1 || offset % bs === 0)) this.blockContent(rt, view, first + count - 1, payload, (count - 1) * bs);
       data.copy(payload, offset - first * bs);
     }
-    await this.appendBlocks(rt, view, first, count, payload, fua, origin);
+    await this.appendBlocks(rt, view, first, count, payload, fua, source.origin);
   }
 
   /** Append a Write (payload) or Zero (no payload) event for whole blocks of a volume's top. */
@@ -769,6 +793,10 @@ export class Store {
       throw toDeviceError(err);
     } finally {
       rt.inflight.delete(pending);
+      if (rt.inflight.size === 0 && rt.drained !== undefined) {
+        rt.drained.resolve();
+        rt.drained = undefined;
+      }
     }
   }
 
@@ -776,14 +804,14 @@ export class Store {
    * Make a range of a volume read as zeroes. Whole blocks become "zero" in the top layer (no data
    * written); partial blocks at the edges are written with zeroes.
    */
-  async zeroVolume(name: string, offset: number, length: number, fua: boolean, origin?: string): Promise<void> {
+  async zeroVolume(name: string, offset: number, length: number, fua: boolean, source: WriteSource = {}): Promise<void> {
     let rt = this.runtime(name);
     while (rt.barrier !== undefined) {
       await rt.barrier;
       rt = this.runtime(name);
     }
     this.checkHealthy();
-    const { view, sizeBytes } = this.volumeView(name);
+    const { view, sizeBytes } = this.volumeView(name, source.createdSeq);
     checkRange(offset, length, sizeBytes, 'ENOSPC');
     const bs = this.blockSizeBytes_;
     const end = offset + length;
@@ -794,32 +822,32 @@ export class Store {
       const payload = Buffer.allocUnsafe(bs);
       this.blockContent(rt, view, block, payload, 0);
       payload.fill(0, from - block * bs, to - block * bs);
-      work.push(this.appendBlocks(rt, view, block, 1, payload, fua, origin));
+      work.push(this.appendBlocks(rt, view, block, 1, payload, fua, source.origin));
     };
     if (wholeFirst > wholeEnd) {
       edge(Math.floor(offset / bs), offset, end);
     } else {
       if (offset % bs !== 0) edge(wholeFirst - 1, offset, wholeFirst * bs);
-      if (wholeEnd > wholeFirst) work.push(this.appendBlocks(rt, view, wholeFirst, wholeEnd - wholeFirst, undefined, fua, origin));
+      if (wholeEnd > wholeFirst) work.push(this.appendBlocks(rt, view, wholeFirst, wholeEnd - wholeFirst, undefined, fua, source.origin));
       if (end % bs !== 0) edge(wholeEnd, wholeEnd * bs, end);
     }
     await Promise.all(work);
   }
 
   /** Discard whole blocks of a range (they read as zeroes afterwards); partial blocks are left alone. */
-  async trimVolume(name: string, offset: number, length: number, fua: boolean, origin?: string): Promise<void> {
+  async trimVolume(name: string, offset: number, length: number, fua: boolean, source: WriteSource = {}): Promise<void> {
     let rt = this.runtime(name);
     while (rt.barrier !== undefined) {
       await rt.barrier;
       rt = this.runtime(name);
     }
     this.checkHealthy();
-    const { view, sizeBytes } = this.volumeView(name);
+    const { view, sizeBytes } = this.volumeView(name, source.createdSeq);
     checkRange(offset, length, sizeBytes, 'ENOSPC');
     const bs = this.blockSizeBytes_;
     const first = Math.ceil(offset / bs);
     const end = Math.floor((offset + length) / bs);
-    if (end > first) await this.appendBlocks(rt, view, first, end - first, undefined, fua, origin);
+    if (end > first) await this.appendBlocks(rt, view, first, end - first, undefined, fua, source.origin);
     else if (fua) await this.flush();
   }
 
@@ -1012,6 +1040,11 @@ export class Store {
       await this.append([EventType.VolumeDeleted, name], true);
     });
     this.runtimes.delete(name);
+  }
+
+  /** The seq that created volume `name` (tells it from a later volume of the same name). */
+  volumeCreatedSeq(name: string): number | undefined {
+    return this.state.volumes.get(name)?.createdSeq;
   }
 
   volumeInfo(name: string): VolumeInfo {

@@ -85,6 +85,40 @@ test('writes issued before a snapshot are in it; writes issued after are not', a
   await store.close();
 });
 
+test('commit and flatten wait for writes already in flight; none is lost', async () => {
+  const store = await Store.create(tempDir(), { sizeBytes: mib });
+  await store.writeVolume('default', 0, Buffer.alloc(mib, 9), false);
+  await store.snapshot('default', 'base');
+  await store.deleteSnapshot('default@base');
+  const racing = Array.from({ length: 64 }, (_, i) => store.writeVolume('default', i * 8192, Buffer.alloc(4096, i + 1), false));
+  const committed = store.commit('default');
+  const racing2 = Array.from({ length: 64 }, (_, i) => store.writeVolume('default', i * 8192 + 4096, Buffer.alloc(4096, i + 100), false));
+  const flattened = store.flatten('default');
+  await Promise.all([...racing, committed, ...racing2, flattened]);
+  const data = flat(store.readVolume('default', 0, mib));
+  for (let i = 0; i < 64; i++) {
+    assert.is(data[i * 8192], i + 1, `write ${i} before the commit survives`);
+    assert.is(data[i * 8192 + 4096], i + 100, `write ${i} before the flatten survives`);
+  }
+  await store.close();
+});
+
+test('a device bound to a deleted volume is refused, also once a new volume takes its name', async () => {
+  const store = await Store.create(tempDir(), { sizeBytes: mib });
+  const exports = new StoreExports(store);
+  const old = exports.open('default')!;
+  await store.deleteVolume('default');
+  await rejects(() => old.write(0, Buffer.alloc(512, 1), { fua: false }), code('ESHUTDOWN'));
+  await store.createVolume('default', mib);
+  await rejects(() => old.write(0, Buffer.alloc(512, 1), { fua: false }), code('ESHUTDOWN'));
+  await rejects(() => old.read(0, 512), code('ESHUTDOWN'));
+  assert.ok(flat(store.readVolume('default', 0, 512)).equals(Buffer.alloc(512)), 'the new volume was not written');
+  const fresh = exports.open('default')!;
+  await fresh.write(0, Buffer.alloc(512, 2), { fua: false });
+  assert.is(flat(store.readVolume('default', 0, 1))[0], 2);
+  await store.close();
+});
+
 test('1000-deep stacks read correctly, survive reopen, and report allocation depth', async () => {
   const dir = tempDir();
   let store = await Store.create(dir, { sizeBytes: 4 * mib });

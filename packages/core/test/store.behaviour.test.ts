@@ -60,9 +60,9 @@ test('a store or journal of an unknown format version is refused', async () => {
   const dir = tempDir();
   await (await Store.create(dir, { sizeBytes: mib })).close();
   const db = new Level<Buffer, Buffer>(join(dir, 'journal'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
-  await db.put(Buffer.from('mformat'), pack({ format: 'cowstack-journal', version: 2 }));
+  await db.put(Buffer.from('mformat'), pack({ format: 'cowstack-journal', version: 1 }));
   await db.close();
-  await rejects(() => Store.open(dir), (e: unknown) => e instanceof StoreError && e.code === 'EFORMAT' && /version 2 is not supported/.test(e.message));
+  await rejects(() => Store.open(dir), (e: unknown) => e instanceof StoreError && e.code === 'EFORMAT' && /journal format version 1 is not supported; this build reads version 2/.test(e.message));
 
   // A store whose first event says a newer store format (written as a newer build would).
   const newer = tempDir();

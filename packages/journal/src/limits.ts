@@ -2,8 +2,11 @@
  * Named limits and format constants of the journal. Units are the last word of each name.
  */
 
-/** The on-disk format this build writes and the only one it reads. */
-export const journalFormatVersion = 1;
+/**
+ * The on-disk format this build writes and the only one it reads. Version 2 keeps write payloads in
+ * the payload log beside LevelDB (version 1, never released, kept them in LevelDB).
+ */
+export const journalFormatVersion = 2;
 /** Version of the batch frame layout inside a record value. */
 export const batchFrameVersion = 1;
 /** A group-commit batch is split into several LevelDB values (one atomic LevelDB batch) above this. */

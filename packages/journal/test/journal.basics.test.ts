@@ -133,7 +133,7 @@ test('an unknown format version, a foreign LevelDB and a missing journal are ref
   const raw = new Level<Buffer, Buffer>(dir, { keyEncoding: 'buffer', valueEncoding: 'buffer' });
   await raw.put(Buffer.from('mformat'), pack({ format: 'cowstack-journal', version: 99 }));
   await raw.close();
-  await rejects(() => Journal.open(dir), /format version 99 is not supported; this build reads version 1/);
+  await rejects(() => Journal.open(dir), /format version 99 is not supported; this build reads version 2/);
 
   const foreign = tempDir();
   const other = new Level(foreign);

@@ -2,7 +2,7 @@
  * Shared pieces of the command definitions: exit codes, argument parsers that turn bad values into
  * usage errors, and the help-text example every command carries.
  */
-import { limits } from '@cowstack/core';
+import { limits, parseRetention, type RetentionPolicy } from '@cowstack/core';
 import { type Command, InvalidArgumentError } from 'commander';
 import { parseSize } from './sizes.js';
 
@@ -67,6 +67,14 @@ export function hostPortArg(value: string): { host: string; port: number } {
   const port = match === null ? NaN : Number(match[2]);
   if (match === null || port > maxPort) throw new InvalidArgumentError(`${JSON.stringify(value)} is not ADDR:PORT (example: 127.0.0.1:9100)`);
   return { host: match[1].replace(/^\[(.*)\]$/, '$1') || '127.0.0.1', port };
+}
+
+export function retentionArg(value: string): RetentionPolicy {
+  try {
+    return parseRetention(value);
+  } catch (err) {
+    throw new InvalidArgumentError((err as Error).message);
+  }
 }
 
 export function example(command: Command, ...lines: string[]): Command {

@@ -6,6 +6,7 @@
  */
 import { Command, CommanderError } from 'commander';
 import { exitOk, exitProblem, exitUsage, ProblemsFound } from './command-helpers.js';
+import { registerHistoryCommands } from './commands/history-commands.js';
 import { registerJournalCommands } from './commands/journal-commands.js';
 import { registerLayerCommands } from './commands/layer-commands.js';
 import { registerStoreCommands } from './commands/store-commands.js';
@@ -19,6 +20,7 @@ function program(): Command {
     .configureOutput({ writeErr: (s) => process.stderr.write(s) });
   registerStoreCommands(root);
   registerLayerCommands(root);
+  registerHistoryCommands(root);
   registerJournalCommands(root);
   root.commands.forEach(function walk(c: Command): void {
     c.exitOverride();

@@ -8,11 +8,18 @@ import { closeSync, ftruncateSync, openSync, writeSync } from 'node:fs';
 import { resolve } from 'node:path';
 import {
   applyEvent,
+  blame,
+  changedSince,
+  describeRetention,
+  dmCowTable,
   emptyProjection,
   EventType,
   eventTypeName,
   type Projection,
+  importDmCow,
+  parseRetention,
   type ProgressCallback,
+  resolvePoint,
   Store,
   type StoreEvent,
 } from '@cowstack/core';
@@ -93,6 +100,8 @@ export function describe(record: JournalRecord<StoreEvent>, state: Projection): 
       return { ...base, volume: volumeOf(e[1]), layer: e[1], offset: null, length: null, detail: `merged into layer ${e[2]}` };
     case EventType.Flattened:
       return { ...base, volume: e[1], layer: null, offset: null, length: null, detail: '' };
+    case EventType.SnapshotNamed:
+      return { ...base, volume: e[1], layer: e[3], offset: null, length: null, detail: `snapshot ${e[1]}@${e[2]} (retroactive)` };
     default:
       return { ...base, volume: null, layer: null, offset: null, length: null, detail: 'unknown event' };
   }
@@ -207,7 +216,46 @@ export const operations: Record<string, Operation> = {
       ),
       { defaultValue: undefined },
     );
-    return { ...stats, eventsByType: byType, retainedPayloadBytes: payloadBytes, payloadsRetainedFromSeq: stats.payloadsDroppedThroughSeq + 1 };
+    const window = await payloadWindow(store, stats.payloadsDroppedThroughSeq + 1);
+    return {
+      ...stats,
+      eventsByType: byType,
+      retainedPayloadBytes: payloadBytes,
+      payloadsRetainedFromSeq: stats.payloadsDroppedThroughSeq + 1,
+      payloadsRetainedFromTime: window,
+      retention: store.retentionPolicy,
+      retentionDescription: describeRetention(store.retentionPolicy),
+    };
+  },
+  async 'diff.since'({ store }, args) {
+    const volume = str(args, 'volume');
+    const since = await resolvePoint(store, volume, str(args, 'since'));
+    const until = typeof args.until === 'string' ? await resolvePoint(store, volume, args.until) : store.lastSeq;
+    return { volume, sinceSeq: since, untilSeq: until, extents: await changedSince(store, volume, since, until) };
+  },
+  async blame({ store }, args) {
+    return blame(store, str(args, 'volume'), num(args, 'offset')!, num(args, 'length')!);
+  },
+  async 'snapshot.at'({ store, progress }, args) {
+    const volume = str(args, 'volume');
+    const seq = await resolvePoint(store, volume, str(args, 'at'));
+    const snap = await store.snapshotAt(volume, seq, typeof args.name === 'string' ? args.name : undefined, progress);
+    return { ...snap, seq };
+  },
+  async retain({ store }, args) {
+    if (typeof args.policy === 'string') await store.setRetention(parseRetention(args.policy));
+    return { policy: store.retentionPolicy, description: describeRetention(store.retentionPolicy) };
+  },
+  async 'import-dmcow'({ store }, args) {
+    return importDmCow(store, str(args, 'name'), {
+      dataPath: str(args, 'data'),
+      bitmapPath: str(args, 'bitmap'),
+      sizeBytes: num(args, 'sizeBytes'),
+      below: typeof args.below === 'string' ? args.below : undefined,
+    });
+  },
+  async table({ store }, args) {
+    return dmCowTable(store, str(args, 'volume'), resolve(str(args, 'bitmaps')));
   },
   async 'journal.verify'({ store }) {
     return store.eventLog.verify();
@@ -262,6 +310,21 @@ export const operations: Record<string, Operation> = {
     return { following: true };
   },
 };
+
+/** Commit time of the first record whose payload is still kept (null when none is). */
+async function payloadWindow(store: Store, fromSeq: number): Promise<string | null> {
+  if (fromSeq > store.lastSeq) return null;
+  let time: string | null = null;
+  await lastValueFrom(
+    store.eventLog.replay(fromSeq, fromSeq, { payloads: false }).pipe(
+      tap((r) => {
+        time = new Date(r.timeMs).toISOString();
+      }),
+    ),
+    { defaultValue: undefined },
+  );
+  return time;
+}
 
 export async function runOperation(name: string, ctx: OperationContext, args: Args): Promise<unknown> {
   const op = operations[name];

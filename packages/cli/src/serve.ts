@@ -6,7 +6,7 @@
  * demand (require) STARTTLS; their URIs are then nbds:// when TLS is required.
  */
 import { NbdServer, type NbdAddress, type TlsOptions } from '@cowstack/nbd';
-import { Store, StoreExports } from '@cowstack/core';
+import { type RetentionPolicy, Store, StoreExports } from '@cowstack/core';
 import { ControlServer, removeServeRecord, writeServeRecord } from './control.js';
 import { Metrics } from './metrics.js';
 
@@ -20,6 +20,8 @@ export interface ServeOptions {
   readonly maxConnections?: number;
   /** TLS for the NBD servers (default off); credentials are read before any client connects. */
   readonly tls?: TlsOptions;
+  /** Set this retention policy before serving. */
+  readonly retain?: RetentionPolicy;
   readonly verbose: boolean;
   readonly log: (line: string) => void;
   /** Resolves when the server should stop (a signal). */
@@ -50,6 +52,7 @@ export async function serve(dir: string, options: ServeOptions): Promise<void> {
       options.onProgress?.(phase, done, total);
     },
   });
+  if (options.retain !== undefined) await store.setRetention(options.retain);
   const report = store.openReport;
   if (report.eventsReplayed > 0) {
     options.log(`recovered: replayed ${report.eventsReplayed} events after checkpoint seq ${report.checkpointSeq}, re-applied ${report.writesReapplied} writes in ${report.durationMs.toFixed(0)} ms`);

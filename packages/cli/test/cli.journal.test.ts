@@ -162,7 +162,7 @@ test('journal stats and journal verify, text and JSON', async () => {
     checkpointSeqs: number[];
     eventsByType: Record<string, number>;
     retainedPayloadBytes: number;
-    payloadsRetainedFromSeq: number;
+    payloadsRetainedFromSeq: number; payloadsRetainedFromTime: string;
   }>(['journal', 'stats', store]);
   assert.equal([stats.records, stats.firstSeq, stats.lastSeq], [12, 1, 12]);
   assert.ok(stats.diskBytes > 0);
@@ -176,8 +176,9 @@ test('journal stats and journal verify, text and JSON', async () => {
   assert.is(lines[1], '  records          12 (seq 1..12)');
   assert.match(lines[2], /^ {2}on disk {10}[\d.]+ (B|KiB|MiB)$/);
   assert.is(lines[3], `  checkpoints      ${stats.checkpointSeqs.map((s) => `seq ${s}`).join(', ')}`);
-  assert.is(lines[4], `  write payloads   kept from seq ${stats.payloadsRetainedFromSeq} (76 KiB)`);
-  assert.is(lines[5], '  events by type   StoreCreated 1, LayerCreated 2, VolumeCreated 2, Write 3, Frozen 1, Cloned 1, Zero 1, VolumeDeleted 1');
+  assert.is(lines[4], `  write payloads   kept from seq ${stats.payloadsRetainedFromSeq} (${stats.payloadsRetainedFromTime}), 76 KiB: time travel reaches back that far`);
+  assert.is(lines[5], '  retention        checkpoint (only what crash recovery needs)');
+  assert.is(lines[6], '  events by type   StoreCreated 1, LayerCreated 2, VolumeCreated 2, Write 3, Frozen 1, Cloned 1, Zero 1, VolumeDeleted 1');
 
   const verify = await cowJson<{ ok: boolean; recordsChecked: number; payloadsChecked: number; firstSeq: number; lastSeq: number; problems: unknown[] }>(['journal', 'verify', store]);
   assert.equal(verify, { ok: true, recordsChecked: 12, payloadsChecked: 3, firstSeq: 1, lastSeq: 12, problems: [] });

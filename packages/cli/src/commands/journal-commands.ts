@@ -47,14 +47,15 @@ export function registerJournalCommands(root: Command): void {
       .action(async (dir: string, opts: { json?: boolean }) => {
         const out = new Output(opts.json === true);
         const { result } = await runOnStore(resolve(dir), 'journal.stats', {});
-        const s = result as JournalStats & { eventsByType: Record<string, number>; retainedPayloadBytes: number; payloadsRetainedFromSeq: number };
+        const s = result as JournalStats & { eventsByType: Record<string, number>; retainedPayloadBytes: number; payloadsRetainedFromSeq: number; payloadsRetainedFromTime: string | null; retentionDescription: string };
         out.result(s, () =>
           [
             `journal of ${resolve(dir)}`,
             `  records          ${s.records} (seq ${s.firstSeq}..${s.lastSeq})`,
             `  on disk          ${formatSize(s.diskBytes)}`,
             `  checkpoints      ${s.checkpointSeqs.length > 0 ? s.checkpointSeqs.map((c) => `seq ${c}`).join(', ') : 'none'}`,
-            `  write payloads   kept from seq ${s.payloadsRetainedFromSeq} (${formatSize(s.retainedPayloadBytes)})`,
+            `  write payloads   kept from seq ${s.payloadsRetainedFromSeq}${s.payloadsRetainedFromTime ? ` (${s.payloadsRetainedFromTime})` : ''}, ${formatSize(s.retainedPayloadBytes)}: time travel reaches back that far`,
+            `  retention        ${s.retentionDescription}`,
             `  events by type   ${Object.entries(s.eventsByType)
               .map(([t, n]) => `${t} ${n}`)
               .join(', ')}`,

@@ -127,12 +127,18 @@ export function registerLayerCommands(root: Command): void {
       .argument('<target>', 'VOLUME to snapshot, or VOLUME@SNAPSHOT with --delete')
       .option('--name <name>', 'snapshot name (default snap-N)')
       .option('--delete', 'delete the snapshot VOLUME@SNAPSHOT (its data goes once no clone uses it)')
+      .option('--at <point>', 'a retroactive snapshot: the volume as it was at seq:N, time:ISO-8601 or another snapshot (needs that time\'s data in the journal: see `cowstack retain`)')
       .option('--json', 'print as JSON')
-      .action(async (dir: string, target: string, opts: { name?: string; delete?: boolean; json?: boolean }) => {
+      .action(async (dir: string, target: string, opts: { name?: string; delete?: boolean; at?: string; json?: boolean }) => {
         const out = new Output(opts.json === true);
         if (opts.delete) {
           const result = await run<{ deleted: string }>(dir, 'snapshot.delete', { ref: target }, out.json);
           out.result(result, () => `deleted snapshot ${target}`);
+          return;
+        }
+        if (opts.at !== undefined) {
+          const snap = await run<SnapshotInfo & { seq: number }>(dir, 'snapshot.at', { volume: target, at: opts.at, name: opts.name }, out.json, true);
+          out.result(snap, () => `snapshot ${snap.volume}@${snap.name} (layer ${snap.layerId}): ${snap.volume} as it was at seq ${snap.seq}`);
           return;
         }
         const snap = await run<SnapshotInfo>(dir, 'snapshot', { volume: target, name: opts.name }, out.json);
@@ -140,6 +146,7 @@ export function registerLayerCommands(root: Command): void {
       }),
     'cowstack snapshot /srv/cow default --name golden',
     'cowstack snapshot /srv/cow default@golden --delete',
+    'cowstack snapshot /srv/cow default --at time:2026-11-25T09:00:00Z --name before-upgrade',
   );
 
   example(
@@ -247,24 +254,39 @@ export function registerLayerCommands(root: Command): void {
   example(
     root
       .command('diff')
-      .description('extents that may differ between two volumes or snapshots (blocks held by different layers)')
+      .description('extents that may differ between two volumes or snapshots; or, with --since, the extents of a volume written since a point in its history')
       .argument('<store>', 'store directory')
       .argument('<a>', 'VOLUME or VOLUME@SNAPSHOT')
-      .argument('<b>', 'VOLUME or VOLUME@SNAPSHOT')
+      .argument('[b]', 'VOLUME or VOLUME@SNAPSHOT (not with --since)')
+      .option('--since <point>', 'changed since seq:N, time:ISO-8601 or a snapshot name (nothing declared in advance)')
+      .option('--until <point>', 'with --since: as the volume was at this point (default: now)')
       .option('--json', 'print as JSON')
-      .action(async (dir: string, a: string, b: string, opts: { json?: boolean }) => {
+      .action(async function (this: Command, dir: string, a: string, b: string | undefined, opts: { since?: string; until?: string; json?: boolean }) {
+        const usage = (message: string): never => this.error(`error: ${message}`, { exitCode: 2 });
         const out = new Output(opts.json === true);
+        const columns = [
+          { header: 'OFFSET', value: (e: DiffExtent) => `0x${e.offset.toString(16)}`, align: 'right' as const },
+          { header: 'LENGTH', value: (e: DiffExtent) => `0x${e.length.toString(16)}`, align: 'right' as const },
+          { header: 'SIZE', value: (e: DiffExtent) => formatSize(e.length), align: 'right' as const },
+        ];
+        if (opts.since !== undefined) {
+          if (b !== undefined) usage('--since compares one volume with its past; give one volume, not two');
+          const r = await run<{ volume: string; sinceSeq: number; untilSeq: number; extents: DiffExtent[] }>(dir, 'diff.since', { volume: a, since: opts.since, until: opts.until }, out.json);
+          const total = r.extents.reduce((n, e) => n + e.length, 0);
+          out.result(r, () =>
+            r.extents.length === 0
+              ? `${a}: nothing written between seq ${r.sinceSeq} and seq ${r.untilSeq}`
+              : `${a}: ${formatSize(total)} written between seq ${r.sinceSeq} and seq ${r.untilSeq}\n${table(r.extents, columns)}`,
+          );
+          return;
+        }
+        if (opts.until !== undefined) usage('--until goes with --since');
+        if (b === undefined) return usage('diff needs two volumes or snapshots, or one volume and --since');
         const extents = await run<DiffExtent[]>(dir, 'diff', { a, b }, out.json);
-        out.result(extents, () =>
-          extents.length === 0
-            ? `${a} and ${b} do not differ`
-            : table(extents, [
-                { header: 'OFFSET', value: (e) => `0x${e.offset.toString(16)}`, align: 'right' },
-                { header: 'LENGTH', value: (e) => `0x${e.length.toString(16)}`, align: 'right' },
-                { header: 'SIZE', value: (e) => formatSize(e.length), align: 'right' },
-              ]),
-        );
+        out.result(extents, () => (extents.length === 0 ? `${a} and ${b} do not differ` : table(extents, columns)));
       }),
     'cowstack diff /srv/cow default@golden vm1',
+    'cowstack diff /srv/cow vm1 --since golden --json     # changed blocks, for an incremental backup',
+    'cowstack diff /srv/cow vm1 --since time:2026-11-25T08:00:00Z',
   );
 }

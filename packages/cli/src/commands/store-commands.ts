@@ -3,10 +3,10 @@
  * (stop `cowstack serve` first); init creates a store with one volume.
  */
 import { resolve } from 'node:path';
-import { checkStore, limits, recoverStore, Store, StoreError, type BaseSpec } from '@cowstack/core';
+import { checkStore, limits, recoverStore, type RetentionPolicy, Store, StoreError, type BaseSpec } from '@cowstack/core';
 import { x509CredentialsFromDir, type TlsOptions } from '@cowstack/nbd';
 import { type Command, Option } from 'commander';
-import { blockSizeArg, example, hostPortArg, modeArg, portArg, positiveIntArg, ProblemsFound, sizeArg } from '../command-helpers.js';
+import { blockSizeArg, example, hostPortArg, modeArg, portArg, positiveIntArg, ProblemsFound, retentionArg, sizeArg } from '../command-helpers.js';
 import { readServeRecord } from '../control.js';
 import { Output } from '../output.js';
 import { progress } from '../progress.js';
@@ -43,13 +43,14 @@ export function registerStoreCommands(root: Command): void {
       .addOption(new Option('--base <image>', 'raw image or block device to use read-only as the base').conflicts('import'))
       .option('--import <image>', 'raw image to copy into the store as the base')
       .option('--volume <name>', 'name of the volume to create', 'default')
+      .option('--retain <policy>', 'write history kept in the journal: checkpoint (default), all, 24h, 10G or seq:N', retentionArg)
       .option('--json', 'print the result as JSON')
-      .action(async (dirArg: string, opts: { size?: number; blockSize: number; base?: string; import?: string; volume: string; json?: boolean }) => {
+      .action(async (dirArg: string, opts: { size?: number; blockSize: number; base?: string; import?: string; volume: string; retain?: RetentionPolicy; json?: boolean }) => {
         const out = new Output(opts.json === true);
         const bar = progress(!out.json);
         const base: BaseSpec = opts.base ? { kind: 'external', path: opts.base } : opts.import ? { kind: 'import', path: opts.import } : { kind: 'zero' };
         if (base.kind === 'zero' && opts.size === undefined) throw new StoreError('EINVAL', 'init needs --size (or --base/--import to take the size from an image)');
-        const store = await Store.create(resolve(dirArg), { sizeBytes: opts.size, blockSizeBytes: opts.blockSize, base, volume: opts.volume, onProgress: bar.callback }).finally(() => bar.stop());
+        const store = await Store.create(resolve(dirArg), { sizeBytes: opts.size, blockSizeBytes: opts.blockSize, base, volume: opts.volume, retain: opts.retain, onProgress: bar.callback }).finally(() => bar.stop());
         const info = { store: store.dir, blockSizeBytes: store.blockSizeBytes, volumes: store.volumes(), layers: store.layers() };
         await store.close();
         const v = info.volumes[0];
@@ -74,8 +75,9 @@ export function registerStoreCommands(root: Command): void {
       .option('--tls-certificates <dir>', 'x509 credentials: DIR holds ca-cert.pem, server-cert.pem, server-key.pem (and optionally ca-crl.pem), as for qemu and nbdkit')
       .addOption(new Option('--tls-psk <file>', 'pre-shared keys instead: psktool format, one username:hexkey line per client').conflicts('tlsCertificates'))
       .option('--tls-verify-peer', 'with --tls-certificates: require a client certificate signed by ca-cert.pem')
+      .option('--retain <policy>', 'set the journal\'s write-history retention first (see `cowstack retain`)', retentionArg)
       .option('-v, --verbose', 'log every connection and protocol event')
-      .action(async (dirArg: string, opts: { socket?: string; socketMode: number; port?: number; bind: string; metrics?: { host: string; port: number }; maxConnections?: number; tls: 'off' | 'on' | 'require'; tlsCertificates?: string; tlsPsk?: string; tlsVerifyPeer?: boolean; verbose?: boolean }, command: Command) => {
+      .action(async (dirArg: string, opts: { socket?: string; socketMode: number; port?: number; bind: string; metrics?: { host: string; port: number }; maxConnections?: number; tls: 'off' | 'on' | 'require'; tlsCertificates?: string; tlsPsk?: string; tlsVerifyPeer?: boolean; retain?: RetentionPolicy; verbose?: boolean }, command: Command) => {
         const dir = resolve(dirArg);
         const tls = tlsOptions(command, opts);
         const stopSignal = new Promise<string>((resolveSignal) => {
@@ -99,6 +101,7 @@ export function registerStoreCommands(root: Command): void {
             metrics: opts.metrics,
             maxConnections: opts.maxConnections,
             tls,
+            retain: opts.retain,
             verbose: opts.verbose === true,
             log: (line) => process.stderr.write(`cowstack: ${line}\n`),
             stopSignal,

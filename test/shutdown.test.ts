@@ -39,7 +39,7 @@ print('connected', flush=True)
 deadline = time.time() + 60
 p = pass_base
 def reap():
-    while True:
+    while pending:   # (peeking with nothing in flight is an error)
         c = h.aio_peek_command_completed()
         if c <= 0:
             return

@@ -7,7 +7,7 @@
 import { resolve } from 'node:path';
 import type { BlameExtent, DmCowImportReport, DmCowTable, RetentionPolicy } from '@cowstack/core';
 import type { Command } from 'commander';
-import { example, intArg, sizeArg } from '../command-helpers.js';
+import { example, intArg, retentionArg, sizeArg } from '../command-helpers.js';
 import { Output, table } from '../output.js';
 import { formatSize } from '../sizes.js';
 import { runOnStore } from '../store-access.js';
@@ -49,7 +49,7 @@ export function registerHistoryCommands(root: Command): void {
       .command('retain')
       .description('show or set how much write history the journal keeps: checkpoint (default), all, 24h, 10G or seq:N')
       .argument('<store>', 'store directory')
-      .argument('[policy]', 'checkpoint | all | <N>s|m|h|d | <N>K|M|G|T | seq:<N>')
+      .argument('[policy]', 'checkpoint | all | <N>s|m|h|d | <N>K|M|G|T | seq:<N>', (value: string) => (retentionArg(value), value))
       .option('--json', 'print as JSON')
       .action(async (dir: string, policy: string | undefined, opts: { json?: boolean }) => {
         const out = new Output(opts.json === true);

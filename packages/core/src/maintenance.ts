@@ -3,7 +3,8 @@
  *
  * recover: open the store (which loads the newest usable checkpoint, replays every later event,
  * re-applies the data of their writes to the layer files and writes a fresh checkpoint), close it,
- * and report what it did.
+ * and report what it did. With force, a journal damaged beyond a torn tail is cut at its first
+ * damaged record first (see recoverStore).
  *
  * check: after the same recovery, verify three things and name every problem found:
  *   - the journal: chained CRCs, no gaps, payload CRCs (by seq);
@@ -13,7 +14,8 @@
  *     (by volume, layer, block and seq).
  */
 import { crc32c } from '@node-rs/crc32';
-import type { JournalRecord } from '@cowstack/journal';
+import { join, resolve } from 'node:path';
+import { Journal, type JournalRecord } from '@cowstack/journal';
 import { lastValueFrom, scan, tap } from 'rxjs';
 import { StoreError } from './errors.js';
 import { EventType, type StoreEvent } from './events.js';
@@ -23,14 +25,65 @@ import { type OpenReport, type ProgressCallback, Store } from './store.js';
 
 export interface RecoverReport extends OpenReport {
   readonly eventsPerSecond: number;
+  /**
+   * With --force, after damage: the first damaged seq, why, and how many records from there on were
+   * discarded (everything after the damage is lost; everything before it is kept).
+   */
+  readonly salvage: { readonly fromSeq: number; readonly reason: string; readonly recordsDiscarded: number; readonly writesReapplied: number } | undefined;
 }
 
-export async function recoverStore(dir: string, options: { onProgress?: ProgressCallback } = {}): Promise<RecoverReport> {
-  const store = await Store.open(dir, { onProgress: options.onProgress });
+/**
+ * Recover a store. With `force`, a store that will not open because its journal is damaged is
+ * salvaged: the journal is cut at the first damaged record (the damaged record and every record
+ * after it are discarded, acknowledged or not), the store opens from its newest usable checkpoint as
+ * usual, and every retained write payload is written to its layer file again, so blocks that
+ * discarded events had overwritten get their last kept content back (blocks whose payloads retention
+ * already dropped cannot be restored; check names them). Damaged checkpoints need no force: older
+ * ones are used automatically.
+ */
+export async function recoverStore(dir: string, options: { onProgress?: ProgressCallback; force?: boolean } = {}): Promise<RecoverReport> {
+  let salvage: RecoverReport['salvage'];
+  let store: Store;
+  try {
+    store = await Store.open(dir, { onProgress: options.onProgress });
+  } catch (err) {
+    if (options.force !== true || !(err instanceof StoreError) || err.code !== 'ECORRUPT') throw err;
+    const cut = await cutAtDamage(dir);
+    if (cut === undefined) throw err;
+    store = await Store.open(dir, { onProgress: options.onProgress });
+    // Blocks the discarded events had overwritten get their last kept journaled content back.
+    salvage = { ...cut, writesReapplied: await store.reapplyRetainedWrites() };
+  }
   const report = store.openReport;
   await store.close();
-  return { ...report, eventsPerSecond: report.durationMs > 0 ? (report.eventsReplayed / report.durationMs) * 1000 : 0 };
+  return { ...report, eventsPerSecond: report.durationMs > 0 ? (report.eventsReplayed / report.durationMs) * 1000 : 0, salvage };
 }
+
+/** Find the first damaged journal record and discard it and everything after it. */
+async function cutAtDamage(dir: string): Promise<{ fromSeq: number; reason: string; recordsDiscarded: number } | undefined> {
+  const journal = await Journal.open<StoreEvent>(join(resolve(dir), 'journal'), { skipDamagedTail: true });
+  try {
+    const verify = await journal.verify();
+    const first = verify.problems.find((p) => p.kind !== 'checkpoint');
+    let fromSeq: number;
+    let reason: string;
+    if (first !== undefined) {
+      fromSeq = first.seq;
+      reason = first.message;
+    } else if (journal.lastSeq < (await journal.lastFrameKeySeq())) {
+      // Only the damaged tail frames were wrong, and open skipped them.
+      fromSeq = journal.lastSeq + 1;
+      reason = `the journal's last frames after seq ${journal.lastSeq} cannot be decoded`;
+    } else {
+      return undefined;
+    }
+    const recordsDiscarded = await journal.discardFrom(fromSeq);
+    return { fromSeq, reason, recordsDiscarded };
+  } finally {
+    await journal.close();
+  }
+}
+
 
 export type CheckProblemKind = 'open' | 'journal' | 'checkpoint' | 'projection' | 'data';
 

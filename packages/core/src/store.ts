@@ -22,7 +22,7 @@
  * are fdatasynced and the projection is stored with the seq it reflects; payloads older than the
  * oldest kept checkpoint are then dropped from the journal (their data is durable in the layer files).
  */
-import { closeSync, existsSync, fstatSync, mkdirSync, openSync, readdirSync, readSync } from 'node:fs';
+import { chmodSync, closeSync, existsSync, fstatSync, mkdirSync, openSync, readdirSync, readSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { crc32c } from '@node-rs/crc32';
 import { Journal, JournalCorruptionError, JournalError, type JournalRecord, JournalTornTailError } from '@cowstack/journal';
@@ -268,7 +268,9 @@ export class Store {
       throw new StoreError('EINVAL', `--size ${options.sizeBytes} does not match the base image's ${source.sizeBytes} bytes`);
     }
     if (existsSync(join(dir, 'journal', 'CURRENT'))) throw new StoreError('EEXIST', `${dir} already holds a cowstack store`);
+    // The store holds every volume's data: only its owner may enter it (files inside need no care).
     mkdirSync(join(dir, 'layers'), { recursive: true, mode: 0o700 });
+    chmodSync(dir, 0o700);
     let journal: Journal<StoreEvent>;
     try {
       journal = await Journal.open<StoreEvent>(join(dir, 'journal'), { create: true });
@@ -440,6 +442,32 @@ export class Store {
   async setRetention(policy: RetentionPolicy): Promise<void> {
     await this.journal.putMeta(retentionMetaKey, policy);
     this.retention = policy;
+  }
+
+  /**
+   * Salvage: write the data of every retained Write event up to `toSeq` into its layer file again,
+   * in seq order, so blocks hold their journaled content even where a file was damaged or holds
+   * data of discarded events. Returns the writes re-applied. Then fdatasyncs and checkpoints.
+   */
+  async reapplyRetainedWrites(toSeq: number = this.state.seq): Promise<number> {
+    const from = Math.max(this.journal.firstSeq, this.journal.payloadsDroppedThroughSeq + 1);
+    let reapplied = 0;
+    const bs = this.blockSizeBytes_;
+    await lastValueFrom(
+      this.journal.replay(from, toSeq).pipe(
+        tap((record) => {
+          const e = record.meta;
+          if (e[0] !== EventType.Write || record.payload === undefined) return;
+          const layer = this.state.layers.get(e[1]);
+          if (layer === undefined || layer.kind === 'external') return;
+          this.files.write(e[1], record.payload, e[2] * bs);
+          reapplied++;
+        }),
+      ),
+      { defaultValue: undefined },
+    );
+    await this.checkpoint();
+    return reapplied;
   }
 
   /** Resolves when every acknowledged write is durable (the journal is synced). */

@@ -237,6 +237,38 @@ test('after an OS crash, an unsynced tail whose data never reached disk is cut; 
   assert.ok(report.ok, JSON.stringify(report.problems));
 });
 
+test('recover --force salvages a journal damaged in the middle: everything before the damage is kept', async () => {
+  const dir = tempDir();
+  const store = await Store.create(dir, { sizeBytes: mib });
+  await store.writeVolume('default', 0, Buffer.alloc(4096, 1), true);
+  const goodSeq = store.lastSeq;
+  await store.writeVolume('default', 4096, Buffer.alloc(4096, 2), true);
+  await store.writeVolume('default', 0, Buffer.alloc(4096, 3), true);
+  await store.close();
+  // Damage the frame of the second write (its records region), then drop the checkpoints past it.
+  const db = new Level<Buffer, Buffer>(join(dir, 'journal'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
+  const key = Buffer.alloc(9);
+  key.write('r', 0);
+  key.writeUInt32BE(goodSeq + 1, 5);
+  const value = (await db.get(key))!;
+  value[50] ^= 0xff;
+  await db.put(key, value);
+  for await (const k of db.keys({ gte: Buffer.from('c'), lt: Buffer.from('d') })) if (k.readUInt32BE(5) > goodSeq - 1) await db.del(k);
+  await db.close();
+  await rejects(() => recoverStore(dir), (e: unknown) => e instanceof StoreError && e.code === 'ECORRUPT' && new RegExp(`seq ${goodSeq + 1}`).test(e.message));
+  const report = await recoverStore(dir, { force: true });
+  assert.is(report.salvage?.fromSeq, goodSeq + 1);
+  assert.ok(report.salvage!.recordsDiscarded >= 2);
+  const reopened = await Store.open(dir);
+  const data = flat(reopened.readVolume('default', 0, 12288));
+  assert.is(data[0], 1, 'the write before the damage is kept, though a discarded write had overwritten it in the file');
+  assert.ok(report.salvage!.writesReapplied >= 1);
+  assert.is(data[4096], 0, 'the damaged write is gone');
+  await reopened.close();
+  const check = await checkStore(dir);
+  assert.ok(check.ok, JSON.stringify(check.problems));
+});
+
 test('check passes on a healthy store and names the volume, block and seq of damaged data', async () => {
   const dir = tempDir();
   const store = await Store.create(dir, { sizeBytes: mib });
@@ -265,6 +297,13 @@ test('check passes on a healthy store and names the volume, block and seq of dam
   assert.is(problem.seq, writeSeq);
   assert.equal(problem.volumes, ['default']);
   assert.match(problem.message, new RegExp(`volume default, layer ${top}, block 3 .*seq ${writeSeq}`));
+});
+
+test('a new store directory is private to its owner', async () => {
+  const dir = join(tempDir(), 'private');
+  await (await Store.create(dir, { sizeBytes: mib })).close();
+  const { statSync } = await import('node:fs');
+  assert.is(statSync(dir).mode & 0o777, 0o700);
 });
 
 test('orphan layer files left by a crash are removed on open', async () => {

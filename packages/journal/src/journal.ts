@@ -117,6 +117,11 @@ export interface OpenOptions<M> {
   readonly create?: boolean;
   /** Called synchronously, in seq order, with each committed batch before its appends resolve. */
   readonly onCommit?: (records: ReadonlyArray<JournalRecord<M>>) => void;
+  /**
+   * Salvage: when the last frames cannot be decoded, open anyway from the last good frame (the
+   * damaged ones are dropped by a later discardFrom). Without it, a damaged last frame refuses open.
+   */
+  readonly skipDamagedTail?: boolean;
 }
 
 interface Retention {
@@ -204,9 +209,11 @@ export class Journal<M = unknown> {
       let nextSeq = retention.firstSeq;
       let lastChain = retention.chainBefore;
       if (lastKey !== undefined && lastValue !== undefined) {
-        const frame = decodeFrame(seqOfKey(lastKey), lastValue, undefined, true);
-        nextSeq = frame.firstSeq + frame.count;
-        lastChain = frame.lastChain;
+        const frame = options.skipDamagedTail === true ? await Journal.lastGoodFrame(db) : decodeFrame(seqOfKey(lastKey), lastValue, undefined, true);
+        if (frame !== undefined) {
+          nextSeq = frame.firstSeq + frame.count;
+          lastChain = frame.lastChain;
+        }
       }
       const durableRaw = await db.get(metaKey('durable'));
       const durableSeq = durableRaw === undefined ? 0 : (metaPackr.unpack(durableRaw) as number);
@@ -244,6 +251,18 @@ export class Journal<M = unknown> {
     const raw = await db.get(metaKey('retention'));
     if (raw === undefined) return { firstSeq: 1, chainBefore: 0, payloadsThrough: 0 };
     return metaPackr.unpack(raw) as Retention;
+  }
+
+  /** The newest frame that decodes, walking back from the end (salvage only). */
+  private static async lastGoodFrame(db: Db): Promise<DecodedFrame | undefined> {
+    for await (const [key, value] of db.iterator({ ...recordRange, reverse: true })) {
+      try {
+        return decodeFrame(seqOfKey(key), value, undefined, true);
+      } catch (err) {
+        if (!(err instanceof JournalCorruptionError)) throw err;
+      }
+    }
+    return undefined;
   }
 
   private static async lastEntry(db: Db, range: { gte: Buffer; lt: Buffer }): Promise<[Buffer | undefined, Buffer | undefined]> {
@@ -557,20 +576,60 @@ export class Journal<M = unknown> {
   async cutTail(seq: number): Promise<number> {
     this.checkOpen();
     if (seq <= this.durableSeq) throw new JournalError('EINVAL', `seq ${seq} is durable (last durable seq ${this.durableSeq}); only a torn tail can be cut`);
+    return this.discardFrom(seq);
+  }
+
+  /** The seq the newest frame key names (decodable or not); 0 when there is none. */
+  async lastFrameKeySeq(): Promise<number> {
+    this.checkOpen();
+    const [key] = await Journal.lastEntry(this.db, recordRange);
+    return key === undefined ? 0 : seqOfKey(key);
+  }
+
+  /**
+   * Salvage after damage: remove every record from the frame holding `seq` on (the damaged record
+   * and everything after it, durable or not), any checkpoint past the new end, and lower the durable
+   * mark to it. Returns how many records went. Only `recover --force` should call this.
+   */
+  async discardFrom(seq: number): Promise<number> {
+    this.checkOpen();
+    // The frame holding seq, if one does (a missing frame leaves the previous one intact).
+    let from = seq;
     const key = await this.frameKeyAtOrBefore(seq);
-    const value = await this.db.get(key);
-    if (value === undefined) return 0;
-    const frame = decodeFrame(seqOfKey(key), value, undefined, false);
-    const doomed = await this.db.keys({ gte: key, lt: recordRange.lt }).all();
-    const checkpoints = (await this.checkpointSeqs()).filter((c) => c >= frame.firstSeq);
+    const value = key[0] === recordRange.gte[0] ? await this.db.get(key) : undefined;
+    if (value !== undefined) {
+      try {
+        const frame = decodeFrame(seqOfKey(key), value, undefined, false);
+        if (frame.firstSeq + frame.count > seq) from = frame.firstSeq;
+      } catch {
+        from = Math.min(seq, seqOfKey(key));
+      }
+    }
+    const doomed = await this.db.keys({ gte: recordKey(from), lt: recordRange.lt }).all();
+    // What stays: the last frame before `from`.
+    const [lastKey, lastValue] = await Journal.lastEntry(this.db, { gte: recordRange.gte, lt: recordKey(from) });
+    let nextSeq = this.retention.firstSeq;
+    let lastChain = this.retention.chainBefore;
+    if (lastKey !== undefined && lastValue !== undefined) {
+      const frame = decodeFrame(seqOfKey(lastKey), lastValue, undefined, false);
+      nextSeq = frame.firstSeq + frame.count;
+      lastChain = frame.lastChain;
+    }
+    const checkpoints = (await this.checkpointSeqs()).filter((c) => c >= nextSeq);
+    const durable = Math.min(this.durableSeq, nextSeq - 1);
     await this.db.batch(
-      [...doomed.map((k) => ({ type: 'del' as const, key: k })), ...checkpoints.map((c) => ({ type: 'del' as const, key: checkpointKey(c) }))],
+      [
+        ...doomed.map((k) => ({ type: 'del' as const, key: k })),
+        ...checkpoints.map((c) => ({ type: 'del' as const, key: checkpointKey(c) })),
+        { type: 'put' as const, key: metaKey('durable'), value: metaPackr.pack(durable) },
+      ],
       { sync: true },
     );
-    const cut = this.nextSeq - frame.firstSeq;
-    this.nextSeq = frame.firstSeq;
-    this.lastChain = frame.prevChain;
-    return cut;
+    const discarded = this.nextSeq - nextSeq;
+    this.nextSeq = nextSeq;
+    this.lastChain = lastChain;
+    this.durableSeq = durable;
+    return discarded;
   }
 
   /**

@@ -124,12 +124,13 @@ export function registerStoreCommands(root: Command): void {
       .command('recover')
       .description('replay the journal after a crash: re-apply journaled writes to the layer files and write a checkpoint')
       .argument('<store>', 'store directory')
+      .option('--force', 'salvage a store whose journal is damaged: cut the journal at the first damaged record (it and every later record are lost) and recover what comes before')
       .option('--json', 'print the report as JSON')
-      .action(async (dirArg: string, opts: { json?: boolean }) => {
+      .action(async (dirArg: string, opts: { force?: boolean; json?: boolean }) => {
         const dir = resolve(dirArg);
         const out = new Output(opts.json === true);
         const bar = progress(!out.json);
-        const report = await recoverStore(dir, { onProgress: bar.callback })
+        const report = await recoverStore(dir, { onProgress: bar.callback, force: opts.force === true })
           .catch((err: unknown) => {
             throw err instanceof StoreError && err.code === 'ELOCKED' ? lockedMessage(dir, 'recover') : err;
           })
@@ -143,10 +144,15 @@ export function registerStoreCommands(root: Command): void {
             `  orphan files        ${report.orphanFilesRemoved} removed`,
             `  time                ${(report.durationMs / 1000).toFixed(3)} s (${Math.round(report.eventsPerSecond).toLocaleString('en-US')} events/s)`,
             `  checkpoint written  ${report.checkpointWritten ? `yes, seq ${report.lastSeq}` : 'no (nothing to replay)'}`,
+            ...(report.tailCut !== undefined ? [`  torn tail cut       ${report.tailCut.records} unsynced record(s) from seq ${report.tailCut.fromSeq} (their data never reached the disk)`] : []),
+            ...(report.salvage !== undefined
+              ? [`  SALVAGED            discarded ${report.salvage.recordsDiscarded} record(s) from seq ${report.salvage.fromSeq} (${report.salvage.reason}); re-applied ${report.salvage.writesReapplied} kept write(s)`]
+              : []),
           ].join('\n'),
         );
       }),
     'cowstack recover /srv/cow',
+    'cowstack recover /srv/cow --force   # after check named journal damage: keep everything before it',
   );
 
   example(

@@ -2,7 +2,8 @@
  * nbdcopy with 4 connections (multi-conn) and many requests in flight, in both directions: a file
  * into a volume that already holds other data (nbdcopy zeroes the image's holes), the volume back out
  * to a file, and a snapshot export into another volume of the same server. Every result is compared
- * byte for byte, read back with a different client (libnbd pread from Python).
+ * byte for byte, read back with a different client (libnbd pread from Python). Then `cowstack export`
+ * and `cowstack import` (through the control socket) against the same bytes.
  */
 import { strict as assert } from 'node:assert';
 import { readFileSync, writeFileSync } from 'node:fs';
@@ -51,6 +52,14 @@ test('nbdcopy --connections 4: file → export → file, and snapshot → volume
   await runOk('nbdcopy', ['--connections', '4', '--threads', '4', '--requests', '16', server.uri('default@copied'), server.uri('target')]);
   sameBytes(await readExport(server.uri('target')), image, 'volume after nbdcopy snapshot → volume');
   sameBytes(await readExport(uri), readFileSync(old), 'source volume after it was overwritten');
+
+  // The CLI's own copy paths agree, through the control socket while serving: export a snapshot to
+  // a raw file, import that file as a new volume (which appears as an export at once).
+  const exported = join(dir, 'exported.raw');
+  await cowstackOk(['export', store, 'default@copied', exported]);
+  sameBytes(readFileSync(exported), image, 'cowstack export of the snapshot');
+  await cowstackOk(['import', store, exported, '--volume', 'imported']);
+  sameBytes(await readExport(server.uri('imported')), image, 'volume imported while serving');
 
   await server.stop();
 });

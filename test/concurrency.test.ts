@@ -122,4 +122,40 @@ test('8 concurrent writers on disjoint regions + a snapshot reader + a clone wri
   await again.stop();
 });
 
+test('multi-conn: a write acknowledged on one connection is read at once on the others', async () => {
+  const store = await initStore({ size: '16M' });
+  const server = await startServe(store);
+  const r = await python(String.raw`
+import nbd, random, sys
+uri = sys.argv[1]
+hs = []
+for i in range(4):
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    assert h.can_multi_conn()
+    hs.append(h)
+rng = random.Random(5)
+size = hs[0].get_size()
+bad = 0
+for i in range(1500):
+    n = rng.choice([1, 100, 4095, 4096, 4097, 70000])
+    off = rng.randrange(0, size - n)
+    data = rng.randbytes(n)
+    w = hs[i % 4]
+    op = rng.random()
+    if op < 0.15:
+        w.zero(n, off)
+        data = bytes(n)
+    else:
+        w.pwrite(data, off, nbd.CMD_FLAG_FUA if op > 0.9 else 0)
+    for r in hs:
+        if r is not w and r.pread(n, off) != data:
+            bad += 1
+print(bad)
+`, [server.uri('default')], { timeoutMs: 120_000 });
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal(r.stdout.trim(), '0', 'reads on other connections that missed an acknowledged write');
+  await server.stop();
+});
+
 test.run();

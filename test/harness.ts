@@ -10,7 +10,7 @@
  * The CLI is the built one (packages/cli/bin/cowstack.js → dist), as a user runs it; the root test
  * runner builds first (`npx tsc -b` when running this directory alone).
  */
-import { type ChildProcess, spawn } from 'node:child_process';
+import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -31,6 +31,15 @@ const serveStopTimeoutMs = 20_000;
 
 const madeDirs: string[] = [];
 const live = new Set<ChildProcess>();
+/** FUSE mountpoints of qemu-storage-daemon exports not yet stopped. */
+const mounts = new Set<string>();
+
+function unmountLeftovers(): void {
+  for (const file of mounts) {
+    if (isMounted(file)) spawnSync('umount', ['-l', file], { stdio: 'ignore' });
+    mounts.delete(file);
+  }
+}
 
 process.on('exit', () => {
   for (const child of live) {
@@ -40,6 +49,7 @@ process.on('exit', () => {
       // already gone
     }
   }
+  unmountLeftovers();
   for (const dir of madeDirs) {
     try {
       rmSync(dir, { recursive: true, force: true });
@@ -75,6 +85,7 @@ export async function killAll(): Promise<void> {
     child.kill('SIGKILL');
   }
   await within(Promise.all(waits), 5000, undefined);
+  unmountLeftovers();
 }
 
 export function sleep(ms: number): Promise<void> {
@@ -291,6 +302,7 @@ export async function fuseExport(socket: string, exportName: string, file: strin
     `type=fuse,id=e0,node-name=n0,mountpoint=${file},writable=${options.writable ? 'on' : 'off'}`,
   ];
   const child = track(spawn('qemu-storage-daemon', args, { stdio: ['ignore', 'pipe', 'pipe'] }));
+  mounts.add(file);
   let output = '';
   child.stdout!.setEncoding('utf8').on('data', (d: string) => (output += d));
   child.stderr!.setEncoding('utf8').on('data', (d: string) => (output += d));
@@ -315,6 +327,7 @@ export async function fuseExport(socket: string, exportName: string, file: strin
       }
       if (code !== 0) throw new Error(`qemu-storage-daemon exited ${code}: ${output}`);
       if (isMounted(file)) throw new Error(`${file} still mounted after qemu-storage-daemon exited`);
+      mounts.delete(file);
     },
   };
 }

@@ -126,7 +126,8 @@ async function loadRound(store: string, passBase: number, stop: NodeJS.Signals, 
     assert.equal(lines[0], 'connected', `writer ${w} did not connect: ${r.stdout}${r.stderr}`);
     const log = JSON.parse(lines[lines.length - 1]) as WriterLog;
     assert.notEqual(log.ended, 'deadline', `writer ${w} was not stopped by the server`);
-    assert.ok(Object.keys(log.acked).length === slotsPerRegion, `writer ${w} got only ${Object.keys(log.acked).length} slots acknowledged before the stop`);
+    const ackedWrites = Object.values(log.history).flat().filter(([, , ackedAt]) => ackedAt !== null).length;
+    assert.ok(ackedWrites >= 100, `writer ${w} got only ${ackedWrites} writes acknowledged before the stop`);
     return log;
   });
   return { logs, snapshotWindow };

@@ -31,7 +31,7 @@ rng = random.Random(cfg['seed'])
 w_write, w_fua, w_zero, w_trim, w_flush = cfg['mix']
 deadline = time.time() + cfg['maxSeconds']
 magic = (0xC0570000 + client) & 0xFFFFFFFF
-seed32 = cfg['seed'] & 0xFFFFFFFF
+seed32 = cfg['contentSeed'] & 0xFFFFFFFF
 
 out = []
 

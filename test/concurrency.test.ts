@@ -8,10 +8,10 @@
  */
 import { strict as assert } from 'node:assert';
 import { createHash } from 'node:crypto';
-import { writeFileSync } from 'node:fs';
+import { existsSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'uvu';
-import { cowstackOk, initStore, killAll, MiB, pattern, python, readExport, run, sameBytes, startServe, tempDir, writeExport } from './harness.js';
+import { cowstackOk, initStore, killAll, MiB, pattern, python, readExport, run, sameBytes, sleep, startServe, tempDir, writeExport } from './harness.js';
 
 const sizeBytes = 64 * MiB;
 const writers = 8;
@@ -19,8 +19,8 @@ const writers = 8;
 test.after.each(killAll);
 
 const writerScript = String.raw`
-import nbd, random, sys, time
-uri, start, path, seed, go = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+import nbd, os, random, sys, time
+uri, start, path, seed, ready, go = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6]
 data = open(path, 'rb').read()
 rng = random.Random(seed)
 chunks = []
@@ -32,7 +32,9 @@ while at < len(data):
 rng.shuffle(chunks)
 h = nbd.NBD()
 h.connect_uri(uri)
-time.sleep(max(0, go - time.time()))   # all writers start together
+open(ready, 'w').close()
+while not os.path.exists(go):   # all clients start together
+    time.sleep(0.001)
 began = time.time()
 for i, (off, n) in enumerate(chunks):
     while h.aio_in_flight() >= 16:
@@ -47,11 +49,13 @@ h.shutdown()
 `;
 
 const readerScript = String.raw`
-import hashlib, nbd, sys, time
-uri, passes, go = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+import hashlib, nbd, os, sys, time
+uri, passes, ready, go = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 h = nbd.NBD()
 h.connect_uri(uri)
-time.sleep(max(0, go - time.time()))
+open(ready, 'w').close()
+while not os.path.exists(go):
+    time.sleep(0.001)
 size = h.get_size()
 for p in range(passes):
     d = hashlib.sha256()
@@ -79,8 +83,9 @@ test('8 concurrent writers on disjoint regions + a snapshot reader + a clone wri
   // Regions with unaligned boundaries: [bounds[i], bounds[i+1]).
   const bounds = Array.from({ length: writers + 1 }, (_, i) => (i === 0 ? 0 : i === writers ? sizeBytes : i * (sizeBytes / writers) + i * 1111));
   const expected = Buffer.from(old);
-  // Every client connects, then waits for this moment, so they really run at the same time.
-  const go = String(Date.now() / 1000 + 2);
+  // Every client connects, says so with a file, then waits for the go file: they really run at once.
+  const go = join(dir, 'go');
+  const ready = (name: string): string => join(dir, `ready-${name}`);
   const jobs: Promise<{ code: number | null; stdout: string; stderr: string }>[] = [];
   for (let i = 0; i < writers; i++) {
     const data = pattern(bounds[i + 1] - bounds[i], 100 + i);
@@ -89,9 +94,16 @@ test('8 concurrent writers on disjoint regions + a snapshot reader + a clone wri
     data.copy(expected, bounds[i]);
     const file = join(dir, `region-${i}.bin`);
     writeFileSync(file, data);
-    jobs.push(python(writerScript, [server.uri('default'), String(bounds[i]), file, String(i), go], { timeoutMs: 120_000 }));
+    jobs.push(python(writerScript, [server.uri('default'), String(bounds[i]), file, String(i), ready(`w${i}`), go], { timeoutMs: 120_000 }));
   }
-  const reader = python(readerScript, [server.uri('default@before'), '3', go], { timeoutMs: 120_000 });
+  const reader = python(readerScript, [server.uri('default@before'), '3', ready('reader'), go], { timeoutMs: 120_000 });
+  const names = [...Array.from({ length: writers }, (_, i) => `w${i}`), 'reader'];
+  const deadline = Date.now() + 60_000;
+  while (!names.every((n) => existsSync(ready(n)))) {
+    if (Date.now() > deadline) throw new Error('the clients did not all connect within 60 s');
+    await sleep(20);
+  }
+  writeFileSync(go, '');
   const sideWriter = run('qemu-io', ['-f', 'raw', '-c', 'aio_write -P 0x5e 0 4194303', '-c', 'aio_write -P 0x5f 4194303 4097', '-c', 'aio_flush', server.uri('side')], { timeoutMs: 120_000 });
 
   const results = await Promise.all(jobs);

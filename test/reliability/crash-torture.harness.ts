@@ -372,7 +372,7 @@ async function runTrial(index: number, kind: TrialKind, seed: number, opts: Tort
       if (exited !== undefined && r.code !== 0) fail(`${args[0]} failed while the server was up: ${describe('cowstack', args, r)}`);
     }
     await killServer();
-    stats.loadMs = killedAt! - loadStart;
+    stats.loadMs = (killedAt ?? 0) - loadStart;
     const ends = await Promise.all(clients.map((c) => within(c.run.done, 30_000, undefined)));
     for (const [i, end] of ends.entries()) {
       if (end === undefined) fail(`client ${i} did not stop within 30 s of the kill`);
@@ -382,13 +382,14 @@ async function runTrial(index: number, kind: TrialKind, seed: number, opts: Tort
     await holder.release();
     if (rec.problems.length > 0) fail(rec.problems.join('\n'));
     // Every command that failed did so because the server died.
+    const killMs = killedAt!;
     let acked = 0;
     let inflight = 0;
-    for (const { run } of clients) {
+    for (const { run, volume } of clients) {
       for (const op of run.ops.values()) {
         if (op.ackedMs !== undefined) acked++;
         else inflight++;
-        if (op.error !== undefined && op.error.atMs < killedAt! - 5) fail(`client ${run.config.client} op ${op.op} (${op.kind} [${op.offset}, +${op.length}]${op.fua ? " FUA" : ""} on ${clients.find((c) => c.run === run)!.volume}) failed ${(killedAt - op.error.atMs).toFixed(0)} ms before the kill: ${op.error.message}`);
+        if (op.error !== undefined && op.error.atMs < killMs - 5) fail(`client ${run.config.client} op ${op.op} (${op.kind} [${op.offset}, +${op.length}]${op.fua ? ' FUA' : ''} on ${volume}) failed ${(killMs - op.error.atMs).toFixed(0)} ms before the kill: ${op.error.message}`);
       }
     }
     if (acked === 0) fail('no operation was acknowledged before the kill');

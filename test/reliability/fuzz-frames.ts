@@ -536,7 +536,7 @@ export function buildSession(plan: SessionPlan, targets: FuzzTargets, seed: numb
       cookie = built.cookie;
       planned.push(...built.frames);
     });
-    if (plan.disc) planned.push({ kind: 'request', bytes: requestFrame({ magic: P.NBD_REQUEST_MAGIC, flags: 0, type: P.NBD_CMD_DISC, cookie: cookie + 1n, offset: 0n, length: 0 }), mutations: [] });
+    if (plan.disc) planned.push({ kind: 'request', bytes: requestFrame({ magic: P.NBD_REQUEST_MAGIC, flags: 0, type: P.NBD_CMD_DISC, cookie: (cookie + 1n) & ((1n << 64n) - 1n), offset: 0n, length: 0 }), mutations: [] });
   }
   // choose which frames to mutate
   const toss = coins(seed);

@@ -81,7 +81,7 @@ export interface BlockDevice {
   acceptsContext?(name: string): boolean;
 
   read(offset: number, length: number): Promise<ReadResult>;
-  /** The device may keep `data` (without copying) until the promise settles: do not reuse it before. */
+  /** The device takes `data` over (it may keep it, without copying, after the promise settles): never reuse it. */
   write(offset: number, data: Buffer, flags: WriteFlags): Promise<void>;
   zero(offset: number, length: number, flags: ZeroFlags): Promise<void>;
   trim(offset: number, length: number, flags: WriteFlags): Promise<void>;

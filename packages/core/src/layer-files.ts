@@ -1,27 +1,54 @@
 /**
  * Layer data files: one sparse file per layer (`layers/<id>.data`), block b at byte b * blockSize,
- * opened on first use and kept open. An external base is its image file, opened read-only. Writes
- * and small reads are synchronous: they hit the page cache, and a synchronous 4 KiB pread costs far
- * less than a trip through the libuv threadpool (see DESIGN.md's measurements). Large reads go
- * through the threadpool (`readAsync`), where several run at once on both cores; a layer removed
- * while such reads are in flight keeps its descriptor until they finish, so a reused descriptor
- * number can never be read by mistake. Durability comes from the journal; `syncAll` (before a
- * checkpoint) makes the files durable too.
+ * opened on first use and kept open. An external base is its image file, opened read-only.
+ *
+ * Reads: small ones are synchronous (a 4 KiB page-cache pread costs far less than a trip through the
+ * libuv threadpool, see DESIGN.md's measurements); large ones go through the threadpool
+ * (`readAsync`), where several run at once on both cores.
+ *
+ * Writes of the live path are written behind (`writeBehind`): the blocks are kept in memory and the
+ * pwrite is queued for the threadpool, so the event loop never waits for the page cache; every read
+ * lays the blocks still in memory over what it read from the file. Writes touching the same bytes
+ * reach the file in order (a queued write waits while an overlapping one is in flight). Recovery
+ * writes synchronously (`write`), before any write is behind.
+ *
+ * A layer removed while reads or writebacks are in flight keeps its descriptor until they finish, so
+ * a reused descriptor number can never be read or written by mistake. Durability comes from the
+ * journal; `syncAll` (before a checkpoint) drains the writebacks and fdatasyncs the files.
  */
-import { closeSync, constants, fdatasync, fstatSync, openSync, read, readSync, unlinkSync, writeSync } from 'node:fs';
+import { closeSync, constants, fdatasync, fstatSync, openSync, read, readSync, unlinkSync, write, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { BlockDeviceError } from './block-device.js';
+import { assert } from './errors.js';
+import { maxWritebackBytes, writebackConcurrency } from './limits.js';
+
+interface Writeback {
+  readonly layerId: number;
+  readonly data: Buffer;
+  readonly position: number;
+}
 
 export class LayerFiles {
   private readonly fds = new Map<number, number>();
   private readonly dirty = new Set<number>();
   /** Async reads in flight per layer. */
   private readonly busy = new Map<number, number>();
-  /** Descriptors of removed layers, closed when their last async read finishes. */
+  /** Descriptors of removed layers, closed when their last async read or writeback finishes. */
   private readonly closing = new Map<number, number>();
+  /** Blocks written behind and not yet in the file: layer → block → bytes. */
+  private readonly pending = new Map<number, Map<number, Buffer>>();
+  private readonly queue: Writeback[] = [];
+  private readonly inflightWrites = new Set<Writeback>();
+  private running = 0;
+  private writebackBytes = 0;
+  private writebackFailure: Error | undefined;
+  private drainWaiters: Array<() => void> = [];
+  private roomWaiters: Array<() => void> = [];
 
   constructor(
     private readonly dir: string,
+    /** The store's block size (known once the store's first event is loaded). */
+    private readonly blockSize: () => number,
     /** The external image path of a layer, or undefined for a store-held layer. */
     private readonly externalPath: (layerId: number) => string | undefined,
   ) {}
@@ -53,12 +80,15 @@ export class LayerFiles {
       if (n === 0) break;
       done += n;
     }
-    this.finishShortRead(layerId, target, targetOffset, length, position, done);
+    this.complete(layerId, target, targetOffset, length, position, done);
   }
 
   /** The same read through the libuv threadpool. */
   readAsync(layerId: number, target: Buffer, targetOffset: number, length: number, position: number): Promise<void> {
     const fd = this.fd(layerId);
+    // Blocks held now may reach the file (and leave memory) while the read is in flight, after it
+    // read the old bytes: keep them to lay over the result.
+    const held = this.heldBlocks(layerId, position, length);
     this.busy.set(layerId, (this.busy.get(layerId) ?? 0) + 1);
     return new Promise<void>((resolve, reject) => {
       let done = 0;
@@ -73,7 +103,7 @@ export class LayerFiles {
           done += n;
           if (n > 0 && done < length) return step();
           try {
-            this.finishShortRead(layerId, target, targetOffset, length, position, done);
+            this.complete(layerId, target, targetOffset, length, position, done, held);
             finish();
           } catch (short) {
             finish(short);
@@ -83,12 +113,41 @@ export class LayerFiles {
     });
   }
 
-  private finishShortRead(layerId: number, target: Buffer, targetOffset: number, length: number, position: number, done: number): void {
-    if (done >= length) return;
-    if (this.externalPath(layerId) === undefined) {
-      throw new BlockDeviceError('EIO', `layer ${layerId} data file ends at byte ${position + done}, before the ${length}-byte block read at ${position}`);
+  /**
+   * Finish a read that got `done` bytes from the file: lay blocks still written behind over it, and
+   * past the end of the file accept only what those blocks cover (or, for an external image whose
+   * last block is partial, zeroes); anything else is a damaged layer file: EIO.
+   */
+  private complete(layerId: number, target: Buffer, targetOffset: number, length: number, position: number, done: number, held?: Map<number, Buffer>): void {
+    if (done < length) {
+      target.fill(0, targetOffset + done, targetOffset + length);
+      if (this.externalPath(layerId) === undefined && !this.coveredBehind(layerId, position + done, position + length, held)) {
+        throw new BlockDeviceError('EIO', `layer ${layerId} data file ends at byte ${position + done}, before the ${length}-byte block read at ${position}`);
+      }
     }
-    target.fill(0, targetOffset + done, targetOffset + length);
+    if (held !== undefined) for (const [block, data] of held) this.copyBlock(data, block, target, targetOffset, length, position);
+    this.overlay(layerId, target, targetOffset, length, position);
+  }
+
+  /** The blocks of [position, position + length) written behind and not yet in the file. */
+  private heldBlocks(layerId: number, position: number, length: number): Map<number, Buffer> | undefined {
+    const blocks = this.pending.get(layerId);
+    if (blocks === undefined) return undefined;
+    const bs = this.blockSize();
+    const held = new Map<number, Buffer>();
+    for (let block = Math.floor(position / bs); block * bs < position + length; block++) {
+      const data = blocks.get(block);
+      if (data !== undefined) held.set(block, data);
+    }
+    return held.size > 0 ? held : undefined;
+  }
+
+  /** Whether blocks written behind (now, or when the read started) cover every byte of [from, to). */
+  private coveredBehind(layerId: number, from: number, to: number, held?: Map<number, Buffer>): boolean {
+    const blocks = this.pending.get(layerId);
+    const bs = this.blockSize();
+    for (let block = Math.floor(from / bs); block * bs < to; block++) if (blocks?.has(block) !== true && held?.has(block) !== true) return false;
+    return true;
   }
 
   private release(layerId: number): void {
@@ -105,9 +164,128 @@ export class LayerFiles {
     }
   }
 
-  /** Write bytes into a store-held layer file (never an external image). */
+  /**
+   * Write whole blocks behind: queue the pwrite for the libuv threadpool and keep the blocks in memory
+   * until it is done, so reads (`read`, `readAsync`) see them at once and the event loop does not
+   * wait for the page cache. Writes to the same block reach the file in order. When too much is
+   * queued (`maxWritebackBytes`), write synchronously instead.
+   */
+  writeBehind(layerId: number, data: Buffer, position: number): void {
+    if (this.externalPath(layerId) !== undefined) throw new Error(`cowstack invariant violated: write to external layer ${layerId}`);
+    const bs = this.blockSize();
+    let blocks = this.pending.get(layerId);
+    if (blocks === undefined) this.pending.set(layerId, (blocks = new Map()));
+    const first = position / bs;
+    const count = data.length / bs;
+    for (let i = 0; i < count; i++) blocks.set(first + i, data.subarray(i * bs, (i + 1) * bs));
+    this.queue.push({ layerId, data, position });
+    this.writebackBytes += data.length;
+    this.pump();
+  }
+
+  /** Start queued writebacks, up to `writebackConcurrency`, never two on the same block at once. */
+  private pump(): void {
+    while (this.running < writebackConcurrency && this.queue.length > 0) {
+      const item = this.queue[0];
+      if (this.collides(item)) return;
+      this.queue.shift();
+      this.start(item);
+    }
+  }
+
+  private collides(item: Writeback): boolean {
+    for (const other of this.inflightWrites) {
+      if (other.layerId === item.layerId && other.position < item.position + item.data.length && item.position < other.position + other.data.length) return true;
+    }
+    return false;
+  }
+
+  private start(item: Writeback): void {
+    const fd = this.fd(item.layerId);
+    this.running++;
+    this.inflightWrites.add(item);
+    this.busy.set(item.layerId, (this.busy.get(item.layerId) ?? 0) + 1);
+    let done = 0;
+    const step = (): void =>
+      write(fd, item.data, done, item.data.length - done, item.position + done, (err, n) => {
+        if (err === null && (done += n) < item.data.length) return step();
+        this.finishWriteback(item, err);
+      });
+    step();
+  }
+
+  private finishWriteback(item: Writeback, err: NodeJS.ErrnoException | null): void {
+    this.running--;
+    this.inflightWrites.delete(item);
+    this.writebackBytes -= item.data.length;
+    if (err !== null) {
+      // The blocks stay in memory (reads stay right); the journal still holds them for recovery.
+      this.writebackFailure ??= err;
+    } else {
+      this.dirty.add(item.layerId);
+      const blocks = this.pending.get(item.layerId);
+      if (blocks !== undefined) {
+        const bs = this.blockSize();
+        const first = item.position / bs;
+        for (let i = 0; i < item.data.length / bs; i++) {
+          const held = blocks.get(first + i);
+          // A later write of the block may be queued: only its own bytes leave memory.
+          if (held !== undefined && held.buffer === item.data.buffer && held.byteOffset === item.data.byteOffset + i * bs) blocks.delete(first + i);
+        }
+        if (blocks.size === 0) this.pending.delete(item.layerId);
+      }
+    }
+    this.release(item.layerId);
+    this.pump();
+    if (this.writebackBytes <= maxWritebackBytes) for (const resolve of this.roomWaiters.splice(0)) resolve();
+    if (this.running === 0 && this.queue.length === 0) for (const resolve of this.drainWaiters.splice(0)) resolve();
+  }
+
+  /** Resolves once the writeback backlog is under maxWritebackBytes (backpressure for writers). */
+  room(): Promise<void> | undefined {
+    if (this.writebackBytes <= maxWritebackBytes) return undefined;
+    return new Promise<void>((resolve) => this.roomWaiters.push(resolve));
+  }
+
+  /** Resolves when every queued writeback has reached the file; throws the first writeback error. */
+  async drain(): Promise<void> {
+    if (this.running > 0 || this.queue.length > 0) await new Promise<void>((resolve) => this.drainWaiters.push(resolve));
+    if (this.writebackFailure !== undefined) throw this.writebackFailure;
+  }
+
+  /** The first failed writeback, if any (the store stops taking writes). */
+  get failure(): Error | undefined {
+    return this.writebackFailure;
+  }
+
+  /** Lay blocks still waiting for writeback over bytes just read from the file. */
+  private overlay(layerId: number, target: Buffer, targetOffset: number, length: number, position: number): void {
+    const blocks = this.pending.get(layerId);
+    if (blocks === undefined) return;
+    const bs = this.blockSize();
+    const first = Math.floor(position / bs);
+    const last = Math.floor((position + length - 1) / bs);
+    if (last - first + 1 > blocks.size) {
+      for (const [block, data] of blocks) if (block >= first && block <= last) this.copyBlock(data, block, target, targetOffset, length, position);
+    } else {
+      for (let block = first; block <= last; block++) {
+        const data = blocks.get(block);
+        if (data !== undefined) this.copyBlock(data, block, target, targetOffset, length, position);
+      }
+    }
+  }
+
+  private copyBlock(data: Buffer, block: number, target: Buffer, targetOffset: number, length: number, position: number): void {
+    const bs = this.blockSize();
+    const from = Math.max(block * bs, position);
+    const to = Math.min((block + 1) * bs, position + length);
+    data.copy(target, targetOffset + (from - position), from - block * bs, to - block * bs);
+  }
+
+  /** Write bytes into a store-held layer file now (recovery; never with writes behind on the layer). */
   write(layerId: number, data: Buffer, position: number): void {
     if (this.externalPath(layerId) !== undefined) throw new Error(`cowstack invariant violated: write to external layer ${layerId}`);
+    assert(!this.pending.has(layerId), `layer ${layerId} is written synchronously while writes are behind`);
     const fd = this.fd(layerId);
     let done = 0;
     while (done < data.length) done += writeSync(fd, data, done, data.length - done, position + done);
@@ -118,8 +296,9 @@ export class LayerFiles {
     return fstatSync(this.fd(layerId)).size;
   }
 
-  /** fdatasync every file written since the last call. */
+  /** Finish every writeback, then fdatasync every file written since the last call. */
   async syncAll(): Promise<void> {
+    await this.drain();
     const ids = [...this.dirty];
     this.dirty.clear();
     await Promise.all(
@@ -134,8 +313,15 @@ export class LayerFiles {
     );
   }
 
-  /** Close a layer's file and, for a store-held layer, delete it. */
+  /** Close a layer's file and, for a store-held layer, delete it (its writes behind are dropped). */
   remove(layerId: number): void {
+    this.pending.delete(layerId);
+    for (let i = this.queue.length - 1; i >= 0; i--) {
+      if (this.queue[i].layerId === layerId) {
+        this.writebackBytes -= this.queue[i].data.length;
+        this.queue.splice(i, 1);
+      }
+    }
     this.close(layerId);
     if (this.externalPath(layerId) === undefined) {
       try {

@@ -11,6 +11,10 @@ export const maxBlockSizeBytes = 65536;
 export const maxDeviceSizeBytes = Number.MAX_SAFE_INTEGER - maxBlockSizeBytes;
 /** Reads at least this large go through the libuv threadpool instead of a synchronous pread. */
 export const asyncReadMinBytes = 128 * 1024;
+/** Layer-file writes queued behind the event loop at once (threadpool pwrites). */
+export const writebackConcurrency = 4;
+/** Bytes of written-behind blocks held in memory before writers wait for the backlog to shrink. */
+export const maxWritebackBytes = 64 * 1024 * 1024;
 /** Largest single write the engine accepts (the NBD server caps requests lower). */
 export const maxWriteBytes = 64 * 1024 * 1024;
 /** A checkpoint is written after this many events since the last one... */

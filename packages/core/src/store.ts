@@ -170,7 +170,9 @@ interface PendingBlocks {
 interface VolumeRuntime {
   barrier: Promise<void> | undefined;
   readonly inflight: Set<PendingBlocks>;
-  /** Resolves when the in-flight set next becomes empty (created on demand by a barrier). */
+  /** Writers waiting for writeback room (issued, not yet in `inflight`). */
+  waiting: number;
+  /** Resolves when nothing is in flight or waiting (created on demand by a barrier). */
   drained: { promise: Promise<void>; resolve: () => void } | undefined;
 }
 
@@ -310,7 +312,7 @@ export class Store {
       journal = await Journal.open<StoreEvent>(join(dir, 'journal'));
       const openJournal = journal;
       let current: Projection | undefined;
-      files = new LayerFiles(join(dir, 'layers'), (id) => current?.layers.get(id)?.source?.path);
+      files = new LayerFiles(join(dir, 'layers'), () => current?.config?.blockSizeBytes ?? 0, (id) => current?.layers.get(id)?.source?.path);
       const layerFiles = files;
       let tailCut: OpenReport['tailCut'];
       // Load the checkpoint and replay the rest; a torn tail (an OS crash cut unsynced payloads short)
@@ -450,6 +452,7 @@ export class Store {
    * data of discarded events. Returns the writes re-applied. Then fdatasyncs and checkpoints.
    */
   async reapplyRetainedWrites(toSeq: number = this.state.seq): Promise<number> {
+    await this.files.drain();
     const from = Math.max(this.journal.firstSeq, this.journal.payloadsDroppedThroughSeq + 1);
     let reapplied = 0;
     const bs = this.blockSizeBytes_;
@@ -508,7 +511,7 @@ export class Store {
         const event = record.meta;
         if (event[0] === EventType.Write) {
           assert(record.payload !== undefined, `write event ${record.seq} committed without its payload`);
-          this.files.write(event[1], record.payload, event[2] * this.blockSizeBytes_);
+          this.files.writeBehind(event[1], record.payload, event[2] * this.blockSizeBytes_);
         }
         applyEvent(this.state, record.seq, event);
       } catch (err) {
@@ -530,6 +533,33 @@ export class Store {
   private checkHealthy(): void {
     if (this.closed) throw new BlockDeviceError('ESHUTDOWN', `store ${this.dir} is closed`);
     if (this.failure !== undefined) throw new BlockDeviceError('EIO', this.failure.message);
+    const writeback = this.files.failure;
+    if (writeback !== undefined) {
+      throw new BlockDeviceError('EIO', `store ${this.dir}: writing a layer file failed (${writeback.message}); the journal holds the data: reopen the store to recover`);
+    }
+  }
+
+  /**
+   * Writers wait here while too much written-behind data waits for its layer files. Call it after
+   * the barrier check and only when `files.room()` says so: an await before the barrier check would
+   * let a snapshot issued later overtake the write. A waiting writer counts as in flight for barriers.
+   */
+  private async waitForWritebackRoom(rt: VolumeRuntime, room: Promise<void>): Promise<void> {
+    rt.waiting++;
+    try {
+      for (let r: Promise<void> | undefined = room; r !== undefined; r = this.files.room()) await r;
+    } finally {
+      rt.waiting--;
+      this.settled(rt);
+    }
+  }
+
+  /** Wake a barrier waiting for the volume's writes in flight once there are none. */
+  private settled(rt: VolumeRuntime): void {
+    if (rt.inflight.size === 0 && rt.waiting === 0 && rt.drained !== undefined) {
+      rt.drained.resolve();
+      rt.drained = undefined;
+    }
   }
 
   private async append(event: StoreEvent, sync = false, payload?: Buffer): Promise<number> {
@@ -546,7 +576,7 @@ export class Store {
   private runtime(volume: string): VolumeRuntime {
     let rt = this.runtimes.get(volume);
     if (rt === undefined) {
-      rt = { barrier: undefined, inflight: new Set(), drained: undefined };
+      rt = { barrier: undefined, inflight: new Set(), waiting: 0, drained: undefined };
       this.runtimes.set(volume, rt);
     }
     return rt;
@@ -563,7 +593,7 @@ export class Store {
     let release!: () => void;
     rt.barrier = new Promise<void>((r) => (release = r));
     try {
-      while (rt.inflight.size > 0) {
+      while (rt.inflight.size > 0 || rt.waiting > 0) {
         if (rt.drained === undefined) {
           let resolve!: () => void;
           const promise = new Promise<void>((r) => (resolve = r));
@@ -786,6 +816,8 @@ export class Store {
       await rt.barrier;
       rt = this.runtime(name);
     }
+    const room = this.files.room();
+    if (room !== undefined) await this.waitForWritebackRoom(rt, room);
     this.checkHealthy();
     const { view, sizeBytes } = this.volumeView(name, source.createdSeq);
     checkRange(offset, data.length, sizeBytes, 'ENOSPC');
@@ -821,10 +853,7 @@ export class Store {
       throw toDeviceError(err);
     } finally {
       rt.inflight.delete(pending);
-      if (rt.inflight.size === 0 && rt.drained !== undefined) {
-        rt.drained.resolve();
-        rt.drained = undefined;
-      }
+      this.settled(rt);
     }
   }
 
@@ -838,6 +867,8 @@ export class Store {
       await rt.barrier;
       rt = this.runtime(name);
     }
+    const room = this.files.room();
+    if (room !== undefined) await this.waitForWritebackRoom(rt, room);
     this.checkHealthy();
     const { view, sizeBytes } = this.volumeView(name, source.createdSeq);
     checkRange(offset, length, sizeBytes, 'ENOSPC');
@@ -869,6 +900,8 @@ export class Store {
       await rt.barrier;
       rt = this.runtime(name);
     }
+    const room = this.files.room();
+    if (room !== undefined) await this.waitForWritebackRoom(rt, room);
     this.checkHealthy();
     const { view, sizeBytes } = this.volumeView(name, source.createdSeq);
     checkRange(offset, length, sizeBytes, 'ENOSPC');

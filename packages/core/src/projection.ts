@@ -84,8 +84,9 @@ export class ProjectionError extends Error {
   }
 }
 
-function check(condition: unknown, message: string): asserts condition {
-  if (!condition) throw new ProjectionError(message);
+/** The reducer's invariant check; the message is built only on failure (this runs per event). */
+function check(condition: unknown, message: () => string): asserts condition {
+  if (!condition) throw new ProjectionError(message());
 }
 
 export function emptyProjection(): Projection {
@@ -97,19 +98,19 @@ export function snapshotKey(volume: string, name: string): string {
 }
 
 export function blockSize(state: Projection): number {
-  check(state.config !== undefined, 'the store has no StoreCreated event');
+  check(state.config !== undefined, () => 'the store has no StoreCreated event');
   return state.config.blockSizeBytes;
 }
 
 function getLayer(state: Projection, id: number): Layer {
   const layer = state.layers.get(id);
-  check(layer !== undefined, `layer ${id} does not exist`);
+  check(layer !== undefined, () => `layer ${id} does not exist`);
   return layer;
 }
 
 function getVolume(state: Projection, name: string): Volume {
   const volume = state.volumes.get(name);
-  check(volume !== undefined, `volume ${name} does not exist`);
+  check(volume !== undefined, () => `volume ${name} does not exist`);
   return volume;
 }
 
@@ -122,8 +123,8 @@ export function newLayer(
   frozen: boolean,
   source: ExternalSource | null,
 ): Layer {
-  check(!state.layers.has(id), `layer ${id} already exists`);
-  check(Number.isSafeInteger(id) && id > 0, `layer id ${id} is not a positive integer`);
+  check(!state.layers.has(id), () => `layer ${id} already exists`);
+  check(Number.isSafeInteger(id) && id > 0, () => `layer id ${id} is not a positive integer`);
   const bs = blockSize(state);
   const layer: Layer = {
     id,
@@ -181,7 +182,7 @@ export function viewOf(state: Projection, layerId: number): View {
     view = view === undefined ? rootView(l) : childView(view, l);
     if (l.frozen) l.view = view;
   }
-  check(view !== undefined, `layer ${layerId} has no view`);
+  check(view !== undefined, () => `layer ${layerId} has no view`);
   return view;
 }
 
@@ -222,7 +223,7 @@ function collect(state: Projection, layerId: number): void {
 function checkBlocks(layer: Layer, first: number, count: number): void {
   check(
     Number.isSafeInteger(first) && Number.isSafeInteger(count) && first >= 0 && count > 0 && first + count <= layer.blockCount,
-    `blocks ${first}+${count} are outside layer ${layer.id} (${layer.blockCount} blocks)`,
+    () => `blocks ${first}+${count} are outside layer ${layer.id} (${layer.blockCount} blocks)`,
   );
 }
 
@@ -232,8 +233,8 @@ function setBlocks(state: Projection, layerId: number, first: number, count: num
   checkBlocks(layer, first, count);
   if (layer.frozen) {
     // Only commit writes into a frozen layer: its one child covers every block it changes.
-    check(layer.children.size <= 1 && layer.names.size === 0, `layer ${layerId} is frozen and shared; it cannot change`);
-    check(layer.kind !== 'external', `layer ${layerId} is an external image; it is never written`);
+    check(layer.children.size <= 1 && layer.names.size === 0, () => `layer ${layerId} is frozen and shared; it cannot change`);
+    check(layer.kind !== 'external', () => `layer ${layerId} is an external image; it is never written`);
     layer.view = undefined;
   }
   layer.bitmap.set(first, count, value);
@@ -248,10 +249,10 @@ function setBlocks(state: Projection, layerId: number, first: number, count: num
  * and returns it, so `replay(...).pipe(scan(applyRecord, state))` folds a journal.
  */
 export function applyEvent(state: Projection, seq: number, event: StoreEvent): Projection {
-  check(seq === state.seq + 1, `event seq ${seq} does not follow the last applied seq ${state.seq}`);
+  check(seq === state.seq + 1, () => `event seq ${seq} does not follow the last applied seq ${state.seq}`);
   switch (event[0]) {
     case EventType.StoreCreated:
-      check(state.config === undefined, 'the store was already created');
+      check(state.config === undefined, () => 'the store was already created');
       state.config = event[1];
       break;
     case EventType.LayerCreated: {
@@ -261,9 +262,9 @@ export function applyEvent(state: Projection, seq: number, event: StoreEvent): P
     }
     case EventType.VolumeCreated: {
       const [, name, topId, parentId] = event;
-      check(!state.volumes.has(name), `volume ${name} already exists`);
+      check(!state.volumes.has(name), () => `volume ${name} already exists`);
       const parent = getLayer(state, parentId);
-      check(parent.frozen, `layer ${parentId} is not frozen; a volume cannot be stacked on it`);
+      check(parent.frozen, () => `layer ${parentId} is not frozen; a volume cannot be stacked on it`);
       const top = newLayer(state, topId, parentId, parent.sizeBytes, 'cow', false, null);
       const below = viewOf(state, parentId);
       top.volume = name;
@@ -273,17 +274,17 @@ export function applyEvent(state: Projection, seq: number, event: StoreEvent): P
     case EventType.Frozen: {
       const [, volumeName, layerId, newTopId, name] = event;
       const layer = getLayer(state, layerId);
-      check(!layer.frozen, `layer ${layerId} is already frozen`);
+      check(!layer.frozen, () => `layer ${layerId} is already frozen`);
       if (volumeName === '') {
-        check(layer.volume === undefined, `layer ${layerId} is the top of volume ${String(layer.volume)}`);
+        check(layer.volume === undefined, () => `layer ${layerId} is the top of volume ${String(layer.volume)}`);
         layer.frozen = true;
         layer.view = undefined;
         break;
       }
       const volume = getVolume(state, volumeName);
-      check(volume.top === layerId, `layer ${layerId} is not the top of volume ${volumeName}`);
+      check(volume.top === layerId, () => `layer ${layerId} is not the top of volume ${volumeName}`);
       const key = snapshotKey(volumeName, name);
-      check(!state.snapshots.has(key), `snapshot ${key} already exists`);
+      check(!state.snapshots.has(key), () => `snapshot ${key} already exists`);
       layer.frozen = true;
       layer.volume = undefined;
       layer.view = { stack: volume.view.stack.slice(), index: volume.view.index.cloneShared() };
@@ -297,9 +298,9 @@ export function applyEvent(state: Projection, seq: number, event: StoreEvent): P
     }
     case EventType.Cloned: {
       const [, name, fromId, newTopId] = event;
-      check(!state.volumes.has(name), `volume ${name} already exists`);
+      check(!state.volumes.has(name), () => `volume ${name} already exists`);
       const from = getLayer(state, fromId);
-      check(from.frozen, `layer ${fromId} is not frozen; it cannot be cloned`);
+      check(from.frozen, () => `layer ${fromId} is not frozen; it cannot be cloned`);
       const below = viewOf(state, fromId);
       const top = newLayer(state, newTopId, fromId, from.sizeBytes, 'cow', false, null);
       top.volume = name;
@@ -308,7 +309,7 @@ export function applyEvent(state: Projection, seq: number, event: StoreEvent): P
     }
     case EventType.Write: {
       const [, layerId, first, count, crcs] = event;
-      check(crcs.length === 4 * count, `write of ${count} blocks carries ${crcs.length / 4} block CRCs`);
+      check(crcs.length === 4 * count, () => `write of ${count} blocks carries ${crcs.length / 4} block CRCs`);
       setBlocks(state, layerId, first, count, BlockState.Data);
       break;
     }
@@ -321,7 +322,7 @@ export function applyEvent(state: Projection, seq: number, event: StoreEvent): P
       const [, volumeName, name] = event;
       const key = snapshotKey(volumeName, name);
       const layerId = state.snapshots.get(key);
-      check(layerId !== undefined, `snapshot ${key} does not exist`);
+      check(layerId !== undefined, () => `snapshot ${key} does not exist`);
       state.snapshots.delete(key);
       getLayer(state, layerId).names.delete(key);
       collect(state, layerId);
@@ -341,9 +342,9 @@ export function applyEvent(state: Projection, seq: number, event: StoreEvent): P
       const [, layerId, parentId] = event;
       const layer = getLayer(state, layerId);
       const parent = getLayer(state, parentId);
-      check(layer.parent === parentId, `layer ${parentId} is not the parent of layer ${layerId}`);
-      check(parent.children.size === 1 && parent.names.size === 0, `layer ${parentId} is shared; layer ${layerId} cannot be committed into it`);
-      check(parent.kind !== 'external', `layer ${parentId} is an external image; nothing is committed into it`);
+      check(layer.parent === parentId, () => `layer ${parentId} is not the parent of layer ${layerId}`);
+      check(parent.children.size === 1 && parent.names.size === 0, () => `layer ${parentId} is shared; layer ${layerId} cannot be committed into it`);
+      check(parent.kind !== 'external', () => `layer ${parentId} is an external image; nothing is committed into it`);
       parent.children.clear();
       for (const childId of layer.children) {
         getLayer(state, childId).parent = parentId;
@@ -377,9 +378,9 @@ export function applyEvent(state: Projection, seq: number, event: StoreEvent): P
     case EventType.SnapshotNamed: {
       const [, volumeName, name, layerId] = event;
       const key = snapshotKey(volumeName, name);
-      check(!state.snapshots.has(key), `snapshot ${key} already exists`);
+      check(!state.snapshots.has(key), () => `snapshot ${key} already exists`);
       const layer = getLayer(state, layerId);
-      check(layer.frozen, `layer ${layerId} is not frozen; it cannot be a snapshot`);
+      check(layer.frozen, () => `layer ${layerId} is not frozen; it cannot be a snapshot`);
       layer.names.add(key);
       state.snapshots.set(key, layerId);
       break;

@@ -139,7 +139,7 @@ export async function checkStore(dir: string, options: { onProgress?: ProgressCa
             eventsChecked++;
             if ((eventsChecked & 0xffff) === 0) options.onProgress?.('check-journal', eventsChecked, total);
           }),
-          scan((state, record) => applyEvent(state, record.seq, record.meta), emptyProjection()),
+          scan((state, record) => applyEvent(state, record.seq, record.meta), { ...emptyProjection(), deferViews: true }),
         ),
       );
       for (const difference of diffProjections(replayed, store.projection)) {

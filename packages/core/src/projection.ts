@@ -75,6 +75,12 @@ export interface Projection {
   nextLayerId: number;
   /** Layers removed by the reducer whose files the caller has not deleted yet. */
   collected: number[];
+  /**
+   * Bulk replay: the reducer keeps bitmaps, stacks and the tree exact but lets volume indexes fall
+   * behind (half the work per write event); `finishDeferredViews` rebuilds them. Views of frozen
+   * layers are built from bitmaps when asked for, so they stay exact.
+   */
+  deferViews: boolean;
 }
 
 export class ProjectionError extends Error {
@@ -90,7 +96,7 @@ function check(condition: unknown, message: () => string): asserts condition {
 }
 
 export function emptyProjection(): Projection {
-  return { seq: 0, config: undefined, layers: new Map(), volumes: new Map(), snapshots: new Map(), nextLayerId: 1, collected: [] };
+  return { seq: 0, config: undefined, layers: new Map(), volumes: new Map(), snapshots: new Map(), nextLayerId: 1, collected: [], deferViews: false };
 }
 
 export function snapshotKey(volume: string, name: string): string {
@@ -186,6 +192,12 @@ export function viewOf(state: Projection, layerId: number): View {
   return view;
 }
 
+/** End a bulk replay: rebuild every volume's index from the bitmaps. */
+export function finishDeferredViews(state: Projection): void {
+  state.deferViews = false;
+  for (const name of state.volumes.keys()) refreshVolumeView(state, name);
+}
+
 /** Recompute a volume's view from its top layer and the (cached) view below it. */
 export function refreshVolumeView(state: Projection, name: string): void {
   const volume = getVolume(state, name);
@@ -238,7 +250,7 @@ function setBlocks(state: Projection, layerId: number, first: number, count: num
     layer.view = undefined;
   }
   layer.bitmap.set(first, count, value);
-  if (layer.volume !== undefined) {
+  if (layer.volume !== undefined && !state.deferViews) {
     const view = getVolume(state, layer.volume).view;
     view.index.set(first, count, indexValue(view.stack.length - 1, value === BlockState.Zero));
   }
@@ -287,7 +299,7 @@ export function applyEvent(state: Projection, seq: number, event: StoreEvent): P
       check(!state.snapshots.has(key), () => `snapshot ${key} already exists`);
       layer.frozen = true;
       layer.volume = undefined;
-      layer.view = { stack: volume.view.stack.slice(), index: volume.view.index.cloneShared() };
+      layer.view = state.deferViews ? undefined : { stack: volume.view.stack.slice(), index: volume.view.index.cloneShared() };
       layer.names.add(key);
       state.snapshots.set(key, layerId);
       const top = newLayer(state, newTopId, layerId, layer.sizeBytes, 'cow', false, null);

@@ -55,6 +55,7 @@ import {
   applyEvent,
   BlockState,
   emptyProjection,
+  finishDeferredViews,
   indexIsZero,
   indexPosition,
   type Projection,
@@ -320,6 +321,8 @@ export class Store {
       const load = async (): Promise<{ state: Projection; checkpointSeq: number; skipped: OpenReport['checkpointsSkipped']; eventsReplayed: number; writesReapplied: number }> => {
         const { state, checkpointSeq, skipped } = await loadCheckpoint(openJournal);
         current = state;
+        // Volume indexes are rebuilt once at the end instead of after every replayed write.
+        state.deferViews = true;
         let eventsReplayed = 0;
         let writesReapplied = 0;
         const total = openJournal.lastSeq - state.seq;
@@ -338,6 +341,7 @@ export class Store {
           ),
           { defaultValue: state },
         );
+        finishDeferredViews(state);
         onProgress?.('replay', eventsReplayed, total);
         return { state, checkpointSeq, skipped, eventsReplayed, writesReapplied };
       };

@@ -367,9 +367,10 @@ async function runTrial(index: number, kind: TrialKind, seed: number, opts: Tort
       const grown = allocatedBytes(layerFile) - before;
       stats.copiedAtKillMiB = Math.round((grown / MiB) * 10) / 10;
       stats.commandDoneBeforeKill = exited === undefined ? 'no' : `exit ${exited}`;
+      const doneBeforeKill = exited !== undefined;
       await killServer();
       const r = await command;
-      if (exited !== undefined && r.code !== 0) fail(`${args[0]} failed while the server was up: ${describe('cowstack', args, r)}`);
+      if (doneBeforeKill && r.code !== 0) fail(`${args[0]} failed while the server was up: ${describe('cowstack', args, r)}`);
     }
     await killServer();
     stats.loadMs = (killedAt ?? 0) - loadStart;

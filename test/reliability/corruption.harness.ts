@@ -1,0 +1,863 @@
+/**
+ * Corruption: damage a stopped store in the ways disks and operators damage files, and require that
+ * cowstack names the damage and never serves silently wrong data.
+ *
+ * Fixtures (built once with the CLI, `cowstack serve` and libnbd, then copied per scenario): a 4 MiB
+ * store, block size 4096, with 48 numbered 64 KiB writes of unique random content at block-aligned
+ * slots (some slots written more than once) over three serving sessions:
+ *   session 1: W0..W11 on default, flush; snapshot default@snap1 and clone vm1 (online); W12..W19 on
+ *              default and vm1, flush; SIGTERM (checkpoint C1);
+ *   session 2: W20..W31, flush; SIGTERM (checkpoint C2)            -> the `clean` fixture;
+ *   session 3: W32..W41, flush (durable); W42..W47 acknowledged, never flushed; SIGKILL
+ *                                                                  -> the `crashed` fixture (a journal
+ *                                                                     tail after the last checkpoint).
+ * The seq of every write, the snapshot and the clone come from `cowstack journal inspect --json`, so
+ * the expected content of every volume and snapshot "as of seq S" is known.
+ *
+ * Each scenario damages a copy, then runs `cowstack check --json` on one copy and `cowstack recover
+ * --json` on another (check itself recovers, so they do not share a store), serves what recover left
+ * if it succeeded, reads every export block by block (EIO blocks noted), and compares: wrong bytes
+ * that nothing reported are a failure. Then, where recover refused, `cowstack recover --force` (if
+ * this build has it) must name the cut and leave a store that checks clean and holds exactly the
+ * writes before the cut.
+ *
+ * Scenarios: random byte flips in the LevelDB .ldb/.log/MANIFEST files; a flipped payload byte in a
+ * payload-log segment (a durable record after the last checkpoint, and an unsynced one); a truncated
+ * layer data file; a flipped byte in a layer data file (a volume's top and a shared snapshot layer);
+ * the newest checkpoint deleted, or corrupted, or both checkpoints gone; a frame deleted from the
+ * middle of the journal (after and before the last checkpoint); a flipped byte inside a frame value.
+ *
+ * Run: node --conditions=source --import tsx test/reliability/corruption.harness.ts [--full]
+ *        [--flips N] [--seed S]
+ * Without --full: the fixed scenarios and 12 random LevelDB flips; --full: 200 random flips. Prints
+ * one line per scenario with what check and recover said, then `N passed, M failed`.
+ */
+import { closeSync, cpSync, existsSync, lstatSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { Level } from '../../packages/journal/node_modules/level/index.js';
+import { cowstack, cowstackOk, KiB, MiB, pattern, pythonOk, type Served, startServe, tempDir } from '../harness.js';
+import { Rng } from './torture-lib.js';
+
+const volumeBytes = 4 * MiB;
+const blockBytes = 4096;
+const writeBytes = 64 * KiB;
+const slots = volumeBytes / writeBytes;
+
+type Vol = 'default' | 'vm1';
+
+interface FixtureWrite {
+  readonly index: number;
+  readonly volume: Vol;
+  readonly offset: number;
+  readonly data: Buffer;
+  seq: number;
+  /** Written in session 3 after its last flush: acknowledged, never synced. */
+  readonly unsynced: boolean;
+}
+
+interface Fixture {
+  readonly store: string;
+  readonly writes: FixtureWrite[];
+  readonly frozenSeq: number;
+  readonly clonedSeq: number;
+  readonly checkpoints: number[];
+  readonly lastSeq: number;
+  readonly layers: { defaultTop: number; vm1Top: number; snap1: number };
+}
+
+interface InspectLine {
+  seq: number;
+  type: string;
+  volume: string | null;
+  layer: number | null;
+  offset: number | null;
+  length: number | null;
+}
+
+// ---------------------------------------------------------------------------------------------
+// building the fixtures
+
+const writerScript = String.raw`
+import json, nbd, sys
+socket, ops = sys.argv[1], json.load(open(sys.argv[2]))
+handles = {}
+def h(name):
+    if name not in handles:
+        x = nbd.NBD()
+        x.set_export_name(name)
+        x.connect_unix(socket)
+        handles[name] = x
+    return handles[name]
+for op in ops:
+    if op['kind'] == 'write':
+        h(op['export']).pwrite(open(op['file'], 'rb').read(), op['offset'])
+    else:
+        h(op['export']).flush()
+# no shutdown: leave the unsynced writes unsynced
+`;
+
+type WriterOp = { kind: 'write'; export: Vol; offset: number; file: string } | { kind: 'flush'; export: Vol };
+
+async function runWriter(served: Served, ops: WriterOp[]): Promise<void> {
+  const file = join(tempDir('corrupt-ops'), 'ops.json');
+  writeFileSync(file, JSON.stringify(ops));
+  await pythonOk(writerScript, [served.socket, file], { timeoutMs: 60_000 });
+}
+
+async function inspect(store: string): Promise<InspectLine[]> {
+  const r = await cowstackOk(['journal', 'inspect', store, '--json'], { timeoutMs: 60_000 });
+  return r.stdout
+    .split('\n')
+    .filter((l) => l.length > 0)
+    .map((l) => JSON.parse(l) as InspectLine);
+}
+
+function copyStore(from: string, label: string): string {
+  const dir = mkdtempSync(join(tmpdir(), `cowstack-corrupt-${label}-`));
+  const store = join(dir, 'store');
+  cpSync(from, store, { recursive: true, filter: (src) => !lstatSync(src).isSocket() });
+  return store;
+}
+
+function dropCopy(store: string): void {
+  rmSync(resolve(store, '..'), { recursive: true, force: true });
+}
+
+async function buildFixtures(seed: number): Promise<{ clean: Fixture; crashed: Fixture }> {
+  const rng = new Rng(seed);
+  const work = tempDir('corrupt-fixture');
+  const store = join(work, 'store');
+  await cowstackOk(['init', store, '--size', String(volumeBytes), '--block-size', String(blockBytes)]);
+  const writes: FixtureWrite[] = [];
+  const dataDir = tempDir('corrupt-data');
+  const mkWrite = (volume: Vol, unsynced = false): WriterOp => {
+    const index = writes.length;
+    const offset = rng.int(0, slots - 1) * writeBytes;
+    const data = pattern(writeBytes, 0x1000 + index + seed * 64);
+    const file = join(dataDir, `w${index}.bin`);
+    writeFileSync(file, data);
+    writes.push({ index, volume, offset, data, seq: 0, unsynced });
+    return { kind: 'write', export: volume, offset, file };
+  };
+  const vols = (n: number, only?: Vol): WriterOp[] => Array.from({ length: n }, (_, i) => mkWrite(only ?? (i % 2 === 0 ? 'default' : 'vm1')));
+
+  // Session 1
+  let served = await startServe(store);
+  await runWriter(served, [...vols(12, 'default'), { kind: 'flush', export: 'default' }]);
+  await cowstackOk(['snapshot', store, 'default', '--name', 'snap1']);
+  await cowstackOk(['clone', store, 'default@snap1', 'vm1']);
+  await runWriter(served, [...vols(8), { kind: 'flush', export: 'default' }, { kind: 'flush', export: 'vm1' }]);
+  await served.stop();
+  // Session 2
+  served = await startServe(store);
+  await runWriter(served, [...vols(12), { kind: 'flush', export: 'default' }, { kind: 'flush', export: 'vm1' }]);
+  await served.stop();
+  const cleanEvents = await inspect(store);
+  const cleanStats = JSON.parse((await cowstackOk(['journal', 'stats', store, '--json'])).stdout) as { checkpointSeqs: number[]; lastSeq: number };
+  const cleanCopy = copyStore(store, 'fixture-clean');
+  // Session 3: a durable part, then an unsynced part, then SIGKILL. The journal is read online first.
+  served = await startServe(store);
+  await runWriter(served, [...vols(10), { kind: 'flush', export: 'default' }, { kind: 'flush', export: 'vm1' }]);
+  await runWriter(served, Array.from({ length: 6 }, (_, i) => mkWrite(i % 2 === 0 ? 'default' : 'vm1', true)));
+  const crashedEvents = await inspect(store);
+  await served.kill();
+  const crashedCopy = copyStore(store, 'fixture-crashed');
+
+  // Map writes to seqs: the writer is sequential, so Write events come in write order.
+  const writeEvents = crashedEvents.filter((e) => e.type === 'Write');
+  if (writeEvents.length !== writes.length) throw new Error(`fixture: ${writeEvents.length} Write events for ${writes.length} writes`);
+  for (const [i, e] of writeEvents.entries()) {
+    const w = writes[i];
+    if (e.offset !== w.offset || e.length !== writeBytes || e.volume !== w.volume) throw new Error(`fixture: Write event seq ${e.seq} (${e.volume} ${e.offset}+${e.length}) is not W${i} (${w.volume} ${w.offset})`);
+    w.seq = e.seq;
+  }
+  const frozen = crashedEvents.find((e) => e.type === 'Frozen' && e.volume === 'default')!;
+  const cloned = crashedEvents.find((e) => e.type === 'Cloned')!;
+  const ls = JSON.parse((await cowstackOk(['ls', cleanCopy, '--json'])).stdout) as { volumes: Array<{ name: string; topLayerId: number }>; snapshots: Array<{ name: string; layerId: number }> };
+  const layers = {
+    defaultTop: ls.volumes.find((v) => v.name === 'default')!.topLayerId,
+    vm1Top: ls.volumes.find((v) => v.name === 'vm1')!.topLayerId,
+    snap1: ls.snapshots.find((s) => s.name === 'snap1')!.layerId,
+  };
+  const cleanWrites = writes.filter((w) => w.seq <= cleanStats.lastSeq);
+  if (cleanEvents.filter((e) => e.type === 'Write').length !== cleanWrites.length) throw new Error('fixture: the clean store does not hold sessions 1 and 2');
+  const common = { frozenSeq: frozen.seq, clonedSeq: cloned.seq, layers };
+  return {
+    clean: { store: cleanCopy, writes: cleanWrites, checkpoints: cleanStats.checkpointSeqs, lastSeq: cleanStats.lastSeq, ...common },
+    crashed: { store: crashedCopy, writes, checkpoints: cleanStats.checkpointSeqs, lastSeq: crashedEvents[crashedEvents.length - 1].seq, ...common },
+  };
+}
+
+/** Content of a view as of the writes with seq < `cut` (Infinity: all). */
+function expected(fx: Fixture, view: 'default' | 'vm1' | 'default@snap1', cut = Infinity): Buffer {
+  const image = Buffer.alloc(volumeBytes);
+  const apply = (pred: (w: FixtureWrite) => boolean): void => {
+    for (const w of fx.writes) if (w.seq < cut && pred(w)) w.data.copy(image, w.offset);
+  };
+  if (view === 'default') apply((w) => w.volume === 'default');
+  else if (view === 'default@snap1') {
+    if (fx.frozenSeq < cut) apply((w) => w.volume === 'default' && w.seq < fx.frozenSeq);
+  } else if (fx.clonedSeq < cut) {
+    apply((w) => w.volume === 'default' && w.seq < fx.frozenSeq);
+    apply((w) => w.volume === 'vm1');
+  }
+  return image;
+}
+
+// ---------------------------------------------------------------------------------------------
+// damage tools
+
+function flipFileByte(path: string, at: number, xor: number): void {
+  const fd = openSync(path, 'r+');
+  try {
+    const b = Buffer.alloc(1);
+    readSync(fd, b, 0, 1, at);
+    b[0] ^= xor;
+    writeSync(fd, b, 0, 1, at);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function recordKey(seq: number): Buffer {
+  const k = Buffer.alloc(9);
+  k.write('r', 0);
+  k.writeUInt32BE(Math.floor(seq / 2 ** 32), 1);
+  k.writeUInt32BE(seq >>> 0, 5);
+  return k;
+}
+
+function checkpointKey(seq: number): Buffer {
+  const k = recordKey(seq);
+  k.write('c', 0);
+  return k;
+}
+
+async function withLevel<T>(store: string, body: (db: Level<Buffer, Buffer>) => Promise<T>): Promise<T> {
+  const db = new Level<Buffer, Buffer>(join(store, 'journal'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
+  await db.open();
+  try {
+    return await body(db);
+  } finally {
+    await db.close();
+  }
+}
+
+/** The key of the frame holding `seq` (the last record key at or before it). */
+async function frameKeyOf(db: Level<Buffer, Buffer>, seq: number): Promise<Buffer> {
+  const keys = await db.keys({ gte: recordKey(0), lte: recordKey(seq), reverse: true, limit: 1 }).all();
+  if (keys.length === 0) throw new Error(`no frame holds seq ${seq}`);
+  return keys[0];
+}
+
+function frameSeq(key: Buffer): number {
+  return key.readUInt32BE(1) * 2 ** 32 + key.readUInt32BE(5);
+}
+
+function segmentFiles(store: string): string[] {
+  const dir = join(store, 'journal', 'payloads');
+  return readdirSync(dir)
+    .filter((f) => f.endsWith('.seg'))
+    .sort()
+    .map((f) => join(dir, f));
+}
+
+/** Flip one byte of write `w`'s payload in the payload log; returns the file and offset. */
+function flipPayload(store: string, w: FixtureWrite): { file: string; at: number } {
+  for (const file of segmentFiles(store)) {
+    const bytes = readFileSync(file);
+    const at = bytes.indexOf(w.data);
+    if (at !== -1) {
+      flipFileByte(file, at + 1234, 0x5a);
+      return { file, at: at + 1234 };
+    }
+  }
+  throw new Error(`the payload of W${w.index} (seq ${w.seq}) is in no payload segment`);
+}
+
+// ---------------------------------------------------------------------------------------------
+// observing the damaged store
+
+interface CheckOutcome {
+  readonly code: number | null;
+  readonly ok: boolean;
+  readonly problems: Array<{ kind: string; message: string; seq?: number; layerId?: number; volumes?: string[]; block?: number }>;
+  /** stderr (or the JSON error) when check did not produce a report. */
+  readonly error: string;
+}
+
+async function runCheck(store: string): Promise<CheckOutcome> {
+  const r = await cowstack(['check', store, '--json'], { timeoutMs: 120_000 });
+  try {
+    const report = JSON.parse(r.stdout) as { ok?: boolean; problems?: CheckOutcome['problems']; error?: { message: string } };
+    if (report.error !== undefined) return { code: r.code, ok: false, problems: [], error: report.error.message };
+    return { code: r.code, ok: report.ok === true, problems: report.problems ?? [], error: r.stderr.trim() };
+  } catch {
+    return { code: r.code, ok: false, problems: [], error: (r.stderr || r.stdout).trim() };
+  }
+}
+
+interface RecoverOutcome {
+  readonly code: number | null;
+  readonly report: Record<string, unknown> | undefined;
+  readonly error: string;
+}
+
+async function runRecover(store: string, force = false): Promise<RecoverOutcome> {
+  const args = ['recover', store, '--json', ...(force ? ['--force'] : [])];
+  const r = await cowstack(args, { timeoutMs: 120_000 });
+  let parsed: Record<string, unknown> | undefined;
+  try {
+    parsed = JSON.parse(r.stdout) as Record<string, unknown>;
+  } catch {
+    parsed = undefined;
+  }
+  if (parsed !== undefined && 'error' in parsed) return { code: r.code, report: undefined, error: (parsed.error as { message: string }).message };
+  return { code: r.code, report: r.code === 0 ? parsed : undefined, error: r.code === 0 ? '' : (r.stderr || r.stdout).trim() };
+}
+
+const blockReaderScript = String.raw`
+import json, nbd, sys
+socket, out = sys.argv[1], sys.argv[2]
+names = sys.argv[3:]
+res = {}
+for i, name in enumerate(names):
+    h = nbd.NBD()
+    h.set_export_name(name)
+    h.connect_unix(socket)
+    size = h.get_size()
+    buf = bytearray(size)
+    bad = []
+    for off in range(0, size, 65536):
+        n = min(65536, size - off)
+        try:
+            buf[off:off + n] = h.pread(n, off)
+        except nbd.Error:
+            for b in range(off, off + n, 4096):
+                m = min(4096, off + n - b)
+                try:
+                    buf[b:b + m] = h.pread(m, b)
+                except nbd.Error as e:
+                    bad.append([b, str(e.string)])
+    with open(out + '.' + str(i), 'wb') as f:
+        f.write(buf)
+    res[name] = bad
+    h.shutdown()
+print(json.dumps(res))
+`;
+
+interface ServedView {
+  readonly bytes: Buffer;
+  /** Offsets of blocks whose read failed, with libnbd's message. */
+  readonly eio: Array<[number, string]>;
+}
+
+/** Serve the store and read every view block by block; EIO blocks are recorded, not fatal. */
+async function serveAndRead(store: string, views: readonly string[]): Promise<{ views: Map<string, ServedView> } | { error: string }> {
+  let served: Served;
+  try {
+    served = await startServe(store);
+  } catch (err) {
+    return { error: (err as Error).message };
+  }
+  try {
+    const dir = tempDir('corrupt-read');
+    const out = join(dir, 'view');
+    const r = await pythonOk(blockReaderScript, [served.socket, out, ...views], { timeoutMs: 120_000 });
+    const eio = JSON.parse(r.stdout) as Record<string, Array<[number, string]>>;
+    const result = new Map<string, ServedView>();
+    views.forEach((v, i) => result.set(v, { bytes: readFileSync(`${out}.${i}`), eio: eio[v] }));
+    rmSync(dir, { recursive: true, force: true });
+    await served.stop();
+    return { views: result };
+  } catch (err) {
+    await served.kill();
+    return { error: (err as Error).message };
+  }
+}
+
+const allViews = ['default', 'vm1', 'default@snap1'] as const;
+
+/** Where served bytes differ from the expected ones, outside blocks that returned EIO. */
+function wrongBlocks(view: ServedView, want: Buffer): number[] {
+  const bad = new Set(view.eio.map(([o]) => Math.floor(o / blockBytes)));
+  const out: number[] = [];
+  for (let b = 0; b < volumeBytes / blockBytes; b++) {
+    if (bad.has(b)) continue;
+    const at = b * blockBytes;
+    if (!view.bytes.subarray(at, at + blockBytes).equals(want.subarray(at, at + blockBytes))) out.push(b);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// scenarios
+
+export interface ScenarioResult {
+  readonly name: string;
+  readonly ok: boolean;
+  /** What cowstack said, for RELIABILITY.md. */
+  readonly observed: string[];
+  readonly failures: string[];
+  /** For random flips: refused | flagged | harmless. */
+  readonly outcome?: string;
+}
+
+class Scenario {
+  readonly observed: string[] = [];
+  readonly failures: string[] = [];
+  constructor(readonly name: string) {}
+  note(line: string): void {
+    this.observed.push(line);
+  }
+  expect(cond: boolean, message: string): void {
+    if (!cond) this.failures.push(message);
+  }
+  result(outcome?: string): ScenarioResult {
+    return { name: this.name, ok: this.failures.length === 0, observed: this.observed, failures: this.failures, outcome };
+  }
+}
+
+function checkSummary(c: CheckOutcome): string {
+  if (c.ok) return `check: exit ${c.code}, ok`;
+  if (c.problems.length === 0) return `check: exit ${c.code}, error: ${c.error}`;
+  return `check: exit ${c.code}, ${c.problems.length} problem(s): ${c.problems
+    .slice(0, 4)
+    .map((p) => `[${p.kind}] ${p.message}`)
+    .join(' | ')}${c.problems.length > 4 ? ` | … (${c.problems.length - 4} more)` : ''}`;
+}
+
+function recoverSummary(r: RecoverOutcome): string {
+  if (r.code !== 0) return `recover: exit ${r.code}, error: ${r.error}`;
+  const rep = r.report!;
+  const parts = [`checkpoint seq ${rep.checkpointSeq}`, `replayed ${rep.eventsReplayed}`];
+  const skipped = rep.checkpointsSkipped as Array<{ seq: number; reason: string }>;
+  if (skipped.length > 0) parts.push(`skipped checkpoints ${skipped.map((s) => `${s.seq} (${s.reason})`).join(', ')}`);
+  if (rep.tailCut) parts.push(`tail cut ${JSON.stringify(rep.tailCut)}`);
+  if (rep.salvage) parts.push(`salvage ${JSON.stringify(rep.salvage)}`);
+  return `recover: exit 0, ${parts.join(', ')}`;
+}
+
+let forceAvailable: boolean | undefined;
+async function hasForce(): Promise<boolean> {
+  if (forceAvailable === undefined) {
+    const r = await cowstack(['recover', '--help']);
+    forceAvailable = /--force/.test(r.stdout + r.stderr);
+  }
+  return forceAvailable;
+}
+
+/**
+ * The common observation: check on a copy, recover on the store; then serve and compare. Returns
+ * whether wrong data was served without any report.
+ */
+async function observe(
+  s: Scenario,
+  store: string,
+  fx: Fixture,
+  want: { cut?: (recover: RecoverOutcome) => number | undefined } = {},
+): Promise<{ check: CheckOutcome; recover: RecoverOutcome; postCheck?: CheckOutcome; served?: Map<string, ServedView>; serveError?: string; wrong: Map<string, number[]> }> {
+  const copy = copyStore(store, 'check');
+  const check = await runCheck(copy);
+  dropCopy(copy);
+  s.note(checkSummary(check));
+  s.expect(check.code === 0 || check.code === 1, `check exited ${check.code} (expected 0 or 1): ${check.error}`);
+  if (!check.ok) s.expect(check.problems.length > 0 || check.error.length > 0, 'check failed without saying why');
+  for (const p of check.problems) s.expect(typeof p.message === 'string' && p.message.length > 10 && !/undefined|NaN|\[object/.test(p.message), `check problem message is unclear: ${JSON.stringify(p)}`);
+  const recover = await runRecover(store);
+  s.note(recoverSummary(recover));
+  s.expect(recover.code === 0 || recover.code === 1, `recover exited ${recover.code}`);
+  if (recover.code !== 0) s.expect(recover.error.length > 10 && !/\n\s+at /.test(recover.error), `recover failed without a clear message: ${recover.error}`);
+  const wrong = new Map<string, number[]>();
+  if (recover.code !== 0) return { check, recover, wrong };
+  const postCopy = copyStore(store, 'postcheck');
+  const postCheck = await runCheck(postCopy);
+  dropCopy(postCopy);
+  s.note(`after recover, ${checkSummary(postCheck)}`);
+  const cut = want.cut?.(recover) ?? Infinity;
+  const read = await serveAndRead(store, allViews);
+  if ('error' in read) {
+    s.note(`serve: refused: ${read.error.split('\n')[0]}`);
+    return { check, recover, postCheck, serveError: read.error, wrong };
+  }
+  for (const view of allViews) {
+    const got = read.views.get(view)!;
+    const bad = wrongBlocks(got, expected(fx, view, cut));
+    if (bad.length > 0) wrong.set(view, bad);
+    if (got.eio.length > 0) s.note(`serve: ${view}: EIO on ${got.eio.length} block(s) from offset ${got.eio[0][0]}`);
+    if (bad.length > 0) s.note(`serve: ${view}: ${bad.length} block(s) differ from the acknowledged content, first block ${bad[0]}`);
+  }
+  const reported = !check.ok || !postCheck.ok || hasWarning(recover);
+  for (const [view, blocks] of wrong) {
+    s.expect(reported, `SILENT WRONG DATA: ${view} blocks ${blocks.slice(0, 8).join(', ')} differ from what was acknowledged, and neither check nor recover reported anything`);
+    s.expect(!check.ok, `check before recover passed, but ${view} serves wrong data at blocks ${blocks.slice(0, 8).join(', ')}`);
+  }
+  return { check, recover, postCheck, served: read.views, wrong };
+}
+
+function hasWarning(r: RecoverOutcome): boolean {
+  const rep = r.report;
+  return rep !== undefined && ((rep.checkpointsSkipped as unknown[]).length > 0 || rep.tailCut !== undefined || rep.salvage !== undefined);
+}
+
+/** recover --force where recover refused: the cut is named, and the store keeps exactly the writes before it. */
+async function tryForce(s: Scenario, store: string, fx: Fixture, expectFrom: number | undefined): Promise<void> {
+  if (!(await hasForce())) {
+    s.note('recover --force: not in this build');
+    return;
+  }
+  const r = await runRecover(store, true);
+  s.note(`recover --force: ${recoverSummary(r)}`);
+  if (expectFrom === undefined) return;
+  if (r.code !== 0) {
+    s.expect(false, `recover --force failed: ${r.error}`);
+    return;
+  }
+  const salvage = r.report!.salvage as { fromSeq: number; recordsDiscarded: number; reason: string } | undefined;
+  s.expect(salvage !== undefined, 'recover --force salvaged without reporting a cut');
+  if (salvage === undefined) return;
+  s.expect(salvage.fromSeq === expectFrom, `recover --force cut from seq ${salvage.fromSeq}, expected ${expectFrom}`);
+  s.expect(salvage.recordsDiscarded === fx.lastSeq - salvage.fromSeq + 1, `recover --force discarded ${salvage.recordsDiscarded} records, expected ${fx.lastSeq - salvage.fromSeq + 1} (seqs ${salvage.fromSeq}..${fx.lastSeq})`);
+  const postCopy = copyStore(store, 'postcheck');
+  const post = await runCheck(postCopy);
+  dropCopy(postCopy);
+  s.note(`after --force, ${checkSummary(post)}`);
+  s.expect(post.ok, `check after recover --force: ${checkSummary(post)}`);
+  const read = await serveAndRead(store, allViews);
+  if ('error' in read) {
+    s.expect(false, `serve after recover --force: ${read.error}`);
+    return;
+  }
+  for (const view of allViews) {
+    const got = read.views.get(view)!;
+    const bad = wrongBlocks(got, expected(fx, view, salvage.fromSeq));
+    s.expect(got.eio.length === 0, `after --force, ${view} returns EIO at ${got.eio.map(([o]) => o).slice(0, 4).join(', ')}`);
+    s.expect(bad.length === 0, `after --force, ${view} does not hold exactly the writes before seq ${salvage.fromSeq}: blocks ${bad.slice(0, 8).join(', ')} differ`);
+  }
+  const lost = fx.writes.filter((w) => w.seq >= salvage.fromSeq).map((w) => `W${w.index}`);
+  s.note(`recover --force: writes lost (reported as seqs ${salvage.fromSeq}..${fx.lastSeq}): ${lost.join(' ')}`);
+}
+
+function writeInTail(fx: Fixture, unsynced: boolean, rng: Rng): FixtureWrite {
+  const after = fx.checkpoints[fx.checkpoints.length - 1];
+  const candidates = fx.writes.filter((w) => w.seq > after && w.unsynced === unsynced);
+  return rng.pick(candidates);
+}
+
+type ScenarioFn = (fx: { clean: Fixture; crashed: Fixture }, rng: Rng) => Promise<ScenarioResult>;
+
+export const scenarios: Record<string, ScenarioFn> = {
+  async 'payload-log: flipped byte in a durable record after the last checkpoint'(fx, rng) {
+    const s = new Scenario('payload-flip-durable');
+    const f = fx.crashed;
+    const store = copyStore(f.store, 'payload');
+    const w = writeInTail(f, false, rng);
+    const { file, at } = flipPayload(store, w);
+    s.note(`damage: byte ${at} of ${file.slice(store.length + 1)} (payload of W${w.index}, seq ${w.seq})`);
+    const { check, recover } = await observe(s, store, f);
+    s.expect(!check.ok && check.problems.some((p) => new RegExp(`seq ${w.seq}\\b`).test(p.message)), `check does not name seq ${w.seq}: ${checkSummary(check)}`);
+    s.expect(recover.code === 1 && new RegExp(`seq ${w.seq}\\b`).test(recover.error) && /payload/.test(recover.error), `recover does not refuse naming seq ${w.seq} and the payload: ${recoverSummary(recover)}`);
+    if (recover.code === 1) await tryForce(s, store, f, w.seq);
+    dropCopy(store);
+    return s.result();
+  },
+
+  async 'payload-log: flipped byte in an unsynced record (torn tail)'(fx, rng) {
+    const s = new Scenario('payload-flip-unsynced');
+    const f = fx.crashed;
+    const store = copyStore(f.store, 'payload-tail');
+    const w = writeInTail(f, true, rng);
+    const { file, at } = flipPayload(store, w);
+    s.note(`damage: byte ${at} of ${file.slice(store.length + 1)} (payload of W${w.index}, seq ${w.seq}, acknowledged but never synced)`);
+    const { recover } = await observe(s, store, f, { cut: (r) => (r.report?.tailCut as { fromSeq: number } | undefined)?.fromSeq });
+    const named = (text: string): boolean => new RegExp(`seq ${w.seq}\\b`).test(text);
+    if (recover.code === 0) {
+      const cut = recover.report!.tailCut as { fromSeq: number; records: number } | undefined;
+      s.expect(cut !== undefined && cut.fromSeq <= w.seq, `recover neither refused nor reported a cut tail at seq ${w.seq}: ${recoverSummary(recover)}`);
+    } else s.expect(named(recover.error), `recover refuses without naming seq ${w.seq}: ${recover.error}`);
+    dropCopy(store);
+    return s.result();
+  },
+
+  async 'layer file: truncated'(fx, rng) {
+    const s = new Scenario('layer-truncate');
+    const f = fx.clean;
+    const store = copyStore(f.store, 'truncate');
+    const layer = f.layers.defaultTop;
+    const path = join(store, 'layers', `${layer}.data`);
+    const size = statSync(path).size;
+    const newSize = rng.chance(0.5) ? Math.floor(size / 2 / blockBytes) * blockBytes + rng.int(1, blockBytes - 1) : Math.floor(size / 2);
+    truncateSync(path, newSize);
+    s.note(`damage: layers/${layer}.data (default's top) truncated from ${size} to ${newSize} bytes`);
+    const { check, recover, served } = await observe(s, store, f);
+    const cutBlock = Math.floor(newSize / blockBytes);
+    s.expect(
+      check.problems.some((p) => p.kind === 'data' && p.layerId === layer && (p.volumes ?? []).includes('default') && p.block !== undefined && p.block >= cutBlock - 0 && /data file ends at byte/.test(p.message)),
+      `check does not name layer ${layer}, volume default and a block at or past ${cutBlock}: ${checkSummary(check)}`,
+    );
+    if (served !== undefined) {
+      const lost = f.writes.filter((w) => w.volume === 'default' && w.seq > f.frozenSeq && w.offset + writeBytes > newSize);
+      s.expect(served.get('default')!.eio.length > 0 || lost.length === 0, 'serving default returned no EIO for the truncated blocks');
+    }
+    s.note(`recover: ${recover.code === 0 ? 'does not read layer files, so it does not notice' : 'refused'}`);
+    dropCopy(store);
+    return s.result();
+  },
+
+  async 'layer file: flipped byte in a volume top and in a shared snapshot layer'(fx, rng) {
+    const s = new Scenario('layer-flip');
+    const f = fx.clean;
+    const store = copyStore(f.store, 'layerflip');
+    // The newest write to default (its top) and one before the snapshot (layer snap1, shared by vm1).
+    const top = [...f.writes].reverse().find((w) => w.volume === 'default' && w.seq > f.frozenSeq)!;
+    const shared = f.writes.filter((w) => w.volume === 'default' && w.seq < f.frozenSeq && !f.writes.some((o) => o.volume === 'default' && o.seq > w.seq && o.seq < f.frozenSeq && o.offset === w.offset));
+    const low = rng.pick(shared);
+    const topAt = top.offset + rng.int(0, writeBytes - 1);
+    const lowAt = low.offset + rng.int(0, writeBytes - 1);
+    flipFileByte(join(store, 'layers', `${f.layers.defaultTop}.data`), topAt, 0x01);
+    flipFileByte(join(store, 'layers', `${f.layers.snap1}.data`), lowAt, 0x80);
+    const topBlock = Math.floor(topAt / blockBytes);
+    const lowBlock = Math.floor(lowAt / blockBytes);
+    s.note(`damage: byte ${topAt} of layers/${f.layers.defaultTop}.data (default's top, block ${topBlock}, last written by seq ${top.seq}); byte ${lowAt} of layers/${f.layers.snap1}.data (snapshot default@snap1, block ${lowBlock}, seq ${low.seq})`);
+    const { check, served } = await observe(s, store, f);
+    const names = (layer: number, block: number, seq: number, volume: string): boolean =>
+      check.problems.some((p) => p.kind === 'data' && p.layerId === layer && p.block === block && p.seq === seq && (p.volumes ?? []).includes(volume) && new RegExp(`block ${block}\\b.*seq ${seq}\\b`).test(p.message));
+    s.expect(names(f.layers.defaultTop, topBlock, top.seq, 'default'), `check does not name default, layer ${f.layers.defaultTop}, block ${topBlock}, seq ${top.seq}: ${checkSummary(check)}`);
+    s.expect(names(f.layers.snap1, lowBlock, low.seq, 'default') || names(f.layers.snap1, lowBlock, low.seq, 'vm1'), `check does not name layer ${f.layers.snap1}, block ${lowBlock}, seq ${low.seq}: ${checkSummary(check)}`);
+    if (served !== undefined) {
+      const wrongDefault = wrongBlocks(served.get('default')!, expected(f, 'default'));
+      s.note(`serve: reads do not verify block CRCs: default serves the flipped block ${wrongDefault.includes(topBlock) ? 'as is' : 'correctly'}; check is what finds it`);
+    }
+    dropCopy(store);
+    return s.result();
+  },
+
+  async 'checkpoint: newest deleted'(fx) {
+    const s = new Scenario('checkpoint-delete');
+    const f = fx.clean;
+    const store = copyStore(f.store, 'ckdel');
+    const [older, newest] = f.checkpoints.slice(-2);
+    await withLevel(store, (db) => db.del(checkpointKey(newest)));
+    s.note(`damage: checkpoint key c${newest} deleted (checkpoints were ${f.checkpoints.join(', ')})`);
+    const { check, recover, wrong } = await observe(s, store, f);
+    s.expect(recover.code === 0 && recover.report!.checkpointSeq === older && Number(recover.report!.eventsReplayed) === newest - older, `recover does not fall back to checkpoint ${older} and replay ${newest - older} events: ${recoverSummary(recover)}`);
+    s.expect(wrong.size === 0, 'data differs after falling back to the older checkpoint');
+    s.note(`check: ${check.ok ? 'a missing checkpoint leaves no trace to report (the older one plus replay is complete)' : 'reports it'}`);
+    dropCopy(store);
+    return s.result();
+  },
+
+  async 'checkpoint: newest corrupted'(fx, rng) {
+    const s = new Scenario('checkpoint-corrupt');
+    const f = fx.clean;
+    const store = copyStore(f.store, 'ckbad');
+    const [older, newest] = f.checkpoints.slice(-2);
+    await withLevel(store, async (db) => {
+      const value = (await db.get(checkpointKey(newest)))!;
+      const at = 24 + rng.int(0, value.length - 25);
+      value[at] ^= 0x10;
+      await db.put(checkpointKey(newest), value);
+      s.note(`damage: byte ${at} of checkpoint value c${newest} (${value.length} bytes) flipped`);
+    });
+    const { check, recover, wrong } = await observe(s, store, f);
+    const skipped = (recover.report?.checkpointsSkipped ?? []) as Array<{ seq: number; reason: string }>;
+    s.expect(recover.code === 0 && recover.report!.checkpointSeq === older && skipped.some((k) => k.seq === newest), `recover does not skip checkpoint ${newest} and use ${older}: ${recoverSummary(recover)}`);
+    s.expect(check.problems.some((p) => p.kind === 'checkpoint' && p.seq === newest), `check does not report checkpoint ${newest}: ${checkSummary(check)}`);
+    s.expect(wrong.size === 0, 'data differs after falling back to the older checkpoint');
+    dropCopy(store);
+    return s.result();
+  },
+
+  async 'checkpoint: every checkpoint gone'(fx) {
+    const s = new Scenario('checkpoint-all-gone');
+    const f = fx.clean;
+    const store = copyStore(f.store, 'cknone');
+    await withLevel(store, async (db) => {
+      for (const c of f.checkpoints) await db.del(checkpointKey(c));
+    });
+    s.note(`damage: checkpoints ${f.checkpoints.join(', ')} deleted`);
+    const { check, recover } = await observe(s, store, f);
+    s.expect(recover.code === 1 && /payload|checkpoint/.test(recover.error) && /seq \d+/.test(recover.error), `recover should refuse, naming the first write whose payload retention dropped: ${recoverSummary(recover)}`);
+    s.expect(!check.ok, `check passes with every checkpoint gone: ${checkSummary(check)}`);
+    await tryForce(s, store, f, undefined);
+    dropCopy(store);
+    return s.result();
+  },
+
+  async 'journal: frame deleted after the last checkpoint'(fx, rng) {
+    const s = new Scenario('frame-delete-tail');
+    const f = fx.crashed;
+    const store = copyStore(f.store, 'framedel');
+    const w = writeInTail(f, false, rng);
+    const first = await withLevel(store, async (db) => {
+      const key = await frameKeyOf(db, w.seq);
+      await db.del(key);
+      return frameSeq(key);
+    });
+    s.note(`damage: frame r${first} (holding W${w.index}, seq ${w.seq}) deleted from LevelDB`);
+    const { check, recover } = await observe(s, store, f);
+    s.expect(recover.code === 1 && new RegExp(`seq ${first}\\b`).test(recover.error) && /missing|gap/.test(recover.error), `recover does not refuse naming missing seq ${first}: ${recoverSummary(recover)}`);
+    s.expect(!check.ok && check.problems.some((p) => new RegExp(`seq ${first}\\b`).test(p.message)), `check does not name seq ${first}: ${checkSummary(check)}`);
+    if (recover.code === 1) await tryForce(s, store, f, first);
+    dropCopy(store);
+    return s.result();
+  },
+
+  async 'journal: frame deleted before the last checkpoint'(fx, rng) {
+    const s = new Scenario('frame-delete-covered');
+    const f = fx.clean;
+    const store = copyStore(f.store, 'framedel2');
+    const [older, newest] = f.checkpoints.slice(-2);
+    const w = rng.pick(f.writes.filter((x) => x.seq > older && x.seq < newest));
+    const first = await withLevel(store, async (db) => {
+      const key = await frameKeyOf(db, w.seq);
+      await db.del(key);
+      return frameSeq(key);
+    });
+    s.note(`damage: frame r${first} (holding W${w.index}, seq ${w.seq}, between checkpoints ${older} and ${newest}) deleted`);
+    const { check, wrong } = await observe(s, store, f);
+    s.expect(!check.ok && check.problems.some((p) => p.kind === 'journal' && p.seq === first), `check does not report the gap at seq ${first}: ${checkSummary(check)}`);
+    s.expect(wrong.size === 0, 'data differs although the newest checkpoint covers the deleted frame');
+    await tryForce(s, store, f, undefined);
+    dropCopy(store);
+    return s.result();
+  },
+
+  async 'journal: flipped byte inside a frame value'(fx, rng) {
+    const s = new Scenario('frame-flip');
+    const f = fx.crashed;
+    const store = copyStore(f.store, 'frameflip');
+    const w = writeInTail(f, false, rng);
+    const first = await withLevel(store, async (db) => {
+      const key = await frameKeyOf(db, w.seq);
+      const value = (await db.get(key))!;
+      value[50] ^= 0x04; // inside the first record of the frame (the records region starts at 48)
+      await db.put(key, value);
+      return frameSeq(key);
+    });
+    s.note(`damage: byte 50 of frame r${first} (first record seq ${first}) flipped through LevelDB`);
+    const { check, recover } = await observe(s, store, f);
+    s.expect(recover.code === 1 && new RegExp(`seq ${first}\\b`).test(recover.error), `recover does not refuse naming seq ${first}: ${recoverSummary(recover)}`);
+    s.expect(!check.ok && check.problems.some((p) => new RegExp(`seq ${first}\\b`).test(p.message)), `check does not name seq ${first}: ${checkSummary(check)}`);
+    if (recover.code === 1) await tryForce(s, store, f, first);
+    dropCopy(store);
+    return s.result();
+  },
+};
+
+/** One random flip (1 to 4 bytes) in one of the journal's LevelDB files. */
+export async function randomLevelFlip(fx: { clean: Fixture; crashed: Fixture }, rng: Rng, n: number): Promise<ScenarioResult> {
+  const f = rng.chance(0.5) ? fx.clean : fx.crashed;
+  const s = new Scenario(`leveldb-flip-${n} (${f === fx.clean ? 'clean' : 'crashed'})`);
+  const store = copyStore(f.store, 'ldbflip');
+  const journalDir = join(store, 'journal');
+  const files = readdirSync(journalDir).filter((name) => /\.(ldb|log)$/.test(name) || (rng.chance(0.15) && /^MANIFEST-/.test(name)));
+  const candidates = files.filter((name) => statSync(join(journalDir, name)).size > 0);
+  if (candidates.length === 0) {
+    s.note('no non-empty LevelDB file to damage');
+    dropCopy(store);
+    return s.result('skipped');
+  }
+  const file = rng.pick(candidates);
+  const size = statSync(join(journalDir, file)).size;
+  const count = rng.int(1, 4);
+  const at: number[] = [];
+  for (let i = 0; i < count; i++) {
+    const offset = rng.int(0, size - 1);
+    flipFileByte(join(journalDir, file), offset, rng.int(1, 255));
+    at.push(offset);
+  }
+  s.note(`damage: ${count} byte(s) of journal/${file} (${size} bytes) at ${at.join(', ')}`);
+  const { check, recover, wrong, serveError, postCheck } = await observe(s, store, f);
+  let outcome: string;
+  if (recover.code !== 0) outcome = 'recover refused';
+  else if (serveError !== undefined) outcome = 'serve refused';
+  else if (!check.ok || !(postCheck?.ok ?? true) || hasWarning(recover)) outcome = wrong.size > 0 ? 'flagged (wrong data served, reported)' : 'flagged';
+  else outcome = 'harmless (no effect found)';
+  if (recover.code === 0 && wrong.size > 0) s.note(`wrong data: ${[...wrong.keys()].join(', ')}`);
+  dropCopy(store);
+  return s.result(outcome);
+}
+
+// ---------------------------------------------------------------------------------------------
+// the run
+
+export interface CorruptionOptions {
+  readonly seed: number;
+  readonly flips: number;
+  readonly only?: RegExp;
+  readonly log?: (line: string) => void;
+}
+
+export interface CorruptionResult {
+  readonly passed: number;
+  readonly failed: number;
+  readonly results: ScenarioResult[];
+  readonly flipOutcomes: Record<string, number>;
+}
+
+export async function runCorruption(opts: CorruptionOptions): Promise<CorruptionResult> {
+  const log = opts.log ?? ((line: string) => console.log(line));
+  const rng = new Rng(opts.seed);
+  const fx = await buildFixtures(opts.seed % 1000);
+  log(`fixtures: clean store seq 1..${fx.clean.lastSeq} (checkpoints ${fx.clean.checkpoints.join(', ')}), crashed store seq 1..${fx.crashed.lastSeq} (tail after ${fx.crashed.checkpoints.at(-1)}; W42..W47 unsynced)`);
+  const results: ScenarioResult[] = [];
+  const report = (r: ScenarioResult): void => {
+    results.push(r);
+    log(`${r.ok ? 'ok    ' : 'FAILED'} ${r.name}${r.outcome ? ` -> ${r.outcome}` : ''}`);
+    for (const line of r.observed) log(`         ${line}`);
+    for (const line of r.failures) log(`   FAIL: ${line}`);
+  };
+  for (const [name, fn] of Object.entries(scenarios)) {
+    if (opts.only !== undefined && !opts.only.test(name)) continue;
+    try {
+      report(await fn(fx, rng));
+    } catch (err) {
+      report({ name, ok: false, observed: [], failures: [`harness error: ${(err as Error).stack ?? String(err)}`] });
+    }
+  }
+  const flipOutcomes: Record<string, number> = {};
+  for (let i = 0; i < opts.flips; i++) {
+    try {
+      const r = await randomLevelFlip(fx, rng, i + 1);
+      flipOutcomes[r.outcome ?? '?'] = (flipOutcomes[r.outcome ?? '?'] ?? 0) + 1;
+      report(r);
+    } catch (err) {
+      report({ name: `leveldb-flip-${i + 1}`, ok: false, observed: [], failures: [`harness error: ${(err as Error).stack ?? String(err)}`] });
+    }
+  }
+  for (const f of [fx.clean, fx.crashed]) if (existsSync(f.store)) dropCopy(f.store);
+  const passed = results.filter((r) => r.ok).length;
+  return { passed, failed: results.length - passed, results, flipOutcomes };
+}
+
+function argValue(args: string[], name: string): string | undefined {
+  const i = args.indexOf(name);
+  return i === -1 ? undefined : args[i + 1];
+}
+
+export async function main(argv: string[] = process.argv.slice(2)): Promise<number> {
+  const full = argv.includes('--full');
+  const flips = Number(argValue(argv, '--flips') ?? (full ? 200 : 12));
+  const seed = Number(argValue(argv, '--seed') ?? Math.floor(Math.random() * 2 ** 31));
+  const only = argValue(argv, '--only');
+  console.log(`corruption: fixed scenarios + ${flips} random LevelDB flips, seed ${seed}`);
+  const started = Date.now();
+  const result = await runCorruption({ seed, flips, only: only !== undefined ? new RegExp(only) : undefined });
+  console.log(`random LevelDB flips: ${Object.entries(result.flipOutcomes).map(([k, v]) => `${v} ${k}`).join(', ') || 'none'}`);
+  console.log(`time: ${((Date.now() - started) / 1000).toFixed(0)} s`);
+  console.log(`${result.passed} passed, ${result.failed} failed`);
+  return result.failed === 0 ? 0 : 1;
+}
+
+if (process.argv[1] !== undefined && resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
+  main().then(
+    (code) => process.exit(code),
+    (err: unknown) => {
+      console.error(err);
+      process.exit(2);
+    },
+  );
+}

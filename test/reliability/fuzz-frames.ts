@@ -68,8 +68,9 @@ const u16 = fc.integer({ min: 0, max: 0xffff });
 /** A uniform choice in [0, max] (fast-check biases plain integers towards small values). */
 const choice = (max: number): fc.Arbitrary<number> => fc.noBias(fc.nat({ max }));
 /** True with probability p. */
-const chance = (p: number): fc.Arbitrary<boolean> => fc.noBias(fc.double({ min: 0, max: 1, noNaN: true, maxExcluded: true })).map((x) => x < p);
-const fraction = fc.noBias(fc.double({ min: 0, max: 1, noNaN: true }));
+const chance = (p: number): fc.Arbitrary<boolean> => choice(9999).map((n) => n < p * 10000);
+/** Uniform in [0, 1] (fc.double is uniform over representations, so mostly tiny). */
+const fraction = choice(1_000_000).map((n) => n / 1_000_000);
 const u32 = fc.integer({ min: 0, max: 0xffffffff });
 const u64 = fc.bigInt({ min: 0n, max: (1n << 64n) - 1n });
 
@@ -417,7 +418,8 @@ function buildRequest(plan: RequestPlan, index: number, previousCookie: bigint, 
     if (plan.lengthChoice < 65) length = plan.smallLength;
     else if (plan.lengthChoice < 75) length = Number(size - offset > 0n && size - offset < BigInt(twoTo32) ? size - offset : 1n);
     else if (plan.lengthChoice < 80) length = 0;
-    else length = plan.anyLength;
+    // a WRITE declaring more than 64 MiB ends the connection: keep that rare so sessions go deep
+    else length = type === P.NBD_CMD_WRITE && plan.lengthChoice < 96 ? plan.smallLength : plan.anyLength;
     // keep reads and writes of the valid kind within what is cheap to move (the big export aside)
     if ((type === P.NBD_CMD_READ || type === P.NBD_CMD_WRITE) && plan.lengthChoice < 75 && length > 1 << 20 && target.sizeBytes <= 1 << 20) length = plan.smallLength;
   }
@@ -428,7 +430,7 @@ function buildRequest(plan: RequestPlan, index: number, previousCookie: bigint, 
   const frames: PlannedFrame[] = [{ kind: 'request', bytes: requestFrame({ magic: P.NBD_REQUEST_MAGIC, flags, type, cookie, offset, length }), mutations: [] }];
   if (type === P.NBD_CMD_WRITE && length > 0) {
     let n = length;
-    if (plan.payloadChoice >= 90) n = Math.max(0, length + plan.payloadDelta); // a payload that lies about its length
+    if (plan.payloadChoice >= 98) n = Math.max(0, length + plan.payloadDelta); // a payload that lies about its length
     n = Math.min(n, maxSentPayloadBytes);
     if (n > 0) frames.push({ kind: 'payload', bytes: pattern(n, plan.seed + 1), mutations: [] });
   }
@@ -456,6 +458,8 @@ interface SessionPlan {
   readonly fieldRate: number;
   readonly structuralRate: number;
   readonly prefixRate: number;
+  /** Resize data after a mutated length or type so the stream stays framed (see reframe). */
+  readonly keepFraming: boolean;
   readonly fieldMutations: readonly (readonly Mutation[])[];
   readonly structuralMutations: readonly Mutation[];
   readonly cutAt: number | undefined;
@@ -491,6 +495,7 @@ export function sessionPlanArb(targets: FuzzTargets): fc.Arbitrary<SessionPlan> 
     fieldRate: fc.constantFrom(0.05, 0.3, 0.6, 0.9, 1, 1),
     structuralRate: fc.constantFrom(0, 0, 0.005, 0.02, 0.1),
     prefixRate: fc.constantFrom(0, 0, 0, 0.05, 0.3),
+    keepFraming: chance(0.85),
     fieldMutations: fc.array(fc.array(fieldMutationArb, { minLength: 1, maxLength: 3 }), { minLength: 1, maxLength: 16 }),
     structuralMutations: fc.array(structuralMutationArb, { minLength: 1, maxLength: 4 }),
     cutAt: fc.tuple(chance(0.05), fraction).map(([on, at]) => (on ? at : undefined)),
@@ -552,12 +557,26 @@ export function buildSession(plan: SessionPlan, targets: FuzzTargets, seed: numb
     return mutations.length === 0 ? f : { ...f, mutations };
   });
   const frames: FuzzFrame[] = [];
-  for (const f of withMutations) {
+  for (let i = 0; i < withMutations.length; i++) {
+    const f = withMutations[i];
     if (f.kind === 'payload') {
       frames.push({ bytes: f.bytes, mutated: false, payload: true });
       continue;
     }
-    for (const bytes of mutate(f, withMutations)) frames.push({ bytes, mutated: f.mutations.length > 0, payload: false });
+    const mutated = f.mutations.length > 0;
+    for (const bytes of mutate(f, withMutations)) {
+      if (!mutated || !plan.keepFraming) {
+        frames.push({ bytes, mutated, payload: false });
+        continue;
+      }
+      // A field mutation that changed what follows the header (an option's length, a request's type
+      // or length) gets data of the new length, so the stream stays framed and the server goes on
+      // parsing; without keepFraming, or beyond maxSentPayloadBytes, the stream desyncs instead.
+      const framed = reframe(f.kind, bytes, withMutations[i + 1]?.kind === 'payload' ? withMutations[i + 1].bytes : undefined);
+      frames.push({ bytes: framed.header, mutated, payload: false });
+      if (framed.payload !== undefined && framed.payload.length > 0) frames.push({ bytes: framed.payload, mutated: false, payload: true });
+      if (framed.consumedPayload) i++;
+    }
   }
   let stream = Buffer.concat(frames.map((f) => f.bytes));
   if (plan.cutAt !== undefined) stream = stream.subarray(0, Math.floor(plan.cutAt * stream.length));
@@ -570,6 +589,33 @@ export function buildSession(plan: SessionPlan, targets: FuzzTargets, seed: numb
     resetAfter: Math.floor(plan.resetFraction * stream.length),
     transport: plan.tcp ? 'tcp' : 'unix',
   };
+}
+
+/**
+ * Keeps the framing of a mutated header: an option gets data of its declared length; a request that
+ * now declares a WRITE payload gets one of that length (a former payload is dropped or resized).
+ */
+function reframe(kind: FrameKind, bytes: Buffer, nextPayload: Buffer | undefined): { header: Buffer; payload: Buffer | undefined; consumedPayload: boolean } {
+  if (kind === 'option' && bytes.length >= P.optionHeaderBytes && bytes.readBigUInt64BE(0) === P.NBD_OPTS_MAGIC) {
+    const declared = bytes.readUInt32BE(12);
+    const actual = bytes.length - P.optionHeaderBytes;
+    if (declared === actual || declared > 70_000) return { header: bytes, payload: undefined, consumedPayload: false };
+    const data = Buffer.alloc(declared);
+    bytes.copy(data, 0, P.optionHeaderBytes, P.optionHeaderBytes + Math.min(declared, actual));
+    return { header: Buffer.concat([bytes.subarray(0, P.optionHeaderBytes), data]), payload: undefined, consumedPayload: false };
+  }
+  if (kind === 'request' && bytes.length === P.requestHeaderBytes && bytes.readUInt32BE(0) === P.NBD_REQUEST_MAGIC) {
+    const type = bytes.readUInt16BE(6);
+    const length = bytes.readUInt32BE(24);
+    const needs = type === P.NBD_CMD_WRITE ? length : 0;
+    const have = nextPayload?.length ?? 0;
+    if (needs === have) return { header: bytes, payload: nextPayload, consumedPayload: nextPayload !== undefined };
+    if (needs > maxSentPayloadBytes) return { header: bytes, payload: nextPayload, consumedPayload: nextPayload !== undefined };
+    const payload = Buffer.alloc(needs);
+    if (nextPayload !== undefined) nextPayload.copy(payload, 0, 0, Math.min(needs, have));
+    return { header: bytes, payload, consumedPayload: nextPayload !== undefined };
+  }
+  return { header: bytes, payload: undefined, consumedPayload: false };
 }
 
 /** The sessions numbered [first, first + count) of a run with this seed. */

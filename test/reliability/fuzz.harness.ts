@@ -21,7 +21,7 @@
  * (printed) as .bin (bytes sent) and .json (verdict, bytes received).
  */
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
+import { createConnection, createServer } from 'node:net';
 import { dirname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { limits } from '@cowstack/nbd';
@@ -79,6 +79,8 @@ export interface FuzzReport {
   readonly bytesReceived: number;
   readonly outcomes: Record<string, number>;
   readonly errnos: Record<string, number>;
+  /** Answers that showed a known cowstack bug (fuzz-oracle.ts knownBugs), by bug. */
+  readonly knownBugs: Record<string, number>;
   /** Failing sessions (violations, hangs, resets, connect failures). */
   readonly failures: number;
   readonly failureKinds: Record<string, number>;
@@ -95,6 +97,8 @@ export interface FuzzReport {
   readonly victim: VictimReport | undefined;
   readonly victimRaw: string;
   readonly qemuIo: { runs: number; failures: string[]; maxMs: number };
+  /** Clients that stop in the middle of the handshake without closing: closed by the handshake timeout. */
+  readonly silent: { sessions: number; maxClosedAfterMs: number; failures: string[] };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -180,6 +184,8 @@ export async function startFuzzServer(pointInTimeWeight: number): Promise<Fixtur
     maxOptionsPerHandshake: limits.defaultMaxOptionsPerHandshake,
     extraOptionsPerListedExport: limits.extraOptionsPerListedExport,
     maxDiscardedPayloadBytes: limits.maxDiscardedPayloadBytes(limits.defaultMaxPayloadBytes),
+    // the only snapshot is fuzz@ro; seq:/time: points are not generated as context names
+    dirtyBitmapResolves: (name, point) => name === 'fuzz' && point === 'ro',
   };
   return { store, served, tcp: { host: '127.0.0.1', port }, targets: { exports, volumesForPointInTime: ['fuzz', 'default'], pointInTimeWeight }, oracle };
 }
@@ -190,6 +196,40 @@ export function serverLogProblems(stderr: string): string[] {
     .split('\n')
     .filter((line) => /internal error|failed unexpectedly|uncaught|unhandled|TypeError|RangeError|assertion/i.test(line))
     .slice(0, 20);
+}
+
+// ---------------------------------------------------------------------------------------------
+// silent clients
+
+const silentWaitMs = limits.defaultHandshakeTimeoutMs + 5000;
+
+/**
+ * Sends the start of a handshake that stops inside a frame (part of the client flags, of an option
+ * header, or of an option's data) and then nothing, without closing: the server must close the
+ * connection when its handshake timeout expires.
+ */
+function silentSession(socketPath: string, n: number): Promise<{ sent: number; closedAfterMs: number | undefined }> {
+  const option = Buffer.alloc(16 + 40);
+  option.writeBigUInt64BE(0x49484156454f5054n, 0);
+  option.writeUInt32BE(6, 8); // NBD_OPT_INFO
+  option.writeUInt32BE(40, 12);
+  const prefixes = [Buffer.alloc(0), Buffer.from([0, 0]), Buffer.from([0, 0, 0, 3]), Buffer.concat([Buffer.from([0, 0, 0, 3]), option.subarray(0, 9)]), Buffer.concat([Buffer.from([0, 0, 0, 3]), option.subarray(0, 30)])];
+  const bytes = prefixes[n % prefixes.length];
+  const started = performance.now();
+  return new Promise((resolve) => {
+    const socket = createConnection({ path: socketPath });
+    const timer = setTimeout(() => {
+      socket.destroy();
+      resolve({ sent: bytes.length, closedAfterMs: undefined });
+    }, silentWaitMs);
+    socket.on('error', () => {});
+    socket.on('data', () => {});
+    socket.once('connect', () => socket.write(bytes));
+    socket.once('close', () => {
+      clearTimeout(timer);
+      resolve({ sent: bytes.length, closedAfterMs: performance.now() - started });
+    });
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -229,6 +269,29 @@ export async function runFuzz(options: FuzzOptions): Promise<FuzzReport> {
     }
   })();
 
+  // ---- silent clients: an incomplete handshake and then nothing (no FIN): the handshake timeout
+  // (10 s) must close them, fuzzing or not
+  const silent = { sessions: 0, closedWithinMs: [] as number[], failures: [] as string[] };
+  const silentLoop = (async () => {
+    let i = 0;
+    const open: Promise<void>[] = [];
+    while (fuzzing) {
+      const n = i++;
+      open.push(
+        silentSession(served.socket, n).then((r) => {
+          silent.sessions++;
+          if (r.closedAfterMs === undefined) silent.failures.push(`silent session ${n} (${r.sent} bytes sent): not closed ${silentWaitMs} ms after connecting`);
+          else {
+            silent.closedWithinMs.push(r.closedAfterMs);
+            if (r.closedAfterMs < limits.defaultHandshakeTimeoutMs - 1000) silent.failures.push(`silent session ${n}: closed after ${r.closedAfterMs.toFixed(0)} ms, before the handshake timeout`);
+          }
+        }),
+      );
+      await sleep(2000);
+    }
+    await Promise.all(open);
+  })();
+
   // ---- the fuzzers
   const tally = {
     connections: 0,
@@ -240,6 +303,7 @@ export async function runFuzz(options: FuzzOptions): Promise<FuzzReport> {
     bytesReceived: 0,
     outcomes: {} as Record<string, number>,
     errnos: {} as Record<string, number>,
+    knownBugs: {} as Record<string, number>,
     failures: 0,
     failureKinds: {} as Record<string, number>,
     failureSamples: [] as string[],
@@ -271,6 +335,7 @@ export async function runFuzz(options: FuzzOptions): Promise<FuzzReport> {
       tally.parsed += verdict!.options + verdict!.requests;
       tally.requests += verdict!.requests;
       for (const [k, n] of Object.entries(verdict!.errnos)) tally.errnos[k] = (tally.errnos[k] ?? 0) + n;
+      for (const [k, n] of Object.entries(verdict!.knownBugs)) tally.knownBugs[k] = (tally.knownBugs[k] ?? 0) + n;
       if (result.close === 'open') outcome = 'hang';
     }
     tally.outcomes[outcome] = (tally.outcomes[outcome] ?? 0) + 1;
@@ -320,6 +385,7 @@ export async function runFuzz(options: FuzzOptions): Promise<FuzzReport> {
   writeFileSync(stopFile, '');
   const victimResult = await victim.catch((e: Error) => ({ code: -1, signal: null, stdout: '', stderr: e.message }));
   await qemuLoop;
+  await silentLoop;
   let victimReport: VictimReport | undefined;
   try {
     victimReport = JSON.parse(victimResult.stdout.trim().split('\n').pop() ?? '') as VictimReport;
@@ -348,6 +414,7 @@ export async function runFuzz(options: FuzzOptions): Promise<FuzzReport> {
     bytesReceived: tally.bytesReceived,
     outcomes: tally.outcomes,
     errnos: tally.errnos,
+    knownBugs: tally.knownBugs,
     failures: tally.failures,
     failureKinds: tally.failureKinds,
     failureSamples: tally.failureSamples,
@@ -363,6 +430,7 @@ export async function runFuzz(options: FuzzOptions): Promise<FuzzReport> {
     victim: victimReport,
     victimRaw: victimReport === undefined ? (victimResult.stdout + victimResult.stderr).slice(0, 2000) : '',
     qemuIo: qemu,
+    silent: { sessions: silent.sessions, maxClosedAfterMs: Math.max(0, ...silent.closedWithinMs), failures: silent.failures },
   };
   return report;
 }
@@ -386,6 +454,7 @@ export function fuzzProblems(report: FuzzReport, options: FuzzOptions): string[]
   }
   if (report.qemuIo.failures.length > 0) out.push(`qemu-io failures: ${report.qemuIo.failures.slice(0, 3).join(' / ')}`);
   if (report.qemuIo.runs < 3) out.push(`qemu-io ran only ${report.qemuIo.runs} times`);
+  if (report.silent.failures.length > 0) out.push(`silent clients: ${report.silent.failures.slice(0, 3).join(' / ')}`);
   return out;
 }
 
@@ -402,25 +471,28 @@ export function formatFuzzReport(r: FuzzReport): string {
       .sort((a, b) => b[1] - a[1])
       .map(([k, n]) => `${k} ${n}`)
       .join(', ')}`,
+    `  known cowstack bugs seen: ${Object.keys(r.knownBugs).length === 0 ? 'none' : JSON.stringify(r.knownBugs)}`,
     `  failing sessions: ${r.failures}${r.failures > 0 ? ` ${JSON.stringify(r.failureKinds)}` : ''}; slowest session ${r.slowestSessionMs.toFixed(0)} ms`,
     `  server RSS ${mib(r.serverRssBeforeBytes)} before, ${mib(r.serverRssAfterBytes)} after; alive ${r.serverAlive}; exit after SIGTERM ${r.serverExit}; cowstack check exit ${r.checkExit}`,
     v === undefined
       ? `  victim: no report`
       : `  libnbd victim: ${v.ops} ops (${v.writes} writes, ${v.fua_writes} FUA, ${v.zeroes} zeroes, ${v.reads} reads, ${v.flushes} flushes) on ${v.connections} connections, ${mib(v.verified_bytes)} verified, ${v.errors.length} errors, ${v.mismatches.length} mismatches; latency p50 ${v.latency_ms.p50} ms p99 ${v.latency_ms.p99} ms max ${v.latency_ms.max} ms; longest gap ${v.max_gap_ms} ms`,
     `  qemu-io victim: ${r.qemuIo.runs} runs, ${r.qemuIo.failures.length} failures, slowest ${r.qemuIo.maxMs.toFixed(0)} ms`,
+    `  silent clients (handshake left incomplete, no FIN): ${r.silent.sessions}, closed by the server after at most ${(r.silent.maxClosedAfterMs / 1000).toFixed(1)} s, ${r.silent.failures.length} failures`,
   ];
   if (r.failureSamples.length > 0) lines.push(`  samples:\n    ${r.failureSamples.join('\n    ')}\n  bytes in ${r.failureDir}`);
   return lines.join('\n');
 }
 
 /** Regenerates session SEED:INDEX and runs it alone against a fresh server. */
-export async function replaySession(seed: number, index: number, pointInTimeWeight = 1): Promise<{ session: FuzzSession; result: SessionResult; verdict: Verdict | undefined }> {
+export async function replaySession(seed: number, index: number, pointInTimeWeight = 1): Promise<{ session: FuzzSession; result: SessionResult; verdict: Verdict | undefined; trace: string[] }> {
   const fixture = await startFuzzServer(pointInTimeWeight);
   const [session] = generateSessions(fixture.targets, seed, index, 1);
   const result = await runSession(session, { socketPath: fixture.served.socket, tcp: fixture.tcp }, { idleTimeoutMs: 5000, maxSessionMs: 120_000 });
-  const verdict = result.close === 'client-reset' || result.close === 'connect-failed' ? undefined : judge(result.sent, result.received, result.close, fixture.oracle);
+  const trace: string[] = [];
+  const verdict = result.close === 'client-reset' || result.close === 'connect-failed' ? undefined : judge(result.sent, result.received, result.close, fixture.oracle, trace);
   await fixture.served.stop();
-  return { session, result, verdict };
+  return { session, result, verdict, trace };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -434,7 +506,8 @@ async function main(argv: readonly string[]): Promise<number> {
   const replay = arg('--replay');
   if (replay !== undefined) {
     const [seed, index] = replay.split(':').map(Number);
-    const { session, result, verdict } = await replaySession(seed, index);
+    const { session, result, verdict, trace } = await replaySession(seed, index);
+    if (argv.includes('--trace')) console.log(trace.join('\n'));
     console.log(JSON.stringify({ kind: session.kind, transport: session.transport, bytes: session.stream.length, close: result.close, verdict }, null, 1));
     return verdict === undefined || verdict.violations.length === 0 ? 0 : 1;
   }

@@ -30,6 +30,8 @@ import { changedSince, type PointInTimeView, pointInTimeView, resolvePoint } fro
 import type { DiffExtent, Store, WriteSource } from './store.js';
 
 const extentContexts: readonly ExtentContext[] = ['base:allocation', 'qemu:allocation-depth'];
+/** Point-in-time views kept built for reuse by later connections. */
+const pointInTimeViewsKept = 4;
 
 function toDeviceError(err: unknown): BlockDeviceError {
   return err instanceof BlockDeviceError ? err : new BlockDeviceError('EIO', (err as Error).message, { cause: err });
@@ -104,9 +106,17 @@ export class VolumeDevice implements BlockDevice {
     return [...extentContexts, ...snapshots.map((s): ExtentContext => `${dirtyBitmapPrefix}${s}`)];
   }
 
-  /** Any dirty bitmap named by a point (seq:N, time:ISO or a snapshot name). */
+  /**
+   * A dirty bitmap named by a point that exists: seq:N up to the last seq, time:ISO-8601 (a valid
+   * time), or a snapshot of this volume. Anything else is not selected (the client is told so).
+   */
   acceptsContext(name: string): boolean {
-    return name.startsWith(dirtyBitmapPrefix) && name.length > dirtyBitmapPrefix.length;
+    if (!name.startsWith(dirtyBitmapPrefix)) return false;
+    const point = name.slice(dirtyBitmapPrefix.length);
+    const seq = /^seq:(\d+)$/.exec(point);
+    if (seq !== null) return Number(seq[1]) <= this.store.lastSeq;
+    if (point.startsWith('time:')) return !Number.isNaN(Date.parse(point.slice(5)));
+    return this.store.hasVolume(this.volume) && this.store.volumeInfo(this.volume).snapshots.includes(point);
   }
 
   extents(offset: number, length: number, context: ExtentContext): Promise<Extent[]> {
@@ -145,7 +155,11 @@ function dirtyExtentsOf(changed: readonly DiffExtent[], offset: number, length: 
   return out;
 }
 
-/** A volume as it was at a point in the journal, read-only. */
+/**
+ * A volume as it was at a point in the journal, read-only. The view is built (a fold of the journal
+ * up to the point) on the first read or block status, not when a client merely looks at the export
+ * (NBD_OPT_INFO, LIST), and shared through `views` by every connection to the same point.
+ */
 export class PointInTimeDevice implements BlockDevice {
   readonly readOnly = true;
   readonly canMultiConn = true;
@@ -153,13 +167,23 @@ export class PointInTimeDevice implements BlockDevice {
   readonly extentContexts = extentContexts;
   readonly sizeBytes: number;
   readonly blockSizeBytes: number;
-  private readonly view: Promise<PointInTimeView>;
+  private readonly key: string;
+  private readonly build: () => Promise<PointInTimeView>;
 
-  constructor(store: Store, volume: string, point: string) {
+  constructor(
+    store: Store,
+    volume: string,
+    point: string,
+    private readonly views: PointInTimeViews,
+  ) {
     this.sizeBytes = store.volumeInfo(volume).sizeBytes;
     this.blockSizeBytes = store.blockSizeBytes;
-    this.view = resolvePoint(store, volume, point).then((seq) => pointInTimeView(store, volume, seq));
-    this.view.catch(() => undefined);
+    this.key = `${volume}@${point}`;
+    this.build = () => resolvePoint(store, volume, point).then((seq) => pointInTimeView(store, volume, seq));
+  }
+
+  private get view(): Promise<PointInTimeView> {
+    return this.views.get(this.key, this.build);
   }
 
   read(offset: number, length: number): Promise<ReadResult> {
@@ -248,8 +272,28 @@ export class LayerDevice implements BlockDevice {
   }
 }
 
+/** Point-in-time views shared by connections: the newest few, by "volume@point". */
+export class PointInTimeViews {
+  private readonly views = new Map<string, Promise<PointInTimeView>>();
+
+  get(key: string, build: () => Promise<PointInTimeView>): Promise<PointInTimeView> {
+    let view = this.views.get(key);
+    if (view === undefined) {
+      view = build();
+      view.catch(() => this.views.delete(key));
+      if (this.views.size >= pointInTimeViewsKept) this.views.delete(this.views.keys().next().value!);
+    } else {
+      this.views.delete(key);
+    }
+    this.views.set(key, view);
+    return view;
+  }
+}
+
 /** Every volume and snapshot of a store, looked up at each handshake. */
 export class StoreExports implements ExportProvider {
+  private readonly views = new PointInTimeViews();
+
   constructor(
     private readonly store: Store,
     private readonly defaultVolume = 'default',
@@ -271,7 +315,7 @@ export class StoreExports implements ExportProvider {
     const ref = name === '' ? this.defaultVolume : name;
     try {
       const pit = /^(.+)@((?:seq|time):.+)$/.exec(ref);
-      if (pit !== null) return this.store.hasVolume(pit[1]) ? new PointInTimeDevice(this.store, pit[1], pit[2]) : undefined;
+      if (pit !== null) return this.store.hasVolume(pit[1]) ? new PointInTimeDevice(this.store, pit[1], pit[2], this.views) : undefined;
       if (ref.includes('@')) return new LayerDevice(this.store, this.store.snapshotLayer(ref));
       if (ref.startsWith('#')) return undefined;
       const origin = client === undefined ? undefined : `nbd#${client.id} ${client.peer}`;

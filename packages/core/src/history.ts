@@ -8,9 +8,10 @@
  * event to that block in that layer; ExtentMap values seq * 2, plus 1 for zero). A view's provenance
  * at a block is the provenance of the layer the view reads it from.
  *
- * Data of the past: a block of a point-in-time view reads from the layer file when the layer still
- * holds the very event that wrote it, else from that event's payload in the journal; when retention
- * dropped the payload, the read fails with EOVERFLOW-like "outside the retention window" (ERETAINED).
+ * Data of the past: a block of a point-in-time view is read from the layer file when the bytes there
+ * still have the CRC32C the writing event recorded for that block (the layer file holds the newest
+ * data, which may be newer than the point), else from that event's payload in the journal; when
+ * retention dropped the payload, the read fails with EIO naming the retention window.
  *
  * Points: "seq:N" (or a bare number), "time:ISO-8601" (the last event at or before that time), or a
  * snapshot name of the volume ("NAME" or "VOLUME@NAME"; the point is the event that froze it, so it
@@ -32,6 +33,8 @@ const maxProvenanceSeq = 2 ** 30 - 1;
 
 /** Payloads kept in memory by one point-in-time view. */
 const payloadCacheEntries = 64;
+/** Write events (first block and block CRCs) kept in memory by one point-in-time view. */
+const eventCacheEntries = 4096;
 
 type Provenance = Map<number, ExtentMap>;
 
@@ -130,7 +133,8 @@ export async function resolvePoint(store: Store, volume: string, spec: string): 
       ),
       { defaultValue: undefined },
     );
-    if (seq === 0) throw new StoreError('EINVAL', `no event at or before ${new Date(timeMs).toISOString()} is in the journal`);
+    if (seq === 0 && journal.firstSeq > 1) throw new StoreError('EINVAL', `${new Date(timeMs).toISOString()} is before the journal's first retained record`);
+    // Before the store's first event: seq 0, when nothing existed yet (everything changed since).
     return seq;
   }
   const name = spec.startsWith('snap:') ? spec.slice(5) : spec.includes('@') ? spec.slice(spec.indexOf('@') + 1) : spec;
@@ -243,7 +247,8 @@ async function recordsAt(store: Store, seq: number): Promise<Array<JournalRecord
  * files where the layer still holds the same event, else from journal payloads.
  */
 export class PointInTimeView {
-  private readonly payloads = new Map<number, { first: number; data: Buffer }>();
+  private readonly events = new Map<number, { first: number; crcs: Buffer }>();
+  private readonly payloads = new Map<number, Buffer>();
 
   constructor(
     private readonly store: Store,
@@ -252,7 +257,6 @@ export class PointInTimeView {
     readonly sizeBytes: number,
     private readonly view: View,
     private readonly provAt: Provenance,
-    private readonly provNow: Provenance,
     private readonly external: Map<number, string>,
   ) {}
 
@@ -290,37 +294,46 @@ export class PointInTimeView {
     }
     const seq = provenance >>> 1;
     if ((provenance & 1) === 1) return false;
-    if (this.provNow.get(layer)?.get(b) === provenance && this.store.projection.layers.has(layer)) {
-      // The layer still holds the event that wrote this block: read the layer file.
+    const event = await this.event(seq);
+    const expected = event.crcs.readUInt32LE(4 * (b - event.first));
+    if (this.store.projection.layers.has(layer)) {
+      // The layer file holds the newest bytes of the block: still the event's, if the CRC says so.
       const bytes = this.store.readLayerFile(layer, b * bs, bs);
-      bytes.copy(target);
-      return true;
+      if (crc32c(bytes) === expected) {
+        bytes.copy(target);
+        return true;
+      }
     }
     const payload = await this.payload(seq);
-    const at = (b - payload.first) * bs;
-    payload.data.copy(target, 0, at, at + bs);
+    const at = (b - event.first) * bs;
+    payload.copy(target, 0, at, at + bs);
+    if (crc32c(target) !== expected) throw new BlockDeviceError('EIO', `journal payload of seq ${seq} fails its CRC at block ${b}`);
     return true;
   }
 
-  private async payload(seq: number): Promise<{ first: number; data: Buffer }> {
+  /** The Write event at `seq`: its first block and per-block CRCs (cached). */
+  private async event(seq: number): Promise<{ first: number; crcs: Buffer }> {
+    const cached = this.events.get(seq);
+    if (cached !== undefined) return cached;
+    const [record] = await recordsAt(this.store, seq);
+    const e = record.meta;
+    if (e[0] !== EventType.Write) throw new BlockDeviceError('EIO', `journal record seq ${seq} is not a write`);
+    const entry = { first: e[2], crcs: e[4] };
+    if (this.events.size >= eventCacheEntries) this.events.delete(this.events.keys().next().value!);
+    this.events.set(seq, entry);
+    return entry;
+  }
+
+  private async payload(seq: number): Promise<Buffer> {
     const cached = this.payloads.get(seq);
     if (cached !== undefined) return cached;
     const data = await this.store.eventLog.readPayload(seq);
     if (data === undefined) {
       throw new BlockDeviceError('EIO', `the data written at seq ${seq} is outside the journal's retention window (payloads kept from seq ${this.store.eventLog.payloadsDroppedThroughSeq + 1})`);
     }
-    const [record] = await recordsAt(this.store, seq);
-    const e = record.meta;
-    if (e[0] !== EventType.Write) throw new BlockDeviceError('EIO', `journal record seq ${seq} is not a write`);
-    const crcs = e[4];
-    const bs = this.store.blockSizeBytes;
-    for (let i = 0; i < e[3]; i++) {
-      if (crc32c(data.subarray(i * bs, (i + 1) * bs)) !== crcs.readUInt32LE(4 * i)) throw new BlockDeviceError('EIO', `journal payload of seq ${seq} fails its block CRC at block ${e[2] + i}`);
-    }
-    const entry = { first: e[2], data };
     if (this.payloads.size >= payloadCacheEntries) this.payloads.delete(this.payloads.keys().next().value!);
-    this.payloads.set(seq, entry);
-    return entry;
+    this.payloads.set(seq, data);
+    return data;
   }
 
   /** Extents at `seq`: data, zero or hole, like a device's block status. */
@@ -350,8 +363,8 @@ function readFileAt(path: string, target: Buffer, position: number): void {
   }
 }
 
-/** A read-only view of `volume` as it was at seq `seq`. */
+/** A read-only view of `volume` as it was at seq `seq` (folds the journal up to that seq only). */
 export async function pointInTimeView(store: Store, volume: string, seq: number): Promise<PointInTimeView> {
-  const { prov, capture } = await fold(store, store.lastSeq, { seq, volume });
-  return new PointInTimeView(store, volume, seq, capture!.sizeBytes, capture!.view, capture!.prov, prov, capture!.external);
+  const { capture } = await fold(store, seq, { seq, volume });
+  return new PointInTimeView(store, volume, seq, capture!.sizeBytes, capture!.view, capture!.prov, capture!.external);
 }

@@ -50,9 +50,10 @@ export async function recoverStore(dir: string, options: { onProgress?: Progress
     if (options.force !== true || !(err instanceof StoreError) || err.code !== 'ECORRUPT') throw err;
     const cut = await cutAtDamage(dir);
     if (cut === undefined) throw err;
-    store = await Store.open(dir, { onProgress: options.onProgress });
-    // Blocks the discarded events had overwritten get their last kept journaled content back.
-    salvage = { ...cut, writesReapplied: await store.reapplyRetainedWrites() };
+    // Blocks the discarded events had overwritten get their last kept journaled content back: every
+    // retained write is re-applied during the replay, before the new checkpoint drops payloads.
+    store = await Store.open(dir, { onProgress: options.onProgress, reapplyRetained: true });
+    salvage = { ...cut, writesReapplied: store.openReport.writesReapplied };
   }
   const report = store.openReport;
   await store.close();
@@ -63,6 +64,16 @@ export async function recoverStore(dir: string, options: { onProgress?: Progress
 async function cutAtDamage(dir: string): Promise<{ fromSeq: number; reason: string; recordsDiscarded: number } | undefined> {
   const journal = await Journal.open<StoreEvent>(join(resolve(dir), 'journal'), { skipDamagedTail: true });
   try {
+    const lost = journal.lostTail;
+    if (lost !== undefined) {
+      // LevelDB dropped the last records: nothing to cut, but say what is gone and reset the seal.
+      await journal.discardFrom(lost.fromSeq);
+      return {
+        fromSeq: lost.fromSeq,
+        reason: `records seq ${lost.fromSeq}..${lost.toSeq} were committed but LevelDB lost them (its write-ahead log was damaged)`,
+        recordsDiscarded: lost.toSeq - lost.fromSeq + 1,
+      };
+    }
     const verify = await journal.verify();
     const first = verify.problems.find((p) => p.kind !== 'checkpoint');
     let fromSeq: number;

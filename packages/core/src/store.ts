@@ -26,7 +26,7 @@ import { chmodSync, closeSync, existsSync, fstatSync, mkdirSync, openSync, readd
 import { join, resolve } from 'node:path';
 import { crc32c } from '@node-rs/crc32';
 import { Journal, JournalCorruptionError, JournalError, type JournalRecord, JournalTornTailError } from '@cowstack/journal';
-import { lastValueFrom, scan, tap } from 'rxjs';
+import { filter, lastValueFrom, scan, tap } from 'rxjs';
 import { fingerprintImage, verifyImage } from './base-image.js';
 import { BlockDeviceError, type Extent, type ExtentContext, type ReadPiece, type ReadResult } from './block-device.js';
 import { assert, StoreError } from './errors.js';
@@ -81,6 +81,12 @@ export interface CreateOptions {
 
 export interface OpenOptions {
   readonly onProgress?: ProgressCallback;
+  /**
+   * Salvage: re-apply the data of every write whose payload the journal still holds (not only those
+   * after the checkpoint), so layer-file blocks that damage or discarded events changed get their
+   * journaled content back.
+   */
+  readonly reapplyRetained?: boolean;
 }
 
 /** Long work reports (phase, done, total) in units the phase names (bytes, blocks, events). */
@@ -327,13 +333,21 @@ export class Store {
         let writesReapplied = 0;
         const total = openJournal.lastSeq - state.seq;
         const onProgress = options.onProgress;
+        const checkpointed = state.seq;
+        // Salvage re-applies every retained write; the reducer only sees events after the checkpoint.
+        const from = options.reapplyRetained === true ? Math.min(checkpointed + 1, Math.max(openJournal.firstSeq, openJournal.payloadsDroppedThroughSeq + 1)) : checkpointed + 1;
         await lastValueFrom(
-          openJournal.replay(state.seq + 1).pipe(
+          openJournal.replay(from).pipe(
             tap((record) => {
-              if (record.meta[0] === EventType.Write) {
+              // After the checkpoint every write is re-applied (a missing payload is damage);
+              // before it (salvage only) those whose payloads are still kept.
+              if (record.meta[0] === EventType.Write && (record.seq > checkpointed || record.payload !== undefined)) {
                 reapplyWrite(state, layerFiles, record);
                 writesReapplied++;
               }
+            }),
+            filter((record) => record.seq > checkpointed),
+            tap(() => {
               eventsReplayed++;
               if (onProgress !== undefined && (eventsReplayed & 0xffff) === 0) onProgress('replay', eventsReplayed, total);
             }),
@@ -448,33 +462,6 @@ export class Store {
   async setRetention(policy: RetentionPolicy): Promise<void> {
     await this.journal.putMeta(retentionMetaKey, policy);
     this.retention = policy;
-  }
-
-  /**
-   * Salvage: write the data of every retained Write event up to `toSeq` into its layer file again,
-   * in seq order, so blocks hold their journaled content even where a file was damaged or holds
-   * data of discarded events. Returns the writes re-applied. Then fdatasyncs and checkpoints.
-   */
-  async reapplyRetainedWrites(toSeq: number = this.state.seq): Promise<number> {
-    await this.files.drain();
-    const from = Math.max(this.journal.firstSeq, this.journal.payloadsDroppedThroughSeq + 1);
-    let reapplied = 0;
-    const bs = this.blockSizeBytes_;
-    await lastValueFrom(
-      this.journal.replay(from, toSeq).pipe(
-        tap((record) => {
-          const e = record.meta;
-          if (e[0] !== EventType.Write || record.payload === undefined) return;
-          const layer = this.state.layers.get(e[1]);
-          if (layer === undefined || layer.kind === 'external') return;
-          this.files.write(e[1], record.payload, e[2] * bs);
-          reapplied++;
-        }),
-      ),
-      { defaultValue: undefined },
-    );
-    await this.checkpoint();
-    return reapplied;
   }
 
   /** Resolves when every acknowledged write is durable (the journal is synced). */

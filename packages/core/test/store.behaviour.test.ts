@@ -220,7 +220,7 @@ test('after an OS crash, an unsynced tail whose data never reached disk is cut; 
   cpSync(dir, crashed, { recursive: true });
   await store.close();
   const segments = join(crashed, 'journal', 'payloads');
-  const last = ls(segments).sort().pop()!;
+  const last = ls(segments).filter((f) => f.endsWith('.seg')).sort().pop()!;
   truncateSync(join(segments, last), statSync(join(segments, last)).size - 4096 - 100);
   const reopened = await Store.open(crashed);
   try {

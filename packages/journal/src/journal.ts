@@ -34,6 +34,7 @@ import {
   seqOfKey,
 } from './keys.js';
 import { PayloadLog } from './payload-log.js';
+import { Seal } from './seal.js';
 import {
   journalFormatVersion,
   maxBatchValueBytes,
@@ -93,6 +94,8 @@ export interface JournalStats {
   readonly payloadsDroppedThroughSeq: number;
   /** Bytes of the database's files on disk (records, payloads, checkpoints, LevelDB overhead). */
   readonly diskBytes: number;
+  /** Why the seal could not be written, if it could not (damage detection is weaker then). */
+  readonly sealError: string | undefined;
   readonly checkpointSeqs: number[];
 }
 
@@ -154,6 +157,11 @@ export class Journal<M = unknown> {
 
   private readonly db: Db;
   private readonly payloadLog: PayloadLog;
+  private readonly seal: Seal;
+  /** Opened with skipDamagedTail while the seal says records are missing: where they were. */
+  private missingTail: { fromSeq: number; toSeq: number } | undefined;
+  /** The first failed seal write (kept for diagnosis; journal writes go on). */
+  private sealFailure: Error | undefined;
   private nextSeq: number;
   private lastChain: number;
   private durableSeq: number;
@@ -170,6 +178,7 @@ export class Journal<M = unknown> {
     path: string,
     db: Db,
     payloadLog: PayloadLog,
+    seal: Seal,
     retention: Retention,
     nextSeq: number,
     lastChain: number,
@@ -179,6 +188,7 @@ export class Journal<M = unknown> {
     this.path = path;
     this.db = db;
     this.payloadLog = payloadLog;
+    this.seal = seal;
     this.retention = retention;
     this.nextSeq = nextSeq;
     this.lastChain = lastChain;
@@ -217,7 +227,26 @@ export class Journal<M = unknown> {
       }
       const durableRaw = await db.get(metaKey('durable'));
       const durableSeq = durableRaw === undefined ? 0 : (metaPackr.unpack(durableRaw) as number);
-      return new Journal<M>(path, db, new PayloadLog(path), retention, nextSeq, lastChain, durableSeq, options.onCommit);
+      const payloadLog = new PayloadLog(path);
+      const seal = new Seal(payloadLog.dir);
+      const sealed = seal.read();
+      const lastSeq = nextSeq - 1;
+      let missingTail: Journal<M>['missingTail'];
+      if (sealed !== undefined && (lastSeq < sealed.durableSeq || (lastSeq < sealed.committedSeq && seal.sameBoot(sealed)))) {
+        missingTail = { fromSeq: lastSeq + 1, toSeq: lastSeq < sealed.durableSeq ? Math.max(sealed.durableSeq, sealed.committedSeq) : sealed.committedSeq };
+        if (options.skipDamagedTail !== true) {
+          payloadLog.close();
+          seal.close();
+          throw new JournalCorruptionError(
+            missingTail.fromSeq,
+            'gap',
+            `records seq ${missingTail.fromSeq}..${missingTail.toSeq} were committed${lastSeq < sealed.durableSeq ? ' and made durable' : ' in this boot'} (the journal's seal says so), but LevelDB no longer has them: its write-ahead log was damaged`,
+          );
+        }
+      }
+      const journal = new Journal<M>(path, db, payloadLog, seal, retention, nextSeq, lastChain, durableSeq, options.onCommit);
+      journal.missingTail = missingTail;
+      return journal;
     } catch (err) {
       await db.close();
       throw err;
@@ -367,8 +396,8 @@ export class Journal<M = unknown> {
         }
       }
       const placement = payloadBytes > 0 ? this.payloadLog.append(firstSeq, payloads, payloadBytes) : undefined;
-      // 2. A synced batch makes its payloads (and every earlier one) durable before its frames.
-      if (sync) await this.payloadLog.sync();
+      // 2. A synced batch makes its payloads (and every earlier one, and the seal) durable first.
+      if (sync) await Promise.all([this.payloadLog.sync(), this.seal.sync()]);
       // 3. The frames: one LevelDB value per maxBatchValueBytes of records, all in one atomic batch.
       let prev = this.lastChain;
       let start = 0;
@@ -412,6 +441,7 @@ export class Journal<M = unknown> {
     this.nextSeq = firstSeq + items.length;
     if (sync) this.durableSeq = this.lastSeq;
     assert(this.nextSeq <= maxSeq, 'sequence numbers stay below 2^53');
+    this.writeSeal();
     if (items.length > 0) {
       const records: JournalRecord<M>[] = new Array(items.length);
       for (let i = 0; i < items.length; i++) {
@@ -444,6 +474,23 @@ export class Journal<M = unknown> {
     if (this.batches$.observed) {
       this.batches$.next({ firstSeq, records: items.length, bytes, sync, durationMs: performance.now() - startedMs });
     }
+  }
+
+  /**
+   * Record in the seal how far the journal got. Best effort: the seal is a witness for damage
+   * detection, and a disk that cannot take 40 bytes fails the next batch anyway.
+   */
+  private writeSeal(): void {
+    try {
+      this.seal.write(this.lastSeq, this.durableSeq);
+    } catch (err) {
+      this.sealFailure ??= err as Error;
+    }
+  }
+
+  /** Records the seal says were committed but LevelDB lost (only set when opened with skipDamagedTail). */
+  get lostTail(): { fromSeq: number; toSeq: number } | undefined {
+    return this.missingTail;
   }
 
   /**
@@ -629,6 +676,9 @@ export class Journal<M = unknown> {
     this.nextSeq = nextSeq;
     this.lastChain = lastChain;
     this.durableSeq = durable;
+    this.missingTail = undefined;
+    this.writeSeal();
+    await this.seal.sync();
     return discarded;
   }
 
@@ -814,6 +864,7 @@ export class Journal<M = unknown> {
       lastSeq: last,
       payloadsDroppedThroughSeq: this.retention.payloadsThrough,
       diskBytes,
+      sealError: this.sealFailure?.message,
       checkpointSeqs: await this.checkpointSeqs(),
     };
   }
@@ -839,6 +890,7 @@ export class Journal<M = unknown> {
     this.batches$.complete();
     this.records$.complete();
     this.payloadLog.close();
+    this.seal.close();
     await this.db.close();
   }
 

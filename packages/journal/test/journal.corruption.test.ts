@@ -163,6 +163,26 @@ test('a corrupt last frame stops open with its seq, rather than appending after 
   await rejects(() => Journal.open(dir), (err: unknown) => err instanceof JournalCorruptionError && err.seq >= 17 && err.seq <= 20);
 });
 
+test('records LevelDB loses from the end of its log are noticed through the seal, not silently missing', async () => {
+  const dir = tempDir('seal');
+  const journal = await Journal.open(dir, { create: true });
+  for (let i = 1; i <= 6; i++) await journal.append(i, { sync: i <= 4 });
+  await journal.close();
+  // As LevelDB does when its write-ahead log is damaged: the last frames are simply gone.
+  await tamper(dir, async (db) => {
+    await db.del(key('r', 6));
+    await db.del(key('r', 5));
+  });
+  await rejects(() => Journal.open(dir), (err: unknown) => err instanceof JournalCorruptionError && err.seq === 5 && err.kind === 'gap' && /seal/.test(err.message));
+  const salvage = await Journal.open(dir, { skipDamagedTail: true });
+  assert.equal(salvage.lostTail, { fromSeq: 5, toSeq: 6 });
+  await salvage.discardFrom(5);
+  await salvage.close();
+  const reopened = await Journal.open(dir);
+  assert.is(reopened.lastSeq, 4);
+  await reopened.close();
+});
+
 test('an empty journal verifies and replays nothing (empty is not corrupt)', async () => {
   const journal = await Journal.open(tempDir('empty'), { create: true });
   const report = await journal.verify();

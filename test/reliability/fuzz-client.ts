@@ -23,6 +23,8 @@ export interface SessionResult {
   readonly close: CloseKind | 'client-reset' | 'connect-failed';
   readonly error: string | undefined;
   readonly durationMs: number;
+  /** From the client's FIN to the close (undefined when the client did not send one). */
+  readonly closedAfterClientEndMs: number | undefined;
 }
 
 export interface ClientLimits {
@@ -47,6 +49,7 @@ export function runSession(session: FuzzSession, endpoint: FuzzEndpoint, limits:
     let finished = false;
     let idleTimer: NodeJS.Timeout | undefined;
     let sentAll = false;
+    let endedAt: number | undefined;
     const overall = setTimeout(() => done('open'), limits.maxSessionMs);
 
     const done = (close: SessionResult['close']): void => {
@@ -55,7 +58,8 @@ export function runSession(session: FuzzSession, endpoint: FuzzEndpoint, limits:
       clearTimeout(overall);
       clearTimeout(idleTimer);
       if (!socket.destroyed) socket.destroy();
-      resolve({ sent: session.stream.subarray(0, sentBytes), received: Buffer.concat(chunks), close, error, durationMs: performance.now() - started });
+      const now = performance.now();
+      resolve({ sent: session.stream.subarray(0, sentBytes), received: Buffer.concat(chunks), close, error, durationMs: now - started, closedAfterClientEndMs: endedAt === undefined ? undefined : now - endedAt });
     };
     const armIdle = (): void => {
       if (!sentAll || finished) return;
@@ -115,6 +119,7 @@ export function runSession(session: FuzzSession, endpoint: FuzzEndpoint, limits:
         if (piece < pieces) setImmediate(writeNext);
         else {
           socket.end();
+          endedAt = performance.now();
           sentAll = true;
           armIdle();
         }

@@ -237,6 +237,12 @@ function exportNameArb(targets: FuzzTargets): fc.Arbitrary<Buffer> {
 const contextQueryArb: fc.Arbitrary<Buffer> = fc.oneof(
   { arbitrary: fc.constantFrom('base:allocation', 'qemu:allocation-depth').map(bytesOf), weight: 10 },
   { arbitrary: fc.constantFrom('base:', 'qemu:', '', 'base:allocation:', 'x-other:thing', 'qemu:dirty-bitmap:', 'qemu:dirty-bitmap:ro').map(bytesOf), weight: 3 },
+  {
+    arbitrary: fc
+      .constantFrom('seq:0', 'seq:1', 'seq:99999999999', 'seq:x', 'time:2000-01-01T00:00:00Z', 'time:2999-01-01T00:00:00Z', 'time:garbage', 'nope', 'ro@x')
+      .map((point) => bytesOf(`qemu:dirty-bitmap:${point}`)),
+    weight: 2,
+  },
   { arbitrary: fc.string({ maxLength: 30 }).map(bytesOf), weight: 1 },
   { arbitrary: fc.constantFrom(Buffer.from('base:allocation\0'), Buffer.from([0xff]), Buffer.alloc(4097, 0x62)), weight: 1 },
 );

@@ -155,8 +155,11 @@ export async function startFuzzServer(pointInTimeWeight: number): Promise<Fixtur
   const port = await freePort();
   const served = await startServe(store, { args: ['--port', String(port), '-v'] });
   // some data and holes in the snapshot the fuzzer reads
-  await writeExport(served.uri('fuzz'), 0, pattern(256 * 1024, 3));
-  await writeExport(served.uri('fuzz'), 600 * 1024, pattern(100 * 1024 + 17, 4));
+  const snapshot = Buffer.alloc(MiB);
+  pattern(256 * 1024, 3).copy(snapshot, 0);
+  pattern(100 * 1024 + 17, 4).copy(snapshot, 600 * 1024);
+  await writeExport(served.uri('fuzz'), 0, snapshot.subarray(0, 256 * 1024));
+  await writeExport(served.uri('fuzz'), 600 * 1024, snapshot.subarray(600 * 1024, 700 * 1024 + 17));
   await cowstackOk(['snapshot', store, 'fuzz', '--name', 'ro']);
   const exports: FuzzExport[] = [
     { name: 'fuzz', sizeBytes: MiB, readOnly: false },
@@ -184,8 +187,17 @@ export async function startFuzzServer(pointInTimeWeight: number): Promise<Fixtur
     maxOptionsPerHandshake: limits.defaultMaxOptionsPerHandshake,
     extraOptionsPerListedExport: limits.extraOptionsPerListedExport,
     maxDiscardedPayloadBytes: limits.maxDiscardedPayloadBytes(limits.defaultMaxPayloadBytes),
-    // the only snapshot is fuzz@ro; seq:/time: points are not generated as context names
-    dirtyBitmapResolves: (name, point) => name === 'fuzz' && point === 'ro',
+    // volumes have a dirty bitmap for every snapshot of theirs (only fuzz@ro here), every seq up to
+    // the last one and every valid time
+    dirtyBitmapExists: (name, point) => {
+      if (!['', 'default', 'fuzz', 'fuzzbig'].includes(name)) return 'unsure';
+      const seq = /^seq:(\d+)$/.exec(point);
+      if (seq !== null) return Number(seq[1]) <= 1 ? true : 'unsure';
+      if (point.startsWith('time:')) return !Number.isNaN(Date.parse(point.slice(5)));
+      return name === 'fuzz' && point === 'ro';
+    },
+    // the snapshot never changes: every READ of it, however framed, must return these bytes
+    contentOf: (name) => (name === 'fuzz@ro' ? snapshot : undefined),
   };
   return { store, served, tcp: { host: '127.0.0.1', port }, targets: { exports, volumesForPointInTime: ['fuzz', 'default'], pointInTimeWeight }, oracle };
 }
@@ -363,7 +375,7 @@ export async function runFuzz(options: FuzzOptions): Promise<FuzzReport> {
       for (let i = 0; i < sessions.length && !stop; i++) {
         const session = sessions[i];
         const result = await runSession(session, endpoint, limitsForClient);
-        const verdict = result.close === 'client-reset' || result.close === 'connect-failed' ? undefined : judge(result.sent, result.received, result.close, oracle);
+        const verdict = result.close === 'client-reset' || result.close === 'connect-failed' ? undefined : judge(result.sent, result.received, result.close, oracle, undefined, { closedAfterClientEndMs: result.closedAfterClientEndMs });
         record(first + i, session, result, verdict);
         if (tally.mutated >= options.frames || tally.failures >= options.maxFailures) stop = true;
         if (served.child.exitCode !== null || served.child.signalCode !== null) stop = true;
@@ -490,7 +502,7 @@ export async function replaySession(seed: number, index: number, pointInTimeWeig
   const [session] = generateSessions(fixture.targets, seed, index, 1);
   const result = await runSession(session, { socketPath: fixture.served.socket, tcp: fixture.tcp }, { idleTimeoutMs: 5000, maxSessionMs: 120_000 });
   const trace: string[] = [];
-  const verdict = result.close === 'client-reset' || result.close === 'connect-failed' ? undefined : judge(result.sent, result.received, result.close, fixture.oracle, trace);
+  const verdict = result.close === 'client-reset' || result.close === 'connect-failed' ? undefined : judge(result.sent, result.received, result.close, fixture.oracle, trace, { closedAfterClientEndMs: result.closedAfterClientEndMs });
   await fixture.served.stop();
   return { session, result, verdict, trace };
 }

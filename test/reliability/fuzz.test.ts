@@ -4,11 +4,13 @@
  * exports; zero crashes, hangs, resets or spec deviations, exit 0 after SIGTERM, `cowstack check`
  * clean. The full run (1 000 000 frames) is `pnpm torture fuzz`.
  *
- * Below it, one test per cowstack bug the fuzzer found, each reduced to a few lines with libnbd.
- * They fail until the bug is fixed (see RELIABILITY.md, "Fuzzing").
+ * Below it, one test per cowstack bug the fuzzer found, each reduced to a few lines: the fixed ones
+ * stay as regression tests; an open one fails until it is fixed (see RELIABILITY.md, "Fuzzing").
  */
 import { strict as assert } from 'node:assert';
 import { readFileSync } from 'node:fs';
+import { createConnection } from 'node:net';
+import { optionCodec, protocol, requestCodec } from '@cowstack/nbd';
 import { test } from 'uvu';
 import { initStore, killAll, pythonOk, startServe } from '../harness.js';
 import { ciOptions, formatFuzzReport, fuzzProblems, runFuzz } from './fuzz.harness.js';
@@ -31,7 +33,7 @@ test('protocol fuzzing: 100 000 mutated frames, no crash, hang or deviation; oth
 // ---------------------------------------------------------------------------------------------
 // bugs found by the fuzzer
 
-test('BUG: SET_META_CONTEXT selects qemu:dirty-bitmap:<point that does not exist>, then BLOCK_STATUS fails with EIO', async () => {
+test('regression (fixed in dfa8f61): SET_META_CONTEXT selected qemu:dirty-bitmap:<point that does not exist>, then BLOCK_STATUS failed with EIO', async () => {
   const store = await initStore({ size: '1M', label: 'fuzzbug' });
   const server = await startServe(store);
   try {
@@ -73,7 +75,7 @@ function cpuSeconds(pid: number): number {
   return (Number(fields[11]) + Number(fields[12])) / 100;
 }
 
-test('BUG: NBD_OPT_INFO on a point-in-time name replays the whole journal (a cheap option costs the server seconds of CPU)', async () => {
+test('regression (fixed in dfa8f61): NBD_OPT_INFO on a point-in-time name replayed the whole journal (a cheap option cost the server seconds of CPU)', async () => {
   // Found while fuzzing with VOLUME@seq:N / VOLUME@time:T export names. StoreExports.open() builds a
   // PointInTimeDevice, whose constructor starts resolvePoint + pointInTimeView: a fold of the whole
   // journal from seq 1, even when the client only asked NBD_OPT_INFO (or LIST/SET_META_CONTEXT) and
@@ -133,6 +135,59 @@ h.opt_abort()
     await server.stop();
   }
 });
+
+test('OPEN BUG: replies still queued when the server ends a connection are cut off after 2 s (slow reader, then FIN or DISC)', async () => {
+  // Found by the full fuzz run as "chunk type 1 of 32090880 bytes truncated" / "read data truncated
+  // (30952752 of 33554432 bytes)", then "N requests unanswered (the server closed the connection)":
+  // a client sends requests with large READ replies, then its FIN (or NBD_CMD_DISC), and reads the
+  // replies slowly. Once every request has been answered the connection ends (Connection.end()): it
+  // calls socket.end() and arms a closeGraceMs (2 s) timer that destroys the socket, whether or not
+  // the replies already written have left the server. A client reading slower than that (a loaded
+  // machine, a slow link: 32 MiB in 2 s is 16 MB/s) loses the end of its replies; the spec asks the
+  // server to answer every request before it closes.
+  const store = await initStore({ size: '40M', label: 'fuzzbug' });
+  const server = await startServe(store);
+  try {
+    for (const ending of ['fin', 'disc'] as const) {
+      const got = await slowReader(server.socket, ending, 32 * 1024 * 1024, 3000);
+      assert.equal(got, 16 + 32 * 1024 * 1024, `after ${ending}: ${got} of ${16 + 32 * 1024 * 1024} reply bytes arrived before the server closed`);
+    }
+  } finally {
+    await server.stop();
+  }
+});
+
+/**
+ * Handshake (GO, simple replies), one READ of `length` bytes, then FIN or DISC; reads nothing for
+ * `pauseMs`, then everything. Returns the transmission bytes received before the server closed.
+ */
+function slowReader(socketPath: string, ending: 'fin' | 'disc', length: number, pauseMs: number): Promise<number> {
+  const P = protocol;
+  const handshake = Buffer.concat([optionCodec.encodeClientFlags(P.NBD_FLAG_C_FIXED_NEWSTYLE | P.NBD_FLAG_C_NO_ZEROES), optionCodec.encodeOption(P.NBD_OPT_GO, optionCodec.encodeInfoRequest({ name: 'default', infos: [] }))]);
+  const read = requestCodec.encodeRequestHeader({ flags: 0, type: P.NBD_CMD_READ, cookie: 1n, offset: 0, length });
+  const disc = requestCodec.encodeRequestHeader({ flags: 0, type: P.NBD_CMD_DISC, cookie: 2n, offset: 0, length: 0 });
+  return new Promise((resolve, reject) => {
+    const socket = createConnection({ path: socketPath });
+    let received = Buffer.alloc(0);
+    let handshakeBytes: number | undefined;
+    socket.on('error', () => {});
+    socket.on('data', (d: Buffer) => {
+      received = Buffer.concat([received, d]);
+      if (handshakeBytes === undefined) {
+        // greeting (18), INFO_EXPORT reply (20 + 12), ACK (20)
+        if (received.length < 18 + 32 + 20) return;
+        handshakeBytes = 18 + 32 + 20;
+        socket.write(ending === 'disc' ? Buffer.concat([read, disc]) : read);
+        if (ending === 'fin') socket.end();
+        socket.pause();
+        setTimeout(() => socket.resume(), pauseMs);
+      }
+    });
+    socket.once('connect', () => socket.write(handshake));
+    socket.once('close', () => resolve(received.length - (handshakeBytes ?? received.length)));
+    setTimeout(() => reject(new Error('no close within 60 s')), 60_000).unref();
+  });
+}
 
 test.run();
 

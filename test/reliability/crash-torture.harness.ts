@@ -353,7 +353,7 @@ async function runTrial(index: number, kind: TrialKind, seed: number, opts: Tort
       const layerFile = join(store, 'layers', `${kind === 'commit' ? tpl.commitTargetLayer : tpl.flattenTargetLayer}.data`);
       const before = allocatedBytes(layerFile);
       const copyBytes = volumeBytes - hotBytes;
-      const fraction = rng.range(0.02, 1.05);
+      const fraction = rng.range(0.01, 0.7);
       const threshold = before + fraction * copyBytes;
       const args = kind === 'commit' ? ['commit', store, 'vol2'] : ['flatten', store, 'vm1'];
       let exited: number | null | undefined;
@@ -421,6 +421,19 @@ async function runTrial(index: number, kind: TrialKind, seed: number, opts: Tort
     recoverWallMs = recoverWallMs * 0.7 + wall * 0.3;
     stats.replayed = Number(report.eventsReplayed);
     await checkOk(store, 'after recover');
+    if (target !== undefined) {
+      // How far the copy had got: its Write events are the ones into the commit target (vol2's base,
+      // which no client writes), or the 1 MiB copy chunks into vm1's top (client writes are < 70 KiB).
+      const layer = kind === 'commit' ? tpl.commitTargetLayer : tpl.flattenTargetLayer;
+      const lines = (await cowstackOk(['journal', 'inspect', store, '--type', 'Write', '--json'], { timeoutMs: commandTimeoutMs })).stdout.split('\n');
+      let copyEvents = 0;
+      for (const line of lines) {
+        if (line.length === 0) continue;
+        const e = JSON.parse(line) as { layer: number | null; length: number | null };
+        if (e.layer === layer && (kind === 'commit' || (e.length ?? 0) > 128 * 1024)) copyEvents++;
+      }
+      stats.copyEventsAtKill = copyEvents;
+    }
 
     // Read everything back through a fresh server.
     served2 = await startServe(store);
@@ -528,7 +541,8 @@ export async function runCrashTorture(opts: TortureOptions): Promise<TortureResu
       totals.recoverKillsLanded = (totals.recoverKillsLanded ?? 0) + landed;
       totals.recoverKillRounds = (totals.recoverKillRounds ?? 0) + rounds;
     }
-    if (r.stats.completedBeforeKill === 'no') totals[`${r.kind}KilledMidway`] = (totals[`${r.kind}KilledMidway`] ?? 0) + 1;
+    if (r.stats.completedBeforeKill === 'no' && Number(r.stats.copyEventsAtKill) > 0) totals[`${r.kind}KilledWhileCopying`] = (totals[`${r.kind}KilledWhileCopying`] ?? 0) + 1;
+    if (r.stats.completedBeforeKill === 'no' && Number(r.stats.copyEventsAtKill) === 0) totals[`${r.kind}KilledBeforeCopying`] = (totals[`${r.kind}KilledBeforeCopying`] ?? 0) + 1;
     if (r.stats.completedBeforeKill === 'yes') totals[`${r.kind}CompletedBeforeKill`] = (totals[`${r.kind}CompletedBeforeKill`] ?? 0) + 1;
   }
   return { passed, failed: results.length - passed, trials: results, totals };

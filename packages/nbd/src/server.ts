@@ -11,8 +11,9 @@
  * Isolation: every socket event handler catches everything; a client's misbehaviour or a device's
  * unexpected exception ends that connection only, never the process or another connection.
  *
- * Closing: a clean disconnect flushes what was written, sends FIN and waits (closeGraceMs) for the
- * client to close before destroying the socket. close() stops listening, lets handshaking clients
+ * Closing: a clean disconnect sends FIN after every reply already written, keeps the connection while
+ * the client keeps reading them (cut off after replyStallMs without progress), then waits
+ * closeGraceMs for the client to close before destroying the socket. close() stops listening, lets handshaking clients
  * finish with NBD_REP_ERR_SHUTDOWN replies for a short grace period, and lets transmitting clients
  * finish the requests in flight (new ones get NBD_ESHUTDOWN) before disconnecting them; a
  * connection still busy after shutdownTimeoutMs is destroyed.
@@ -67,6 +68,8 @@ export type NbdAddress = { readonly socketPath: string } | { readonly host: stri
 
 /** How long a cleanly closed connection waits for the client to close before it is destroyed. */
 const closeGraceMs = 2000;
+/** A closing connection whose client reads none of the replies still queued for this long is cut off. */
+const replyStallMs = 10_000;
 /** How long handshaking clients get to leave after close() before they are destroyed. */
 const handshakeShutdownGraceMs = 2000;
 
@@ -211,18 +214,41 @@ class Connection {
     else this.end('client closed the connection during the handshake');
   }
 
-  /** Clean disconnect: flush, FIN, then destroy if the client does not close within closeGraceMs. */
+  /**
+   * Clean disconnect: FIN after the replies already written, then destroy if the client does not
+   * close within closeGraceMs of the last byte leaving. A client still reading its replies (a slow
+   * reader of large READs) keeps the connection as long as it makes progress; one that stops
+   * reading for replyStallMs is cut off.
+   */
   end(reason: string): void {
     if (this.closing) return;
     this.closing = true;
     this.handshake = undefined;
     clearTimeout(this.timer);
-    this.timer = setTimeout(() => {
-      this.socket.destroy();
+    const socket = this.socket;
+    const destroy = (): void => {
+      socket.destroy();
       this.raw.destroy();
-    }, closeGraceMs);
-    this.socket.resume(); // keep reading so the client's close is seen
-    if (!this.socket.destroyed) this.socket.end();
+    };
+    // Progress: the replies still buffered here shrink as the client reads.
+    let queued = socket.writableLength;
+    const watch = (): void => {
+      if (socket.destroyed) return;
+      if (socket.writableFinished) {
+        this.timer = setTimeout(destroy, closeGraceMs);
+        return;
+      }
+      const progressed = socket.writableLength < queued;
+      queued = socket.writableLength;
+      this.timer = progressed ? setTimeout(watch, replyStallMs) : setTimeout(destroy, 0);
+    };
+    socket.once('finish', () => {
+      clearTimeout(this.timer);
+      this.timer = setTimeout(destroy, closeGraceMs);
+    });
+    this.timer = setTimeout(watch, replyStallMs);
+    socket.resume(); // keep reading so the client's close is seen
+    if (!socket.destroyed) socket.end();
     this.log(`closing: ${reason}`);
   }
 

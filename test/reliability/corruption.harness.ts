@@ -280,6 +280,40 @@ function flipPayload(store: string, w: FixtureWrite): { file: string; at: number
   throw new Error(`the payload of W${w.index} (seq ${w.seq}) is in no payload segment`);
 }
 
+/**
+ * The first byte of a LevelDB table (.ldb) whose flip makes LevelDB itself fail a full read of the
+ * database (a corruption error from LevelDB, not a value cowstack would reject). Each try works on a
+ * throwaway copy of the LevelDB files.
+ */
+async function findLevelDbDetectedDamage(store: string): Promise<{ file: string; at: number; message: string } | undefined> {
+  const journalDir = join(store, 'journal');
+  const tables = readdirSync(journalDir).filter((n) => n.endsWith('.ldb')).sort();
+  const scratch = tempDir('ldb-search');
+  for (const file of tables) {
+    const size = statSync(join(journalDir, file)).size;
+    for (let at = 0; at < Math.min(size, 2000); at += 5) {
+      const dir = join(scratch, `try-${file}-${at}`);
+      cpSync(journalDir, dir, { recursive: true, filter: (src) => !src.includes('payloads') });
+      flipFileByte(join(dir, file), at, 0xff);
+      const db = new Level<Buffer, Buffer>(dir, { keyEncoding: 'buffer', valueEncoding: 'buffer' });
+      let message: string | undefined;
+      try {
+        await db.open();
+        await db.iterator().all();
+      } catch (err) {
+        const cause = (err as { cause?: Error }).cause;
+        message = `${(err as Error).message}${cause ? ` (${cause.message})` : ''}`;
+      } finally {
+        await db.close().catch(() => undefined);
+        rmSync(dir, { recursive: true, force: true });
+      }
+      // Open failures (MANIFEST-level) are a different case; this one is a table LevelDB opens but cannot read.
+      if (message !== undefined && /Corruption/.test(message) && !/open/i.test(message)) return { file, at, message };
+    }
+  }
+  return undefined;
+}
+
 // ---------------------------------------------------------------------------------------------
 // observing the damaged store
 
@@ -469,10 +503,11 @@ async function observe(
   s.expect(check.code === 0 || check.code === 1, `check exited ${check.code} (expected 0 or 1): ${check.error}`);
   if (!check.ok) s.expect(check.problems.length > 0 || check.error.length > 0, 'check failed without saying why');
   for (const p of check.problems) s.expect(typeof p.message === 'string' && p.message.length > 10 && !/undefined|NaN|\[object/.test(p.message), `check problem message is unclear: ${JSON.stringify(p)}`);
+  if (check.problems.length === 0 && !check.ok) s.expect(saysWhere(check.error), `check fails with a message that does not say which store or journal, or what is damaged: ${JSON.stringify(check.error)}`);
   const recover = await runRecover(store);
   s.note(recoverSummary(recover));
   s.expect(recover.code === 0 || recover.code === 1, `recover exited ${recover.code}`);
-  if (recover.code !== 0) s.expect(recover.error.length > 10 && !/\n\s+at /.test(recover.error), `recover failed without a clear message: ${recover.error}`);
+  if (recover.code !== 0) s.expect(saysWhere(recover.error) && !/\n\s+at /.test(recover.error), `recover refuses with a message that does not say which store or journal, or what is damaged: ${JSON.stringify(recover.error)}`);
   const wrong = new Map<string, number[]>();
   if (recover.code !== 0) return { check, recover, wrong };
   const postCopy = copyStore(store, 'postcheck');
@@ -504,6 +539,15 @@ async function observe(
     );
   }
   return { check, recover, postCheck, served: read.views, wrong };
+}
+
+/**
+ * A refusal is clear when it says where (the store or its journal) and what (a seq, a checkpoint, a
+ * file, the format): a bare "Corruption: bad block contents" from LevelDB or a decoder's "Unexpected end of
+ * MessagePack data" leaves the operator with nothing to act on.
+ */
+function saysWhere(message: string): boolean {
+  return /journal|store/i.test(message) && /seq \d+|checkpoint|\.ldb|\.log|MANIFEST|format|cannot open/.test(message);
 }
 
 function hasWarning(r: RecoverOutcome): boolean {
@@ -810,6 +854,22 @@ export const scenarios: Record<string, ScenarioFn> = {
       recover.code !== 0 || hasWarning(recover) || check.problems.some((p) => p.kind !== 'data') || lostAcked === 0,
       `acknowledged, synced writes from seq ${w.seq} on vanished from the journal; neither recover nor check reports lost journal records${wrong.size > 0 ? ` (the volumes serve old data in ${[...wrong.values()].reduce((n, b) => n + b.length, 0)} block(s))` : ''}`,
     );
+    dropCopy(store);
+    return s.result();
+  },
+
+  async 'LevelDB table: damage that LevelDB itself detects'(fx) {
+    const s = new Scenario('leveldb-table-detected');
+    const f = fx.clean;
+    const found = await findLevelDbDetectedDamage(f.store);
+    if (found === undefined) {
+      s.note('no single-byte flip in the first 2000 bytes of any table makes LevelDB report corruption in this fixture');
+      return s.result('skipped');
+    }
+    const store = copyStore(f.store, 'ldbdetected');
+    flipFileByte(join(store, 'journal', found.file), found.at, 0xff);
+    s.note(`damage: byte ${found.at} of journal/${found.file} (LevelDB reading the copy says: ${found.message})`);
+    await observe(s, store, f);
     dropCopy(store);
     return s.result();
   },

@@ -854,6 +854,10 @@ export const scenarios: Record<string, ScenarioFn> = {
       recover.code !== 0 || hasWarning(recover) || check.problems.some((p) => p.kind !== 'data') || lostAcked === 0,
       `acknowledged, synced writes from seq ${w.seq} on vanished from the journal; neither recover nor check reports lost journal records${wrong.size > 0 ? ` (the volumes serve old data in ${[...wrong.values()].reduce((n, b) => n + b.length, 0)} block(s))` : ''}`,
     );
+    if (recover.code !== 0) {
+      s.expect(new RegExp(`seq ${w.seq}\\b`).test(recover.error), `recover refuses without naming the first lost seq ${w.seq}: ${recover.error}`);
+      await tryForce(s, store, f, w.seq);
+    }
     dropCopy(store);
     return s.result();
   },

@@ -509,7 +509,13 @@ async function observe(
   s.expect(recover.code === 0 || recover.code === 1, `recover exited ${recover.code}`);
   if (recover.code !== 0) s.expect(saysWhere(recover.error) && !/\n\s+at /.test(recover.error), `recover refuses with a message that does not say which store or journal, or what is damaged: ${JSON.stringify(recover.error)}`);
   const wrong = new Map<string, number[]>();
-  if (recover.code !== 0) return { check, recover, wrong };
+  if (recover.code !== 0) {
+    // The server must refuse the store too (it recovers on open), not serve it.
+    const attempt = await serveAndRead(store, []);
+    s.expect('error' in attempt, 'recover refuses the store, but cowstack serve serves it');
+    if ('error' in attempt) s.note(`serve: refuses to start: ${/cowstack: error: (.*)/.exec(attempt.error)?.[1] ?? attempt.error.split('\n')[0]}`);
+    return { check, recover, wrong };
+  }
   const postCopy = copyStore(store, 'postcheck');
   const postCheck = await runCheck(postCopy);
   dropCopy(postCopy);

@@ -248,7 +248,8 @@ export class Journal<M = unknown> {
       journal.missingTail = missingTail;
       return journal;
     } catch (err) {
-      await db.close();
+      await db.close().catch(() => undefined);
+      if (!(err instanceof JournalError)) throw levelDamage(path, err, 'opening it');
       throw err;
     }
   }
@@ -537,7 +538,9 @@ export class Journal<M = unknown> {
     let expectPrev: number | undefined;
     try {
       while (!isStopped()) {
-        const entries = await frames.nextv(replayChunkValues);
+        const entries = await frames.nextv(replayChunkValues).catch((err: unknown) => {
+          throw levelDamage(this.path, err, `reading the records from seq ${expectSeq ?? fromSeq}`);
+        });
         if (entries.length === 0) break;
         for (const [key, value] of entries) {
           const keySeq = seqOfKey(key);
@@ -897,4 +900,14 @@ export class Journal<M = unknown> {
   private checkOpen(): void {
     if (this.closed) throw new JournalError('ECLOSED', `journal ${this.path} is closed`);
   }
+}
+
+/**
+ * An error LevelDB raised, with where it happened: its own message ("Corruption: bad block
+ * contents") names neither the store nor what was being read.
+ */
+function levelDamage(path: string, err: unknown, doing: string): JournalError {
+  const message = (err as { cause?: Error }).cause?.message ?? (err as Error).message;
+  const corrupt = /corrupt/i.test(message) || (err as { code?: string }).code === 'LEVEL_CORRUPTION';
+  return new JournalError(corrupt ? 'ECORRUPT' : 'EIO', `journal ${path}: LevelDB reports ${corrupt ? 'damaged files (its .ldb tables or .log)' : 'an error'} while ${doing}: ${message}`, { cause: err });
 }

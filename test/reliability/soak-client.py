@@ -112,6 +112,7 @@ def histogram(values):
 
 def flush_window(now):
     global window, window_start
+    window_s = config['window_s']
     line = {'window': {
         't_start': round(window_start - started, 3), 't_end': round(now - started, 3), 'ops': window['ops'], 'errors': window['errors'],
         'p50': pct(window['lat'], 0.5), 'p99': pct(window['lat'], 0.99), 'max': pct(window['lat'], 1.0),
@@ -121,7 +122,7 @@ def flush_window(now):
     }}
     print(json.dumps(line), flush=True)
     window = {'ops': 0, 'errors': 0, 'lat': [], 'by_kind': {}}
-    window_start = now
+    window_start += window_s   # fixed boundaries: windows of all processes line up
 
 
 def pick_range(conn, max_len):

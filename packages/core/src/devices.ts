@@ -46,6 +46,36 @@ function guard<T>(body: () => T | Promise<T>): Promise<T> {
   }
 }
 
+/** What every read-only export shares: writes refused with EPERM, flush a no-op. */
+abstract class ReadOnlyDevice {
+  readonly readOnly = true;
+  readonly canMultiConn = true;
+  readonly canFastZero = false;
+  readonly extentContexts = extentContexts;
+
+  protected abstract readonly what: string;
+
+  private refuse(): Promise<never> {
+    return Promise.reject(new BlockDeviceError('EPERM', `${this.what} is read-only`));
+  }
+
+  write(): Promise<void> {
+    return this.refuse();
+  }
+
+  zero(): Promise<void> {
+    return this.refuse();
+  }
+
+  trim(): Promise<void> {
+    return this.refuse();
+  }
+
+  flush(): Promise<void> {
+    return Promise.resolve();
+  }
+}
+
 export class VolumeDevice implements BlockDevice {
   readonly readOnly = false;
   readonly canMultiConn = true;
@@ -160,13 +190,10 @@ function dirtyExtentsOf(changed: readonly DiffExtent[], offset: number, length: 
  * up to the point) on the first read or block status, not when a client merely looks at the export
  * (NBD_OPT_INFO, LIST), and shared through `views` by every connection to the same point.
  */
-export class PointInTimeDevice implements BlockDevice {
-  readonly readOnly = true;
-  readonly canMultiConn = true;
-  readonly canFastZero = false;
-  readonly extentContexts = extentContexts;
+export class PointInTimeDevice extends ReadOnlyDevice implements BlockDevice {
   readonly sizeBytes: number;
   readonly blockSizeBytes: number;
+  protected readonly what: string;
   private readonly key: string;
   private readonly build: () => Promise<PointInTimeView>;
 
@@ -176,9 +203,11 @@ export class PointInTimeDevice implements BlockDevice {
     point: string,
     private readonly views: PointInTimeViews,
   ) {
+    super();
     this.sizeBytes = store.volumeInfo(volume).sizeBytes;
     this.blockSizeBytes = store.blockSizeBytes;
     this.key = `${volume}@${point}`;
+    this.what = `point-in-time export ${this.key}`;
     this.build = () => resolvePoint(store, volume, point).then((seq) => pointInTimeView(store, volume, seq));
   }
 
@@ -188,26 +217,6 @@ export class PointInTimeDevice implements BlockDevice {
 
   read(offset: number, length: number): Promise<ReadResult> {
     return guard(async () => (await this.view).read(offset, length));
-  }
-
-  private refuse(): Promise<never> {
-    return Promise.reject(new BlockDeviceError('EPERM', 'a point-in-time export is read-only'));
-  }
-
-  write(): Promise<void> {
-    return this.refuse();
-  }
-
-  zero(): Promise<void> {
-    return this.refuse();
-  }
-
-  trim(): Promise<void> {
-    return this.refuse();
-  }
-
-  flush(): Promise<void> {
-    return Promise.resolve();
   }
 
   cache(): Promise<void> {
@@ -221,44 +230,24 @@ export class PointInTimeDevice implements BlockDevice {
   }
 }
 
-export class LayerDevice implements BlockDevice {
-  readonly readOnly = true;
-  readonly canMultiConn = true;
-  readonly canFastZero = false;
-  readonly extentContexts = extentContexts;
+/** A frozen layer (a snapshot) of a store, read-only. */
+export class LayerDevice extends ReadOnlyDevice implements BlockDevice {
   readonly sizeBytes: number;
   readonly blockSizeBytes: number;
+  protected readonly what: string;
 
   constructor(
     private readonly store: Store,
     readonly layerId: number,
   ) {
+    super();
     this.sizeBytes = store.sizeOfLayer(layerId);
     this.blockSizeBytes = store.blockSizeBytes;
+    this.what = `layer ${layerId} (frozen)`;
   }
 
   read(offset: number, length: number): Promise<ReadResult> {
     return guard(() => this.store.readViewOf(this.layerId, offset, length));
-  }
-
-  private refuse(): Promise<never> {
-    return Promise.reject(new BlockDeviceError('EPERM', `layer ${this.layerId} is frozen (read-only)`));
-  }
-
-  write(): Promise<void> {
-    return this.refuse();
-  }
-
-  zero(): Promise<void> {
-    return this.refuse();
-  }
-
-  trim(): Promise<void> {
-    return this.refuse();
-  }
-
-  flush(): Promise<void> {
-    return Promise.resolve();
   }
 
   cache(offset: number, length: number): Promise<void> {

@@ -26,15 +26,7 @@ class RunChunk {
   ) {}
 
   get(offset: number): number {
-    const starts = this.starts;
-    let lo = 0;
-    let hi = starts.length - 1;
-    while (lo < hi) {
-      const mid = (lo + hi + 1) >> 1;
-      if (starts[mid] <= offset) lo = mid;
-      else hi = mid - 1;
-    }
-    return this.values[lo];
+    return this.values[this.find(offset)];
   }
 
   /** Index of the run holding `offset`. */

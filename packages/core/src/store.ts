@@ -802,6 +802,31 @@ export class Store {
    * `fua`, the write is durable when the promise resolves.
    */
   async writeVolume(name: string, offset: number, data: Buffer, fua: boolean, source: WriteSource = {}): Promise<void> {
+    if (data.length > maxWriteBytes) throw new BlockDeviceError('EINVAL', `write of ${data.length} bytes is over maxWriteBytes (${maxWriteBytes})`);
+    return this.mutate(name, offset, data.length, source, (rt, view) => {
+      const bs = this.blockSizeBytes_;
+      const first = Math.floor(offset / bs);
+      const count = Math.floor((offset + data.length - 1) / bs) - first + 1;
+      let payload: Buffer;
+      if (offset % bs === 0 && data.length % bs === 0) {
+        payload = data;
+      } else {
+        payload = Buffer.allocUnsafe(count * bs);
+        if (offset % bs !== 0) this.blockContent(rt, view, first, payload, 0);
+        if ((offset + data.length) % bs !== 0 && (count > 1 || offset % bs === 0)) this.blockContent(rt, view, first + count - 1, payload, (count - 1) * bs);
+        data.copy(payload, offset - first * bs);
+      }
+      return this.appendBlocks(rt, view, first, count, payload, fua, source.origin);
+    });
+  }
+
+  /**
+   * The one way into a volume's blocks: wait out a barrier and writeback backpressure, check the
+   * store, the volume (this very one, see WriteSource) and the range, then run `body` in the same
+   * turn: nothing may run between these checks and the body registering its write in flight, or a
+   * snapshot could overtake it.
+   */
+  private async mutate(name: string, offset: number, length: number, source: WriteSource, body: (rt: VolumeRuntime, view: View) => Promise<void>): Promise<void> {
     let rt = this.runtime(name);
     while (rt.barrier !== undefined) {
       await rt.barrier;
@@ -811,21 +836,8 @@ export class Store {
     if (room !== undefined) await this.waitForWritebackRoom(rt, room);
     this.checkHealthy();
     const { view, sizeBytes } = this.volumeView(name, source.createdSeq);
-    checkRange(offset, data.length, sizeBytes, 'ENOSPC');
-    if (data.length > maxWriteBytes) throw new BlockDeviceError('EINVAL', `write of ${data.length} bytes is over maxWriteBytes (${maxWriteBytes})`);
-    const bs = this.blockSizeBytes_;
-    const first = Math.floor(offset / bs);
-    const count = Math.floor((offset + data.length - 1) / bs) - first + 1;
-    let payload: Buffer;
-    if (offset % bs === 0 && data.length % bs === 0) {
-      payload = data;
-    } else {
-      payload = Buffer.allocUnsafe(count * bs);
-      if (offset % bs !== 0) this.blockContent(rt, view, first, payload, 0);
-      if ((offset + data.length) % bs !== 0 && (count > 1 || offset % bs === 0)) this.blockContent(rt, view, first + count - 1, payload, (count - 1) * bs);
-      data.copy(payload, offset - first * bs);
-    }
-    await this.appendBlocks(rt, view, first, count, payload, fua, source.origin);
+    checkRange(offset, length, sizeBytes, 'ENOSPC');
+    return body(rt, view);
   }
 
   /** Append a Write (payload) or Zero (no payload) event for whole blocks of a volume's top. */
@@ -853,54 +865,38 @@ export class Store {
    * written); partial blocks at the edges are written with zeroes.
    */
   async zeroVolume(name: string, offset: number, length: number, fua: boolean, source: WriteSource = {}): Promise<void> {
-    let rt = this.runtime(name);
-    while (rt.barrier !== undefined) {
-      await rt.barrier;
-      rt = this.runtime(name);
-    }
-    const room = this.files.room();
-    if (room !== undefined) await this.waitForWritebackRoom(rt, room);
-    this.checkHealthy();
-    const { view, sizeBytes } = this.volumeView(name, source.createdSeq);
-    checkRange(offset, length, sizeBytes, 'ENOSPC');
-    const bs = this.blockSizeBytes_;
-    const end = offset + length;
-    const wholeFirst = Math.ceil(offset / bs);
-    const wholeEnd = Math.floor(end / bs);
-    const work: Promise<void>[] = [];
-    const edge = (block: number, from: number, to: number): void => {
-      const payload = Buffer.allocUnsafe(bs);
-      this.blockContent(rt, view, block, payload, 0);
-      payload.fill(0, from - block * bs, to - block * bs);
-      work.push(this.appendBlocks(rt, view, block, 1, payload, fua, source.origin));
-    };
-    if (wholeFirst > wholeEnd) {
-      edge(Math.floor(offset / bs), offset, end);
-    } else {
-      if (offset % bs !== 0) edge(wholeFirst - 1, offset, wholeFirst * bs);
-      if (wholeEnd > wholeFirst) work.push(this.appendBlocks(rt, view, wholeFirst, wholeEnd - wholeFirst, undefined, fua, source.origin));
-      if (end % bs !== 0) edge(wholeEnd, wholeEnd * bs, end);
-    }
-    await Promise.all(work);
+    return this.mutate(name, offset, length, source, async (rt, view) => {
+      const bs = this.blockSizeBytes_;
+      const end = offset + length;
+      const wholeFirst = Math.ceil(offset / bs);
+      const wholeEnd = Math.floor(end / bs);
+      const work: Promise<void>[] = [];
+      const edge = (block: number, from: number, to: number): void => {
+        const payload = Buffer.allocUnsafe(bs);
+        this.blockContent(rt, view, block, payload, 0);
+        payload.fill(0, from - block * bs, to - block * bs);
+        work.push(this.appendBlocks(rt, view, block, 1, payload, fua, source.origin));
+      };
+      if (wholeFirst > wholeEnd) {
+        edge(Math.floor(offset / bs), offset, end);
+      } else {
+        if (offset % bs !== 0) edge(wholeFirst - 1, offset, wholeFirst * bs);
+        if (wholeEnd > wholeFirst) work.push(this.appendBlocks(rt, view, wholeFirst, wholeEnd - wholeFirst, undefined, fua, source.origin));
+        if (end % bs !== 0) edge(wholeEnd, wholeEnd * bs, end);
+      }
+      await Promise.all(work);
+    });
   }
 
   /** Discard whole blocks of a range (they read as zeroes afterwards); partial blocks are left alone. */
   async trimVolume(name: string, offset: number, length: number, fua: boolean, source: WriteSource = {}): Promise<void> {
-    let rt = this.runtime(name);
-    while (rt.barrier !== undefined) {
-      await rt.barrier;
-      rt = this.runtime(name);
-    }
-    const room = this.files.room();
-    if (room !== undefined) await this.waitForWritebackRoom(rt, room);
-    this.checkHealthy();
-    const { view, sizeBytes } = this.volumeView(name, source.createdSeq);
-    checkRange(offset, length, sizeBytes, 'ENOSPC');
-    const bs = this.blockSizeBytes_;
-    const first = Math.ceil(offset / bs);
-    const end = Math.floor((offset + length) / bs);
-    if (end > first) await this.appendBlocks(rt, view, first, end - first, undefined, fua, source.origin);
-    else if (fua) await this.flush();
+    return this.mutate(name, offset, length, source, async (rt, view) => {
+      const bs = this.blockSizeBytes_;
+      const first = Math.ceil(offset / bs);
+      const end = Math.floor((offset + length) / bs);
+      if (end > first) await this.appendBlocks(rt, view, first, end - first, undefined, fua, source.origin);
+      else if (fua) await this.flush();
+    });
   }
 
   /** Block status of a layer's view from `offset`, merged per context. */

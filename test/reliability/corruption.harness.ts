@@ -26,7 +26,9 @@
  * payload-log segment (a durable record after the last checkpoint, and an unsynced one); a truncated
  * layer data file; a flipped byte in a layer data file (a volume's top and a shared snapshot layer);
  * the newest checkpoint deleted, or corrupted, or both checkpoints gone; a frame deleted from the
- * middle of the journal (after and before the last checkpoint); a flipped byte inside a frame value.
+ * middle of the journal (after and before the last checkpoint); a flipped byte inside a frame value;
+ * a byte flipped in LevelDB's write-ahead log inside a synced frame, and table damage LevelDB itself
+ * detects; the journal's retention record damaged; the payload log's seal damaged.
  *
  * Run: node --conditions=source --import tsx test/reliability/corruption.harness.ts [--full]
  *        [--flips N] [--seed S]
@@ -553,7 +555,7 @@ async function observe(
  * MessagePack data" leaves the operator with nothing to act on.
  */
 function saysWhere(message: string): boolean {
-  return /journal|store/i.test(message) && /seq \d+|checkpoint|\.ldb|\.log|MANIFEST|format|cannot open/.test(message);
+  return /journal|store/i.test(message) && /seq \d+|checkpoint|\.ldb|\.log|MANIFEST|format|cannot open|retention|metadata|seal/.test(message);
 }
 
 function hasWarning(r: RecoverOutcome): boolean {
@@ -880,6 +882,47 @@ export const scenarios: Record<string, ScenarioFn> = {
     flipFileByte(join(store, 'journal', found.file), found.at, 0xff);
     s.note(`damage: byte ${found.at} of journal/${found.file} (LevelDB reading the copy says: ${found.message})`);
     await observe(s, store, f);
+    dropCopy(store);
+    return s.result();
+  },
+
+  async 'journal metadata: the retention record damaged'(fx) {
+    const s = new Scenario('meta-retention');
+    const f = fx.clean;
+    const store = copyStore(f.store, 'metaret');
+    const key = Buffer.from('mretention');
+    const found = await withLevel(store, async (db) => {
+      const value = await db.get(key);
+      if (value === undefined) return false;
+      await db.put(key, Buffer.concat([value, Buffer.of(0x00)]));
+      return true;
+    });
+    if (!found) {
+      s.note('this fixture has no retention record');
+      dropCopy(store);
+      return s.result('skipped');
+    }
+    s.note("damage: one byte appended to the journal's retention record (LevelDB key 'mretention')");
+    const { recover } = await observe(s, store, f);
+    if (recover.code !== 0) await tryForce(s, store, f, undefined);
+    dropCopy(store);
+    return s.result();
+  },
+
+  async "payload log: the journal's seal damaged"(fx) {
+    const s = new Scenario('seal');
+    const f = fx.crashed;
+    const store = copyStore(f.store, 'seal');
+    const seal = join(store, 'journal', 'payloads', 'seal');
+    if (!existsSync(seal)) {
+      s.note('this build has no seal');
+      dropCopy(store);
+      return s.result('skipped');
+    }
+    flipFileByte(seal, 10, 0x01);
+    s.note('damage: byte 10 of journal/payloads/seal (its committed seq) flipped');
+    const { check, recover } = await observe(s, store, f);
+    s.note(`the seal is a witness only: ${recover.code === 0 && check.ok ? 'a damaged one is ignored (and not reported); nothing else changes' : 'reported'}`);
     dropCopy(store);
     return s.result();
   },

@@ -50,13 +50,12 @@ export interface OracleContext {
  */
 export const knownBugs = {
   /**
-   * Connection.end() (server.ts) arms a closeGraceMs (2 s) timer that destroys the socket whether or
-   * not the replies already written have been sent: a client that reads its replies slower than that
-   * after its FIN or NBD_CMD_DISC loses the end of them (a READ reply cut in the middle, later
-   * requests never answered). Recognised when the server's FIN came 2 s or more after the client's.
+   * A connection's first BLOCK_STATUS on a qemu:dirty-bitmap:* context folds the whole journal
+   * (VolumeDevice.dirtyExtents → changedSince), per connection and context: with a large journal and
+   * a few such connections at once it takes longer than the hang limit. Recognised as a "hang" in
+   * which only BLOCK_STATUS requests wait and a dirty bitmap is selected.
    */
-  repliesCutAfterGrace: 'replies-cut-2s-after-the-connection-ends',
-  closeGraceMs: 2000,
+  dirtyBitmapSlow: 'dirty-bitmap-block-status-slower-than-the-hang-limit',
 } as const;
 
 /** How the connection ended, seen from the client. */
@@ -220,12 +219,7 @@ export function allowedErrnos(h: { type: number; flags: number; offset: bigint; 
   return ok;
 }
 
-export interface SessionTiming {
-  /** From the client's FIN to the connection's close. */
-  readonly closedAfterClientEndMs?: number;
-}
-
-export function judge(sent: Buffer, received: Buffer, close: CloseKind, ctx: OracleContext, trace?: string[], timing?: SessionTiming): Verdict {
+export function judge(sent: Buffer, received: Buffer, close: CloseKind, ctx: OracleContext, trace?: string[]): Verdict {
   const v: Verdict = { outcome: 'handshake-incomplete', violations: [], options: 0, requests: 0, errnos: {}, knownBugs: {} };
   const s = new Cursor(sent);
   const r = new Cursor(received);
@@ -347,7 +341,7 @@ export function judge(sent: Buffer, received: Buffer, close: CloseKind, ctx: Ora
         const known = target === 'unsure' ? { sizeBytes: Number(size), readOnly: (flags & P.NBD_FLAG_READ_ONLY) !== 0 } : target;
         checkTransmissionFlags(fail, `EXPORT_NAME '${name}'`, flags, known, structured);
         if (size !== BigInt(known.sizeBytes)) fail(`EXPORT_NAME '${name}': size ${size}, expected ${known.sizeBytes}`);
-        return transmission(s, r, close, ctx, v, fail, trace, timing, {
+        return transmission(s, r, close, ctx, v, fail, trace, {
           export: known,
           unsure: target === 'unsure',
           transmissionFlags: flags,
@@ -446,7 +440,7 @@ export function judge(sent: Buffer, received: Buffer, close: CloseKind, ctx: Ora
         if (info.size !== BigInt(known.sizeBytes)) fail(`${O} '${name}': size ${info.size}, expected ${known.sizeBytes}`);
         checkTransmissionFlags(fail, `${O} '${name}'`, info.flags, known, structured);
         if (option === P.NBD_OPT_GO) {
-          return transmission(s, r, close, ctx, v, fail, trace, timing, {
+          return transmission(s, r, close, ctx, v, fail, trace, {
             export: known,
             unsure: target === 'unsure',
             transmissionFlags: info.flags,
@@ -572,7 +566,6 @@ function transmission(
   v: Verdict,
   fail: (m: string) => void,
   trace: string[] | undefined,
-  timing: SessionTiming | undefined,
   st: TransmissionState,
 ): Verdict {
   v.outcome = 'transmission-ended';
@@ -770,10 +763,10 @@ function transmission(
   const unanswered = requests.filter((q) => !q.answered);
   if (unanswered.length > 0) {
     const how = close === 'open' ? 'hang: the server neither answered nor closed' : close === 'reset' ? 'the connection was reset' : 'the server closed the connection';
-    // Known bug: the connection is destroyed closeGraceMs after it ends, replies still queued or not.
-    if (close === 'fin' && (timing?.closedAfterClientEndMs ?? 0) >= knownBugs.closeGraceMs - 100 && v.violations.length - before === (truncated ? 1 : 0)) {
-      v.violations.length = before;
-      v.knownBugs[knownBugs.repliesCutAfterGrace] = (v.knownBugs[knownBugs.repliesCutAfterGrace] ?? 0) + 1;
+    // Known bug: only dirty-bitmap BLOCK_STATUS requests wait (a journal fold each).
+    const bitmapSelected = [...st.contexts.values()].some((c) => c.startsWith('qemu:dirty-bitmap:'));
+    if (close === 'open' && bitmapSelected && !truncated && v.violations.length === before && unanswered.every((q) => q.type === P.NBD_CMD_BLOCK_STATUS)) {
+      v.knownBugs[knownBugs.dirtyBitmapSlow] = (v.knownBugs[knownBugs.dirtyBitmapSlow] ?? 0) + 1;
       return v;
     }
     fail(`${unanswered.length} of ${requests.length} requests unanswered (${how}); first: ${describe(unanswered[0])}`);

@@ -20,7 +20,8 @@
  * alone against a fresh server, printing the verdict. Failing sessions are written to a directory
  * (printed) as .bin (bytes sent) and .json (verdict, bytes received).
  */
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { createConnection, createServer } from 'node:net';
 import { dirname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
@@ -253,8 +254,8 @@ export async function runFuzz(options: FuzzOptions): Promise<FuzzReport> {
   const fixture = await startFuzzServer(options.pointInTimeWeight);
   const { served, oracle, targets } = fixture;
   const pid = served.child.pid!;
-  const failureDir = join(tempDir('fuzz-failures'), 'sessions');
-  mkdirSync(failureDir, { recursive: true });
+  // kept after the run (tempDir's are removed at exit): the sessions to reproduce failures with
+  const failureDir = mkdtempSync(join(tmpdir(), 'cowstack-fuzz-failures-'));
   const rssBefore = rssBytes(pid);
   log(`fuzz: server pid ${pid}, RSS ${mib(rssBefore)}; target ${options.frames} mutated frames, ${options.parallel} connections at once, seed ${options.seed}`);
 
@@ -348,7 +349,7 @@ export async function runFuzz(options: FuzzOptions): Promise<FuzzReport> {
       tally.requests += verdict!.requests;
       for (const [k, n] of Object.entries(verdict!.errnos)) tally.errnos[k] = (tally.errnos[k] ?? 0) + n;
       for (const [k, n] of Object.entries(verdict!.knownBugs)) tally.knownBugs[k] = (tally.knownBugs[k] ?? 0) + n;
-      if (result.close === 'open') outcome = 'hang';
+      if (result.close === 'open') outcome = problems.length === 0 ? 'hang (known bug)' : 'hang';
     }
     tally.outcomes[outcome] = (tally.outcomes[outcome] ?? 0) + 1;
     if (problems.length === 0) return;
@@ -375,7 +376,7 @@ export async function runFuzz(options: FuzzOptions): Promise<FuzzReport> {
       for (let i = 0; i < sessions.length && !stop; i++) {
         const session = sessions[i];
         const result = await runSession(session, endpoint, limitsForClient);
-        const verdict = result.close === 'client-reset' || result.close === 'connect-failed' ? undefined : judge(result.sent, result.received, result.close, oracle, undefined, { closedAfterClientEndMs: result.closedAfterClientEndMs });
+        const verdict = result.close === 'client-reset' || result.close === 'connect-failed' ? undefined : judge(result.sent, result.received, result.close, oracle);
         record(first + i, session, result, verdict);
         if (tally.mutated >= options.frames || tally.failures >= options.maxFailures) stop = true;
         if (served.child.exitCode !== null || served.child.signalCode !== null) stop = true;
@@ -502,7 +503,7 @@ export async function replaySession(seed: number, index: number, pointInTimeWeig
   const [session] = generateSessions(fixture.targets, seed, index, 1);
   const result = await runSession(session, { socketPath: fixture.served.socket, tcp: fixture.tcp }, { idleTimeoutMs: 5000, maxSessionMs: 120_000 });
   const trace: string[] = [];
-  const verdict = result.close === 'client-reset' || result.close === 'connect-failed' ? undefined : judge(result.sent, result.received, result.close, fixture.oracle, trace, { closedAfterClientEndMs: result.closedAfterClientEndMs });
+  const verdict = result.close === 'client-reset' || result.close === 'connect-failed' ? undefined : judge(result.sent, result.received, result.close, fixture.oracle, trace);
   await fixture.served.stop();
   return { session, result, verdict, trace };
 }

@@ -82,12 +82,66 @@ function captureVolume(state: Projection, prov: Provenance, volume: string): Cap
   };
 }
 
-/** Fold the journal (metadata) from seq 1 to `untilSeq`, optionally capturing a volume at `captureAt`. */
-async function fold(store: Store, untilSeq: number, captureAt?: { seq: number; volume: string }): Promise<Folded> {
+/**
+ * The fold at the journal's head, kept per store and advanced by replaying only what was appended
+ * since: questions about "now" (changed blocks, blame) cost the new events, not the whole journal,
+ * however many connections ask. Advances are serialized.
+ */
+class HeadFold {
+  private readonly state = emptyProjection();
+  private readonly prov: Provenance = new Map();
+  private queue: Promise<void> = Promise.resolve();
+
+  constructor(private readonly store: Store) {}
+
+  /** Capture `volume` at the journal head (the store's last seq when called). */
+  capture(volume: string): Promise<Capture> {
+    const run = this.queue.then(async () => {
+      const until = this.store.lastSeq;
+      if (this.state.seq < until) {
+        await lastValueFrom(
+          this.store.eventLog.replay(this.state.seq + 1, until, { payloads: false }).pipe(
+            tap((record) => {
+              track(this.prov, record);
+              applyEvent(this.state, record.seq, record.meta);
+            }),
+          ),
+          { defaultValue: undefined },
+        );
+      }
+      const capture = captureVolume(this.state, this.prov, volume);
+      if (capture === undefined) throw new StoreError('ENOENT', `no volume ${volume}`);
+      return capture;
+    });
+    this.queue = run.then(
+      () => undefined,
+      () => undefined,
+    );
+    return run;
+  }
+}
+
+const headFolds = new WeakMap<Store, HeadFold>();
+
+function checkHistoryKept(store: Store): void {
   const journal = store.eventLog;
   if (journal.firstSeq !== 1) {
     throw new StoreError('EINVAL', `the journal no longer starts at seq 1 (retention dropped records up to ${journal.firstSeq - 1}); history before it is gone`);
   }
+}
+
+/** A volume as it is now, with its provenance: from the store's head fold. */
+function captureNow(store: Store, volume: string): Promise<Capture> {
+  checkHistoryKept(store);
+  let head = headFolds.get(store);
+  if (head === undefined) headFolds.set(store, (head = new HeadFold(store)));
+  return head.capture(volume);
+}
+
+/** Fold the journal (metadata) from seq 1 to `untilSeq`, optionally capturing a volume at `captureAt`. */
+async function fold(store: Store, untilSeq: number, captureAt?: { seq: number; volume: string }): Promise<Folded> {
+  checkHistoryKept(store);
+  const journal = store.eventLog;
   const state = emptyProjection();
   const prov: Provenance = new Map();
   let capture: Capture | undefined;
@@ -170,8 +224,7 @@ function forEachProvenance(view: View, prov: Provenance, blockCount: number, fn:
  */
 export async function changedSince(store: Store, volume: string, sinceSeq: number, untilSeq: number): Promise<DiffExtent[]> {
   if (untilSeq < sinceSeq) throw new StoreError('EINVAL', `--until (seq ${untilSeq}) is before --since (seq ${sinceSeq})`);
-  const { capture } = await fold(store, untilSeq, { seq: untilSeq, volume });
-  const { view, prov, sizeBytes } = capture!;
+  const { view, prov, sizeBytes } = untilSeq >= store.lastSeq ? await captureNow(store, volume) : (await fold(store, untilSeq, { seq: untilSeq, volume })).capture!;
   const bs = store.blockSizeBytes;
   const out: DiffExtent[] = [];
   forEachProvenance(view, prov, Math.ceil(sizeBytes / bs), (start, count, provenance) => {
@@ -198,8 +251,7 @@ export interface BlameExtent {
 
 /** Per extent of [offset, offset + length) of a volume: which event last wrote it. */
 export async function blame(store: Store, volume: string, offset: number, length: number): Promise<BlameExtent[]> {
-  const { capture } = await fold(store, store.lastSeq, { seq: store.lastSeq, volume });
-  const { view, prov, sizeBytes } = capture!;
+  const { view, prov, sizeBytes } = await captureNow(store, volume);
   if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length <= 0 || offset + length > sizeBytes) {
     throw new StoreError('EINVAL', `range ${offset}+${length} is outside the ${sizeBytes}-byte volume`);
   }

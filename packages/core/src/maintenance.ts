@@ -85,6 +85,9 @@ async function cutAtDamage(dir: string): Promise<{ fromSeq: number; reason: stri
       // Only the damaged tail frames were wrong, and open skipped them.
       fromSeq = journal.lastSeq + 1;
       reason = `the journal's last frames after seq ${journal.lastSeq} cannot be decoded`;
+    } else if (journal.rebuiltRetention) {
+      // Nothing to cut: the damaged retention record was rebuilt from the frames and checkpoints.
+      return { fromSeq: journal.lastSeq + 1, reason: "the journal's retention record was damaged and has been rebuilt", recordsDiscarded: 0 };
     } else {
       return undefined;
     }

@@ -160,6 +160,8 @@ export class Journal<M = unknown> {
   private readonly seal: Seal;
   /** Opened with skipDamagedTail while the seal says records are missing: where they were. */
   private missingTail: { fromSeq: number; toSeq: number } | undefined;
+  /** Opened with skipDamagedTail and the retention record was damaged: it was rebuilt. */
+  private retentionRebuilt = false;
   /** The first failed seal write (kept for diagnosis; journal writes go on). */
   private sealFailure: Error | undefined;
   private nextSeq: number;
@@ -214,7 +216,12 @@ export class Journal<M = unknown> {
     }
     try {
       await Journal.checkFormat(path, db);
-      const retention = await Journal.readRetention(db);
+      let retentionRebuilt = false;
+      const retention = await Journal.readRetention(path, db).catch(async (err: unknown) => {
+        if (options.skipDamagedTail !== true) throw err;
+        retentionRebuilt = true;
+        return Journal.rebuildRetention(db);
+      });
       const [lastKey, lastValue] = await Journal.lastEntry(db, recordRange);
       let nextSeq = retention.firstSeq;
       let lastChain = retention.chainBefore;
@@ -225,8 +232,8 @@ export class Journal<M = unknown> {
           lastChain = frame.lastChain;
         }
       }
-      const durableRaw = await db.get(metaKey('durable'));
-      const durableSeq = durableRaw === undefined ? 0 : (metaPackr.unpack(durableRaw) as number);
+      const durableSeq = (await Journal.readMeta<number>(path, db, 'durable', 'durable mark')) ?? 0;
+      if (!Number.isSafeInteger(durableSeq) || durableSeq < 0) throw new JournalError('ECORRUPT', `journal ${path}: its durable mark (metadata key 'durable') is damaged`);
       const payloadLog = new PayloadLog(path);
       const seal = new Seal(payloadLog.dir);
       const sealed = seal.read();
@@ -246,6 +253,7 @@ export class Journal<M = unknown> {
       }
       const journal = new Journal<M>(path, db, payloadLog, seal, retention, nextSeq, lastChain, durableSeq, options.onCommit);
       journal.missingTail = missingTail;
+      journal.retentionRebuilt = retentionRebuilt;
       return journal;
     } catch (err) {
       await db.close().catch(() => undefined);
@@ -277,10 +285,42 @@ export class Journal<M = unknown> {
     }
   }
 
-  private static async readRetention(db: Db): Promise<Retention> {
-    const raw = await db.get(metaKey('retention'));
-    if (raw === undefined) return { firstSeq: 1, chainBefore: 0, payloadsThrough: 0 };
-    return metaPackr.unpack(raw) as Retention;
+  private static async readRetention(path: string, db: Db): Promise<Retention> {
+    const retention = await Journal.readMeta<Retention>(path, db, 'retention', 'retention record');
+    if (retention === undefined) return { firstSeq: 1, chainBefore: 0, payloadsThrough: 0 };
+    const valid = (n: unknown): boolean => Number.isSafeInteger(n) && (n as number) >= 0;
+    if (!valid(retention.firstSeq) || !valid(retention.chainBefore) || !valid(retention.payloadsThrough)) {
+      throw new JournalError('ECORRUPT', `journal ${path}: its retention record (metadata key 'retention') is damaged: it does not hold three sequence numbers`);
+    }
+    return retention;
+  }
+
+  /**
+   * Salvage of a damaged retention record: the first frame gives where the journal starts and how it
+   * chains; payloads are taken as dropped through the oldest checkpoint (what the default policy
+   * does). Written back, so the next open reads it.
+   */
+  private static async rebuildRetention(db: Db): Promise<Retention> {
+    const [first] = await db.iterator({ ...recordRange, limit: 1 }).all();
+    const checkpoints = await db.keys({ ...checkpointRange, limit: 1 }).all();
+    let retention: Retention = { firstSeq: 1, chainBefore: 0, payloadsThrough: checkpoints.length > 0 ? seqOfKey(checkpoints[0]) : 0 };
+    if (first !== undefined) {
+      const frame = decodeFrame(seqOfKey(first[0]), first[1], undefined, false);
+      retention = { ...retention, firstSeq: frame.firstSeq, chainBefore: frame.prevChain };
+    }
+    await db.put(metaKey('retention'), metaPackr.pack(retention), { sync: true });
+    return retention;
+  }
+
+  /** One of the journal's own metadata records, decoded; a damaged one is named, not misreported. */
+  private static async readMeta<T>(path: string, db: Db, name: string, what: string): Promise<T | undefined> {
+    const raw = await db.get(metaKey(name));
+    if (raw === undefined) return undefined;
+    try {
+      return metaPackr.unpack(raw) as T;
+    } catch (err) {
+      throw new JournalError('ECORRUPT', `journal ${path}: its ${what} (metadata key '${name}') is damaged: ${(err as Error).message}`, { cause: err });
+    }
   }
 
   /** The newest frame that decodes, walking back from the end (salvage only). */
@@ -487,6 +527,11 @@ export class Journal<M = unknown> {
     } catch (err) {
       this.sealFailure ??= err as Error;
     }
+  }
+
+  /** Whether opening (with skipDamagedTail) rebuilt a damaged retention record. */
+  get rebuiltRetention(): boolean {
+    return this.retentionRebuilt;
   }
 
   /** Records the seal says were committed but LevelDB lost (only set when opened with skipDamagedTail). */

@@ -98,7 +98,7 @@ interface Round {
 }
 
 async function loadRound(store: string, passBase: number, stop: NodeJS.Signals, snapshot?: string): Promise<Round> {
-  const server = await startServe(store);
+  const server = await startServe(store, { args: ['-v'] });
   const jobs: Promise<RunResult>[] = [];
   for (let w = 0; w < writers; w++) {
     jobs.push(python(writerScript, [server.uri('default'), String(w), String(regionBytes), String(slotBytes), String(slotsPerRegion), String(passBase)], { timeoutMs: 90_000 }));
@@ -117,7 +117,7 @@ async function loadRound(store: string, passBase: number, stop: NodeJS.Signals, 
     const stopping = Date.now();
     await server.stop(stop);
     const stopMs = Date.now() - stopping;
-    assert.ok(stopMs < 10_000, `the server took ${stopMs} ms to stop`);
+    assert.ok(stopMs < 10_000, `the server took ${stopMs} ms to stop; its log ends:\n${server.stderr().slice(-4000)}`);
     assert.match(server.stderr(), new RegExp(`${stop}: stopping`));
   }
   const logs = (await Promise.all(jobs)).map((r, w) => {

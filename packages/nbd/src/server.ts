@@ -226,6 +226,12 @@ class Connection {
     this.handshake = undefined;
     clearTimeout(this.timer);
     const socket = this.socket;
+    if (this.raw.destroyed) {
+      // The client went away first (its requests in flight finished after the close): nothing to
+      // flush and no timer to arm, which would only keep a stopping server alive.
+      this.log(`closed: ${reason}`);
+      return;
+    }
     const destroy = (): void => {
       socket.destroy();
       this.raw.destroy();
@@ -244,6 +250,7 @@ class Connection {
     };
     socket.once('finish', () => {
       clearTimeout(this.timer);
+      if (this.raw.destroyed) return;
       this.timer = setTimeout(destroy, closeGraceMs);
     });
     this.timer = setTimeout(watch, replyStallMs);

@@ -355,6 +355,39 @@ test('a client that half-closes after pipelining still gets every reply, then th
   }
 });
 
+test('a client gone with a request in flight: the request finishes and the connection leaves no timer behind', async () => {
+  // Regression: ending a connection whose socket was already destroyed (here by EPIPE when a reply
+  // met the closed client) armed a 10 s reply-stall timer, which kept a stopping `cowstack serve`
+  // alive for 10 s.
+  const device = new MemoryDevice({ sizeBytes: 1 << 20 });
+  const slowRead = gate();
+  const slowWrite = gate();
+  device.hook = async (op) => {
+    if (op === 'read') await slowRead.promise;
+    if (op === 'write') await slowWrite.promise;
+  };
+  const timers = (): number => process.getActiveResourcesInfo().filter((r) => r === 'Timeout').length;
+  const s = await startServer(single(device));
+  try {
+    const { client } = await rawSession(s.socketPath);
+    sendRequest(client, { type: P.NBD_CMD_WRITE, cookie: 1n, offset: 0 }, pattern(4096));
+    sendRequest(client, { type: P.NBD_CMD_READ, cookie: 2n, offset: 0, length: 65536 });
+    await sleep(50);
+    const before = timers();
+    client.destroy();
+    await sleep(50);
+    slowRead.open(); // its reply meets the closed socket
+    await sleep(50);
+    slowWrite.open();
+    await sleep(50);
+    assert.equal(s.server.connections, 0);
+    assert.equal(timers(), before, 'no timer is left armed for the closed connection');
+    assert.ok(device.data.subarray(0, 4096).equals(pattern(4096)), 'the write in flight still completed');
+  } finally {
+    await s.server.close();
+  }
+});
+
 test('maxConnections: connections over the limit are closed at once', async () => {
   const s = await startServer(single(new MemoryDevice({ sizeBytes: 4096 })), { maxConnections: 2 });
   try {

@@ -6,7 +6,8 @@
  *
  * Errnos: reads, trims, caches and block status past the end → EINVAL; writes and write-zeroes past
  * the end → ENOSPC; length 0 → EINVAL; unknown or misplaced flags → EINVAL; block status without a
- * negotiated metadata context → EINVAL; write, zero or trim on a snapshot (read-only) → EPERM.
+ * negotiated metadata context → EINVAL; write, zero or trim on a snapshot (read-only) → EPERM; a
+ * FAST_ZERO write-zeroes that holds no whole block (it could only write data) → ENOTSUP.
  */
 import { strict as assert } from 'node:assert';
 import { writeFileSync } from 'node:fs';
@@ -17,6 +18,7 @@ import { initStore, killAll, cowstackOk, MiB, nbdsh, pattern, readExport, sameBy
 const EPERM = 1;
 const EINVAL = 22;
 const ENOSPC = 28;
+const ENOTSUP = 95;
 
 test.after.each(killAll);
 
@@ -77,6 +79,12 @@ results['block status extents'] = extents
 # A good write in the middle still lands, FUA and not.
 attempt('write fua ok', lambda: h.pwrite(b'z' * 5000, 1 << 20, nbd.CMD_FLAG_FUA), h)
 attempt('zero fast ok', lambda: h.zero(8192, 2 << 20, nbd.CMD_FLAG_FAST_ZERO | nbd.CMD_FLAG_NO_HOLE), h)
+# A fast zero holding no whole block would only write data: ENOTSUP, and nothing changes.
+h.pwrite(b'q' * 8192, 3 << 20)
+h.pwrite(b'r' * 16384, 4 << 20)
+attempt('zero fast inside one block', lambda: h.zero(1000, (3 << 20) + 100, nbd.CMD_FLAG_FAST_ZERO), h)
+attempt('zero fast over two partial blocks', lambda: h.zero(4096, (3 << 20) + 100, nbd.CMD_FLAG_FAST_ZERO), h)
+attempt('zero fast unaligned holding a whole block', lambda: h.zero(12000, (4 << 20) + 100, nbd.CMD_FLAG_FAST_ZERO), h)
 results['write landed'] = h.pread(5000, 1 << 20) == b'z' * 5000
 
 # A second connection to the volume with no metadata context negotiated.
@@ -162,6 +170,9 @@ test('bad requests get the documented errno, the connection survives, and nothin
     'block status ok': 0,
     'write fua ok': 0,
     'zero fast ok': 0,
+    'zero fast inside one block': ENOTSUP,
+    'zero fast over two partial blocks': ENOTSUP,
+    'zero fast unaligned holding a whole block': 0,
     'block status without a context': EINVAL,
     'write on snapshot': EPERM,
     'write fua on snapshot': EPERM,
@@ -176,12 +187,15 @@ test('bad requests get the documented errno, the connection survives, and nothin
   assert.deepEqual(errnos, want);
 
   // Nothing the refused requests touched changed: the volume holds exactly the setup bytes plus the
-  // two good writes; the snapshot exactly the setup bytes.
+  // good writes and zeroes; the snapshot exactly the setup bytes.
   const expected = Buffer.alloc(size);
   data.copy(expected, 0);
   data.copy(expected, size - data.length);
   const snapshot = Buffer.from(expected);
   expected.fill(0x7a, MiB, MiB + 5000);
+  expected.fill(0x71, 3 * MiB, 3 * MiB + 8192);
+  expected.fill(0x72, 4 * MiB, 4 * MiB + 16384);
+  expected.fill(0, 4 * MiB + 100, 4 * MiB + 12100);
   sameBytes(await readExport(server.uri('default')), expected, 'volume after the bad requests');
   sameBytes(await readExport(server.uri('default@ro')), snapshot, 'snapshot after the bad requests');
   await server.stop();

@@ -112,7 +112,17 @@ export class VolumeDevice implements BlockDevice {
     return this.store.writeVolume(this.volume, offset, data, flags.fua, this.source);
   }
 
+  /**
+   * Whole blocks become zero records (no data I/O); partial blocks are written with zeroes. A fast
+   * zero (NBD_CMD_FLAG_FAST_ZERO) that holds no whole block would be nothing but such writes, no
+   * faster than the equivalent WRITE, so it fails with ENOTSUP as the spec requires. `mayTrim`
+   * needs no handling: layer files are never deallocated, so no request creates a hole.
+   */
   zero(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+    const bs = this.blockSizeBytes;
+    if (flags.fast && Math.floor((offset + length) / bs) <= Math.ceil(offset / bs)) {
+      return Promise.reject(new BlockDeviceError('ENOTSUP', `a fast zero of ${length} bytes at ${offset} holds no whole ${bs}-byte block: it would be a data write`));
+    }
     return this.store.zeroVolume(this.volume, offset, length, flags.fua, this.source);
   }
 
@@ -300,11 +310,27 @@ export class StoreExports implements ExportProvider {
     return out;
   }
 
+  /**
+   * Whether a point names a moment the journal has (checked at the handshake, without a fold): a seq
+   * after the oldest retained record and not after the last, or a valid time not in the future. The
+   * retention window itself needs the fold: a point outside it fails on the first read.
+   */
+  private pointExists(point: string): boolean {
+    const journal = this.store.eventLog;
+    const seq = /^seq:(\d+)$/.exec(point);
+    if (seq !== null) {
+      const n = Number(seq[1]);
+      return n >= journal.firstSeq && n <= journal.lastSeq;
+    }
+    const timeMs = Date.parse(point.slice('time:'.length));
+    return !Number.isNaN(timeMs) && timeMs <= Date.now();
+  }
+
   open(name: string, client?: ClientInfo): BlockDevice | undefined {
     const ref = name === '' ? this.defaultVolume : name;
     try {
       const pit = /^(.+)@((?:seq|time):.+)$/.exec(ref);
-      if (pit !== null) return this.store.hasVolume(pit[1]) ? new PointInTimeDevice(this.store, pit[1], pit[2], this.views) : undefined;
+      if (pit !== null) return this.store.hasVolume(pit[1]) && this.pointExists(pit[2]) ? new PointInTimeDevice(this.store, pit[1], pit[2], this.views) : undefined;
       if (ref.includes('@')) return new LayerDevice(this.store, this.store.snapshotLayer(ref));
       if (ref.startsWith('#')) return undefined;
       const origin = client === undefined ? undefined : `nbd#${client.id} ${client.peer}`;

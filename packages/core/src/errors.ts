@@ -13,6 +13,7 @@ export type StoreErrorCode =
   | 'ECHANGED' // the external base image changed since the store was created
   | 'EBUSY' // the operation conflicts with the layer tree (shared layer, volume in use)
   | 'ECORRUPT' // the journal or a checkpoint is damaged; see the message for the seq
+  | 'ERANGE' // a point in the past outside the journal's retention window
   | 'EIO'; // a file operation failed
 
 export class StoreError extends Error {

@@ -11,7 +11,8 @@
  * Data of the past: a block of a point-in-time view is read from the layer file when the bytes there
  * still have the CRC32C the writing event recorded for that block (the layer file holds the newest
  * data, which may be newer than the point), else from that event's payload in the journal; when
- * retention dropped the payload, the read fails with EIO naming the retention window.
+ * retention dropped the payload, the point is outside the retention window: building its view is
+ * refused up front (ERANGE), and a read that finds data gone later fails with EIO naming the window.
  *
  * Points: "seq:N" (or a bare number), "time:ISO-8601" (the last event at or before that time), or a
  * snapshot name of the volume ("NAME" or "VOLUME@NAME"; the point is the event that froze it, so it
@@ -26,6 +27,7 @@ import { StoreError } from './errors.js';
 import { EventType, eventTypeName, type StoreEvent } from './events.js';
 import { ExtentMap } from './extent-map.js';
 import { applyEvent, emptyProjection, indexIsZero, indexPosition, type Projection, type View } from './projection.js';
+import { describeRetention } from './retention.js';
 import type { DiffExtent, Store } from './store.js';
 
 /** Largest seq a provenance map can hold (values are seq * 2 + zero flag in an Int32Array). */
@@ -94,24 +96,50 @@ class HeadFold {
 
   constructor(private readonly store: Store) {}
 
+  /** Fold the events appended since the last advance (up to the store's last seq now). */
+  private async advance(): Promise<void> {
+    const until = this.store.lastSeq;
+    if (this.state.seq >= until) return;
+    await lastValueFrom(
+      this.store.eventLog.replay(this.state.seq + 1, until, { payloads: false }).pipe(
+        tap((record) => {
+          track(this.prov, record);
+          applyEvent(this.state, record.seq, record.meta);
+        }),
+      ),
+      { defaultValue: undefined },
+    );
+  }
+
   /** Capture `volume` at the journal head (the store's last seq when called). */
   capture(volume: string): Promise<Capture> {
     const run = this.queue.then(async () => {
-      const until = this.store.lastSeq;
-      if (this.state.seq < until) {
-        await lastValueFrom(
-          this.store.eventLog.replay(this.state.seq + 1, until, { payloads: false }).pipe(
-            tap((record) => {
-              track(this.prov, record);
-              applyEvent(this.state, record.seq, record.meta);
-            }),
-          ),
-          { defaultValue: undefined },
-        );
-      }
+      await this.advance();
       const capture = captureVolume(this.state, this.prov, volume);
       if (capture === undefined) throw new StoreError('ENOENT', `no volume ${volume}`);
       return capture;
+    });
+    this.queue = run.then(
+      () => undefined,
+      () => undefined,
+    );
+    return run;
+  }
+
+  /**
+   * At the journal head: the provenance of each of `layers` that still exists (a layer committed,
+   * collected or otherwise gone has no entry; its file no longer holds anything of the past).
+   */
+  layersNow(layers: Iterable<number>): Promise<Provenance> {
+    const wanted = [...layers];
+    const run = this.queue.then(async () => {
+      await this.advance();
+      const out: Provenance = new Map();
+      for (const id of wanted) {
+        if (!this.state.layers.has(id)) continue;
+        out.set(id, this.prov.get(id)?.cloneShared() ?? new ExtentMap(0));
+      }
+      return out;
     });
     this.queue = run.then(
       () => undefined,
@@ -130,12 +158,16 @@ function checkHistoryKept(store: Store): void {
   }
 }
 
+function headFold(store: Store): HeadFold {
+  let head = headFolds.get(store);
+  if (head === undefined) headFolds.set(store, (head = new HeadFold(store)));
+  return head;
+}
+
 /** A volume as it is now, with its provenance: from the store's head fold. */
 function captureNow(store: Store, volume: string): Promise<Capture> {
   checkHistoryKept(store);
-  let head = headFolds.get(store);
-  if (head === undefined) headFolds.set(store, (head = new HeadFold(store)));
-  return head.capture(volume);
+  return headFold(store).capture(volume);
 }
 
 /** Fold the journal (metadata) from seq 1 to `untilSeq`, optionally capturing a volume at `captureAt`. */
@@ -415,8 +447,43 @@ function readFileAt(path: string, target: Buffer, position: number): void {
   }
 }
 
-/** A read-only view of `volume` as it was at seq `seq` (folds the journal up to that seq only). */
+/**
+ * A read-only view of `volume` as it was at seq `seq` (folds the journal up to that seq only).
+ * Refused (ERANGE) when the point is outside the retention window: some block it needs held data
+ * whose journal payload retention dropped and whose layer file no longer holds it (overwritten since,
+ * or the layer is gone). Data that leaves the window later fails only the reads that need it (EIO).
+ */
 export async function pointInTimeView(store: Store, volume: string, seq: number): Promise<PointInTimeView> {
   const { capture } = await fold(store, seq, { seq, volume });
-  return new PointInTimeView(store, volume, seq, capture!.sizeBytes, capture!.view, capture!.prov, capture!.external);
+  const { view, prov, sizeBytes } = capture!;
+  await checkWithinRetention(store, volume, seq, view, prov, Math.ceil(sizeBytes / store.blockSizeBytes));
+  return new PointInTimeView(store, volume, seq, sizeBytes, view, prov, capture!.external);
+}
+
+async function checkWithinRetention(store: Store, volume: string, seq: number, view: View, prov: Provenance, blockCount: number): Promise<void> {
+  const droppedThrough = store.eventLog.payloadsDroppedThroughSeq;
+  if (droppedThrough === 0) return;
+  const now = await headFold(store).layersNow(view.stack);
+  let lost = 0;
+  let firstLost = -1;
+  let firstLostSeq = 0;
+  const lose = (block: number, count: number, writtenAt: number): void => {
+    if (firstLost === -1) [firstLost, firstLostSeq] = [block, writtenAt];
+    lost += count;
+  };
+  forEachProvenance(view, prov, blockCount, (start, count, provenance, layer) => {
+    if (provenance === 0 || (provenance & 1) === 1 || provenance >>> 1 > droppedThrough) return;
+    const current = now.get(layer);
+    if (current === undefined) return lose(start, count, provenance >>> 1);
+    current.forEachRun(start, count, (s, n, p) => {
+      if (p !== provenance) lose(s, n, provenance >>> 1);
+    });
+  });
+  if (lost === 0) return;
+  throw new StoreError(
+    'ERANGE',
+    `${volume} at seq ${seq} is outside the journal's retention window: ${lost} block(s) held data that is no longer kept ` +
+      `(first: block ${firstLost}, written at seq ${firstLostSeq} and overwritten since; payloads are kept from seq ${droppedThrough + 1}, ` +
+      `retention ${describeRetention(store.retentionPolicy)})`,
+  );
 }

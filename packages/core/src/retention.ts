@@ -8,7 +8,7 @@
  *   all          keep every payload
  *   24h, 30m     keep payloads of the last 24 hours / 30 minutes (s, m, h, d)
  *   10G, 512M    keep the newest 10 GiB / 512 MiB of payloads (whole payload-log segments)
- *   seq:N        keep payloads from seq N on
+ *   seq:N, N     keep payloads from seq N on
  */
 import { StoreError } from './errors.js';
 
@@ -28,9 +28,9 @@ export function parseRetention(text: string): RetentionPolicy {
   if (time !== null) return { kind: 'time', ms: Number(time[1]) * timeUnitsMs[time[2]] };
   const bytes = /^(\d+)([KMGT])(?:i?B)?$/i.exec(text);
   if (bytes !== null) return { kind: 'bytes', bytes: Number(bytes[1]) * byteUnits[bytes[2].toUpperCase()] };
-  const seq = /^seq:(\d+)$/.exec(text);
+  const seq = /^(?:seq:)?(\d+)$/.exec(text);
   if (seq !== null) return { kind: 'seq', seq: Number(seq[1]) };
-  throw new StoreError('EINVAL', `${JSON.stringify(text)} is not a retention policy (checkpoint, all, 24h, 10G or seq:N)`);
+  throw new StoreError('EINVAL', `${JSON.stringify(text)} is not a retention policy (checkpoint, all, 24h, 10G, seq:N or N)`);
 }
 
 export function describeRetention(policy: RetentionPolicy): string {

@@ -1046,20 +1046,35 @@ export class Store {
     const window = new CopyWindow();
     let at = 0;
     let done = 0;
-    for (const e of extents) {
-      if (!e.hole) {
-        for (let from = at; from < at + e.length; from += copyChunkBytes) {
-          const length = Math.min(copyChunkBytes, at + e.length - from);
-          const payload = Buffer.alloc(Math.ceil(length / bs) * bs);
-          (await pit.read(from, Math.min(payload.length, pit.sizeBytes - from))).copy(payload);
-          await window.add(this.append([EventType.Write, layerId, from / bs, payload.length / bs, blockCrcs(payload, bs)], false, payload));
-          done += length;
-          onProgress?.('snapshot', done, total);
+    try {
+      for (const e of extents) {
+        if (!e.hole) {
+          for (let from = at; from < at + e.length; from += copyChunkBytes) {
+            const length = Math.min(copyChunkBytes, at + e.length - from);
+            const payload = Buffer.alloc(Math.ceil(length / bs) * bs);
+            (await pit.read(from, Math.min(payload.length, pit.sizeBytes - from))).copy(payload);
+            await window.add(this.append([EventType.Write, layerId, from / bs, payload.length / bs, blockCrcs(payload, bs)], false, payload));
+            done += length;
+            onProgress?.('snapshot', done, total);
+          }
         }
+        at += e.length;
       }
-      at += e.length;
+      await window.drain();
+    } catch (err) {
+      // Data left the retention window during the copy (overwritten, or dropped by a checkpoint):
+      // the half-built layer is sealed, named and deleted, which collects it.
+      await window.drain().catch(() => undefined);
+      try {
+        await this.append([EventType.Frozen, '', layerId, -1, ''], false);
+        await this.append([EventType.SnapshotNamed, volume, name, layerId], false);
+        await this.append([EventType.SnapshotDeleted, volume, name], true);
+      } catch {
+        // The journal refuses appends (the store failed): the error below says why; the half-built
+        // layer is in no view and no snapshot, and a later run of the command starts afresh.
+      }
+      throw err instanceof BlockDeviceError ? new StoreError('ERANGE', `snapshot ${volume}@${name} at seq ${seq} abandoned: ${err.message}`, { cause: err }) : err;
     }
-    await window.drain();
     await this.append([EventType.Frozen, '', layerId, -1, ''], false);
     await this.append([EventType.SnapshotNamed, volume, name, layerId], true);
     return { volume, name, layerId };

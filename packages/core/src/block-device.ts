@@ -81,6 +81,8 @@ export interface BlockDevice {
   acceptsContext?(name: string): boolean;
 
   read(offset: number, length: number): Promise<ReadResult>;
+  /** The caller is done with a read's result (its bytes were sent): the device may reuse the memory. */
+  recycle?(result: ReadResult): void;
   /** The device takes `data` over (it may keep it, without copying, after the promise settles): never reuse it. */
   write(offset: number, data: Buffer, flags: WriteFlags): Promise<void>;
   zero(offset: number, length: number, flags: ZeroFlags): Promise<void>;

@@ -108,6 +108,10 @@ export class VolumeDevice implements BlockDevice {
     return guard(() => this.store.readViewOf(this.top(), offset, length));
   }
 
+  recycle(result: ReadResult): void {
+    this.store.recycle(result);
+  }
+
   write(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
     return this.store.writeVolume(this.volume, offset, data, flags.fua, this.source);
   }
@@ -258,6 +262,10 @@ export class LayerDevice extends ReadOnlyDevice implements BlockDevice {
 
   read(offset: number, length: number): Promise<ReadResult> {
     return guard(() => this.store.readViewOf(this.layerId, offset, length));
+  }
+
+  recycle(result: ReadResult): void {
+    this.store.recycle(result);
   }
 
   cache(offset: number, length: number): Promise<void> {

@@ -20,7 +20,7 @@ import { closeSync, constants, fdatasync, fstatSync, openSync, read, readSync, u
 import { join } from 'node:path';
 import { BlockDeviceError } from './block-device.js';
 import { assert } from './errors.js';
-import { maxWritebackBytes, writebackConcurrency } from './limits.js';
+import { asyncWriteMinBytes, maxWritebackBytes, writebackConcurrency } from './limits.js';
 
 interface Writeback {
   readonly layerId: number;
@@ -205,6 +205,16 @@ export class LayerFiles {
     this.running++;
     this.inflightWrites.add(item);
     this.busy.set(item.layerId, (this.busy.get(item.layerId) ?? 0) + 1);
+    if (item.data.length < asyncWriteMinBytes) {
+      let error: NodeJS.ErrnoException | null = null;
+      try {
+        for (let done = 0; done < item.data.length; ) done += writeSync(fd, item.data, done, item.data.length - done, item.position + done);
+      } catch (err) {
+        error = err as NodeJS.ErrnoException;
+      }
+      this.finishWriteback(item, error);
+      return;
+    }
     let done = 0;
     const step = (): void =>
       write(fd, item.data, done, item.data.length - done, item.position + done, (err, n) => {

@@ -13,6 +13,12 @@ export const maxDeviceSizeBytes = Number.MAX_SAFE_INTEGER - maxBlockSizeBytes;
 export const asyncReadMinBytes = 128 * 1024;
 /** Layer-file writes queued behind the event loop at once (threadpool pwrites). */
 export const writebackConcurrency = 4;
+/** Read buffers kept for reuse, per length. */
+export const maxFreeReadBuffersPerLength = 64;
+/** Bytes of read buffers kept for reuse in all. */
+export const maxFreeReadBufferBytes = 64 * 1024 * 1024;
+/** Layer-file writes smaller than this are written at once (a page-cache pwrite costs less than a threadpool round trip). */
+export const asyncWriteMinBytes = 128 * 1024;
 /** Bytes of written-behind blocks held in memory before writers wait for the backlog to shrink. */
 export const maxWritebackBytes = 64 * 1024 * 1024;
 /** Largest single write the engine accepts (the NBD server caps requests lower). */

@@ -49,6 +49,7 @@ import {
 } from './limits.js';
 import type { ExtentMap } from './extent-map.js';
 import { pointInTimeView } from './history.js';
+import { ReadBuffers } from './read-buffers.js';
 import type { RetentionPolicy } from './retention.js';
 import { decodeProjection, encodeProjection } from './projection-codec.js';
 import {
@@ -228,6 +229,7 @@ export class Store {
   private readonly journal: Journal<StoreEvent>;
   private readonly state: Projection;
   private readonly files: LayerFiles;
+  private readonly readBuffers = new ReadBuffers();
   private readonly runtimes = new Map<string, VolumeRuntime>();
   private readonly blockSizeBytes_: number;
   private nextLayerId: number;
@@ -741,7 +743,7 @@ export class Store {
       // The common case: one block, no run walk.
       const value = view.index.get(first);
       if (value === 0 || indexIsZero(value)) return [{ length, data: undefined }];
-      const out = Buffer.allocUnsafe(length);
+      const out = this.readBuffers.take(length);
       this.files.read(view.stack[indexPosition(value)], out, 0, length, offset);
       return out;
     }
@@ -759,7 +761,7 @@ export class Store {
         else pieces.push({ length: to - from, data: undefined });
         return;
       }
-      out ??= Buffer.allocUnsafe(length);
+      out ??= this.readBuffers.take(length);
       const layer = view.stack[indexPosition(value)];
       if (async) pending.push(this.files.readAsync(layer, out, from - offset, to - from, from));
       else this.files.read(layer, out, from - offset, to - from, from);
@@ -769,6 +771,12 @@ export class Store {
     });
     const result: ReadResult = hasHole ? pieces : out!;
     return async ? Promise.all(pending).then(() => result) : result;
+  }
+
+  /** A read's result is no longer used by anyone: its buffer may serve the next read. */
+  recycle(result: ReadResult): void {
+    if (Buffer.isBuffer(result)) this.readBuffers.give(result);
+    else for (const piece of result) if (piece.data !== undefined) return this.readBuffers.give(piece.data); // every piece views one buffer
   }
 
   /** Raw bytes of a layer's own data file (not its view), for check and export of a layer. */

@@ -6,7 +6,8 @@
  * Hot path: a request costs one header decode, one device promise with one `.then`, and one reply
  * written with the payload side by side with its header (no copy). Replies produced in the same
  * event-loop turn go out in one writev: the socket is corked at the first reply and uncorked on the
- * next tick.
+ * next tick. Once a read reply's bytes have left, its buffers go back to the device (`recycle`) for
+ * the next read.
  *
  * Ordering: a FLUSH waits for the WRITE, WRITE_ZEROES and TRIM requests of this connection that were
  * started before it, then calls device.flush() (which makes everything acknowledged durable). FUA is
@@ -488,10 +489,19 @@ export class Transmission {
           else out.push(encodeOffsetDataHeader(flags, cookie, s.offset, s.length), s.data);
         });
       }
-      this.send(out);
+      this.send(out, this.device.recycle === undefined ? undefined : () => this.recycle(result));
       this.finish(header, started);
     } catch (error) {
       this.internalError(error);
+    }
+  }
+
+  /** The read's bytes have left: the device may reuse its buffers. A throw here ends nothing. */
+  private recycle(result: ReadResult): void {
+    try {
+      this.device.recycle?.(result);
+    } catch (error) {
+      this.options.log(`device recycle threw: ${errorMessageOf(error)}`);
     }
   }
 
@@ -539,7 +549,8 @@ export class Transmission {
     this.maybeEnd();
   }
 
-  private send(buffers: readonly Buffer[]): void {
+  /** Queue a reply; `sent` runs once its bytes have left (not if the connection dies first). */
+  private send(buffers: readonly Buffer[], sent?: () => void): void {
     const socket = this.socket;
     if (socket.destroyed || socket.writableEnded) return;
     if (!this.corked) {
@@ -547,7 +558,10 @@ export class Transmission {
       socket.cork();
       process.nextTick(this.uncork);
     }
-    for (const b of buffers) socket.write(b);
+    const last = buffers.length - 1;
+    for (let i = 0; i < last; i++) socket.write(buffers[i]);
+    if (sent === undefined) socket.write(buffers[last]);
+    else socket.write(buffers[last], (err) => err == null && sent());
     if (!this.backlogPaused && socket.writableLength > maxQueuedReplyBytes) {
       this.backlogPaused = true;
       this.updateReading();

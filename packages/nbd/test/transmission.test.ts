@@ -388,6 +388,33 @@ test('a client gone with a request in flight: the request finishes and the conne
   }
 });
 
+test('a read result goes back to the device (recycle) once its reply has been sent, never before', async () => {
+  const device = new MemoryDevice({ sizeBytes: 1 << 20 });
+  await device.write(0, pattern(1 << 20, 9), { fua: false });
+  const given: unknown[] = [];
+  const recycled: unknown[] = [];
+  const read = device.read.bind(device);
+  device.read = async (offset, length) => {
+    const result = await read(offset, length);
+    given.push(result);
+    return result;
+  };
+  (device as MemoryDevice & { recycle(result: unknown): void }).recycle = (result) => recycled.push(result);
+  const s = await startServer(single(device));
+  try {
+    const { client } = await rawSession(s.socketPath);
+    sendRequest(client, { type: P.NBD_CMD_READ, cookie: 1n, offset: 4096, length: 65536 });
+    const reply = await readSimpleReply(client, 65536);
+    assert.ok(reply.data.equals(pattern(1 << 20, 9).subarray(4096, 4096 + 65536)));
+    await sleep(20);
+    assert.equal(recycled.length, 1);
+    assert.ok(recycled[0] === given[0], 'the very result the device returned');
+    client.destroy();
+  } finally {
+    await s.server.close();
+  }
+});
+
 test('maxConnections: connections over the limit are closed at once', async () => {
   const s = await startServer(single(new MemoryDevice({ sizeBytes: 4096 })), { maxConnections: 2 });
   try {

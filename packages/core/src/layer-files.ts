@@ -6,11 +6,13 @@
  * libuv threadpool, see DESIGN.md's measurements); large ones go through the threadpool
  * (`readAsync`), where several run at once on both cores.
  *
- * Writes of the live path are written behind (`writeBehind`): the blocks are kept in memory and the
- * pwrite is queued for the threadpool, so the event loop never waits for the page cache; every read
- * lays the blocks still in memory over what it read from the file. Writes touching the same bytes
- * reach the file in order (a queued write waits while an overlapping one is in flight). Recovery
- * writes synchronously (`write`), before any write is behind.
+ * Writes of the live path go through `writeBehind`: writes under asyncWriteMinBytes are pwritten at
+ * once (a 4 KiB page-cache pwrite costs the event loop less than handing it to the threadpool:
+ * measured in BENCHMARKS.md); larger ones are queued for the threadpool with their blocks kept in
+ * memory, so the event loop does not wait for the page cache to take a megabyte, and every read lays
+ * the blocks still in memory over what it read from the file. Writes touching the same bytes reach
+ * the file in order (a queued write waits while an overlapping one is in flight). Recovery writes
+ * synchronously (`write`), before any write is behind.
  *
  * A layer removed while reads or writebacks are in flight keeps its descriptor until they finish, so
  * a reused descriptor number can never be read or written by mistake. Durability comes from the
@@ -165,10 +167,10 @@ export class LayerFiles {
   }
 
   /**
-   * Write whole blocks behind: queue the pwrite for the libuv threadpool and keep the blocks in memory
-   * until it is done, so reads (`read`, `readAsync`) see them at once and the event loop does not
-   * wait for the page cache. Writes to the same block reach the file in order. When too much is
-   * queued (`maxWritebackBytes`), write synchronously instead.
+   * Write whole blocks behind: small writes at once, large ones through the libuv threadpool with the
+   * blocks kept in memory until done, so reads (`read`, `readAsync`) see them at once. Writes to the
+   * same block reach the file in order. Writers wait (`room`) while more than maxWritebackBytes is
+   * queued.
    */
   writeBehind(layerId: number, data: Buffer, position: number): void {
     if (this.externalPath(layerId) !== undefined) throw new Error(`cowstack invariant violated: write to external layer ${layerId}`);

@@ -177,6 +177,9 @@ export async function compare(): Promise<Record<string, Record<string, Cell>>> {
     mkdirSync(scratch, { recursive: true });
     const target = join(scratch, source.split('/').pop()!);
     sh('cp', ['-a', '--reflink=auto', source, target]);
+    // Start every server with no copy still being written back: a gigabyte of dirty pages flushing
+    // under a write job throttles whichever server runs next.
+    sh('sync', []);
     return target;
   };
   const servers: ServerSpec[] = [

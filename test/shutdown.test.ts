@@ -175,6 +175,7 @@ test('SIGTERM and SIGINT under load: exit 0, and every acknowledged write is the
 
   const round1 = await loadRound(store, 0, 'SIGTERM', 'mid');
   let server = await startServe(store);
+  assert.doesNotMatch(server.stderr(), /recovered: replayed/, 'SIGTERM wrote a checkpoint: a restart replays nothing');
   const passes1 = checkVolume(await readExport(server.uri('default')), round1.logs, 'after SIGTERM');
   const snap = await readExport(server.uri('default@mid'));
   checkSnapshot(snap, round1, passes1);
@@ -182,6 +183,7 @@ test('SIGTERM and SIGINT under load: exit 0, and every acknowledged write is the
 
   const round2 = await loadRound(store, 100_000, 'SIGINT');
   server = await startServe(store);
+  assert.doesNotMatch(server.stderr(), /recovered: replayed/, 'SIGINT wrote a checkpoint: a restart replays nothing');
   checkVolume(await readExport(server.uri('default')), round2.logs, 'after SIGINT');
   // The snapshot did not change in round 2.
   assert.ok((await readExport(server.uri('default@mid'))).equals(snap), 'the snapshot changed');

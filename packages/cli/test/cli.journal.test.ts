@@ -8,8 +8,10 @@
  */
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { openSync, closeSync, readSync, writeSync } from 'node:fs';
+import { openSync, closeSync, readdirSync, readSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
+import { blockCrcs, EventType, type StoreEvent } from '@cowstack/core';
+import { Journal } from '@cowstack/journal';
 import { cow, cowJson, cowOk, jsonLines, qemuIo, Server, tempDir } from './helpers.js';
 
 const KiB = 1024;
@@ -188,7 +190,11 @@ test('journal stats and journal verify, text and JSON', async () => {
 
 /** Flip one byte of a layer's data file at a volume offset (layer files map blocks 1:1). */
 function flipByte(store: string, layerId: number, offset: number): void {
-  const fd = openSync(join(store, 'layers', `${layerId}.data`), 'r+');
+  flipAt(join(store, 'layers', `${layerId}.data`), offset);
+}
+
+function flipAt(path: string, offset: number): void {
+  const fd = openSync(path, 'r+');
   try {
     const b = Buffer.alloc(1);
     readSync(fd, b, 0, 1, offset);
@@ -239,6 +245,36 @@ test('check names volume, layer, block and seq of each damaged block (text and J
   // The journal itself is intact.
   const verify = await cowOk(['journal', 'verify', store]);
   assert.match(verify.stdout, /^journal ok/);
+});
+
+test('journal verify names a damaged record by seq and exits 1, also when the damage keeps the store from opening', async () => {
+  const store = join(tempDir(), 'store');
+  await cowOk(['init', store, '--size', '8M']);
+  const top = (await cowJson<{ volumes: Array<{ name: string; topLayerId: number }> }>(['ls', store])).volumes[0].topLayerId;
+  // Five durable writes after the last checkpoint, one batch each, as a crash leaves them; then a
+  // byte of the third one's data flipped in the payload log.
+  const journal = await Journal.open<StoreEvent>(join(store, 'journal'));
+  const data = Buffer.alloc(4096, 0x42);
+  for (let block = 0; block < 5; block++) await journal.append([EventType.Write, top, block, 1, blockCrcs(data, 4096)], { payload: data, sync: true });
+  const damaged = journal.lastSeq - 2;
+  await journal.close();
+  const payloads = join(store, 'journal', 'payloads');
+  const segments = readdirSync(payloads).filter((f) => f.endsWith('.seg'));
+  assert.is(segments.length, 1);
+  flipAt(join(payloads, segments[0]), 2 * 4096 + 100);
+
+  const text = await cow(['journal', 'verify', store]);
+  assert.is(text.code, 1, `exit 1 on damage: ${text.stdout}${text.stderr}`);
+  assert.match(text.stdout, new RegExp(`^journal damaged:\n {2}seq ${damaged}: `));
+  const json = await cow(['journal', 'verify', store, '--json']);
+  assert.is(json.code, 1);
+  const report = JSON.parse(json.stdout) as { ok: boolean; problems: Array<{ seq: number; kind: string }> };
+  assert.is(report.ok, false);
+  assert.is(report.problems[0].seq, damaged);
+  // The store itself refuses to open, naming the same seq.
+  const check = await cow(['check', store]);
+  assert.is(check.code, 1);
+  assert.match(check.stdout + check.stderr, `seq ${damaged}`);
 });
 
 test.run();

@@ -239,6 +239,8 @@ export class Store {
   private lastCheckpointSeq: number;
   private readonly checkpointTimer: NodeJS.Timeout;
   private closed = false;
+  /** close() has begun: new changes are refused while the ones in flight finish. */
+  private closing = false;
   private retention: RetentionPolicy;
 
   private constructor(dir: string, journal: Journal<StoreEvent>, state: Projection, files: LayerFiles, report: OpenReport, retention: RetentionPolicy) {
@@ -404,6 +406,10 @@ export class Store {
   async close(): Promise<void> {
     if (this.closed) return;
     clearInterval(this.checkpointTimer);
+    // Refuse new changes, and let the block writes already issued commit first: a request still
+    // running after its client left must land before the checkpoint, not after it.
+    this.closing = true;
+    for (const rt of this.runtimes.values()) await this.drain(rt);
     await this.journal.sync();
     if (this.failure === undefined && this.state.seq > this.lastCheckpointSeq) await this.checkpoint();
     else if (this.checkpointRunning !== undefined) await this.checkpointRunning.catch(() => undefined);
@@ -524,7 +530,7 @@ export class Store {
   }
 
   private checkHealthy(): void {
-    if (this.closed) throw new BlockDeviceError('ESHUTDOWN', `store ${this.dir} is closed`);
+    if (this.closed || this.closing) throw new BlockDeviceError('ESHUTDOWN', `store ${this.dir} is ${this.closed ? 'closed' : 'closing'}`);
     if (this.failure !== undefined) throw new BlockDeviceError('EIO', this.failure.message);
     const writeback = this.files.failure;
     if (writeback !== undefined) {
@@ -556,7 +562,7 @@ export class Store {
   }
 
   private async append(event: StoreEvent, sync = false, payload?: Buffer): Promise<number> {
-    if (this.closed) throw new StoreError('EIO', `store ${this.dir} is closed`);
+    if (this.closed || this.closing) throw new StoreError('EIO', `store ${this.dir} is ${this.closed ? 'closed' : 'closing'}`);
     if (this.failure !== undefined) throw new StoreError('EIO', this.failure.message);
     return this.journal.append(event, { sync, payload });
   }
@@ -586,18 +592,23 @@ export class Store {
     let release!: () => void;
     rt.barrier = new Promise<void>((r) => (release = r));
     try {
-      while (rt.inflight.size > 0 || rt.waiting > 0) {
-        if (rt.drained === undefined) {
-          let resolve!: () => void;
-          const promise = new Promise<void>((r) => (resolve = r));
-          rt.drained = { promise, resolve };
-        }
-        await rt.drained.promise;
-      }
+      await this.drain(rt);
       return await body();
     } finally {
       rt.barrier = undefined;
       release();
+    }
+  }
+
+  /** Resolves once none of the volume's writes is in flight or waiting for writeback room. */
+  private async drain(rt: VolumeRuntime): Promise<void> {
+    while (rt.inflight.size > 0 || rt.waiting > 0) {
+      if (rt.drained === undefined) {
+        let resolve!: () => void;
+        const promise = new Promise<void>((r) => (resolve = r));
+        rt.drained = { promise, resolve };
+      }
+      await rt.drained.promise;
     }
   }
 

@@ -333,6 +333,20 @@ test('retention: a point whose data is gone is refused up front and changes noth
   }
 });
 
+test('close() lets the writes already issued land before its checkpoint and refuses new ones', async () => {
+  const dir = tempDir();
+  const store = await Store.create(dir, { sizeBytes: mib });
+  const writes = Array.from({ length: 32 }, (_, i) => store.writeVolume('default', i * 4096, Buffer.alloc(4096, i + 1), i % 4 === 0));
+  const closing = store.close();
+  await rejects(store.writeVolume('default', 0, Buffer.alloc(4096, 0xee), false), code('ESHUTDOWN'));
+  await Promise.all(writes);
+  await closing;
+  const reopened = await Store.open(dir);
+  assert.is(reopened.openReport.eventsReplayed, 0, 'the checkpoint covers every write that was issued');
+  for (let i = 0; i < 32; i++) assert.ok(flat(reopened.readVolume('default', i * 4096, 4096)).equals(Buffer.alloc(4096, i + 1)), `block ${i}`);
+  await reopened.close();
+});
+
 test('check passes on a healthy store and names the volume, block and seq of damaged data', async () => {
   const dir = tempDir();
   const store = await Store.create(dir, { sizeBytes: mib });

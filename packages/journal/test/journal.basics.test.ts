@@ -72,6 +72,31 @@ test('a throwing commit hook rejects its batch but the records stay committed', 
   await journal.close();
 });
 
+test('a failed LevelDB batch rejects every member, consumes no seq, and later batches commit in order', async () => {
+  const dir = tempDir();
+  const journal = await Journal.open<string>(dir, { create: true });
+  await journal.append('before', { payload: Buffer.from('p0') });
+  // Fault injection: the database refuses the next batch as a full or failing disk would.
+  const db = (journal as unknown as { db: { batch: (...args: unknown[]) => Promise<void> } }).db;
+  const batch = db.batch;
+  db.batch = () => Promise.reject(new Error('injected: no space left on device'));
+  const failed = await Promise.allSettled([journal.append('a'), journal.append('b', { sync: true, payload: Buffer.from('lost') }), journal.append('c')]);
+  db.batch = batch;
+  assert.equal(failed.map((f) => f.status), ['rejected', 'rejected', 'rejected']);
+  for (const f of failed) assert.match(String((f as PromiseRejectedResult).reason), /batch of 3 records failed: injected: no space left on device/);
+  assert.equal(await Promise.all([journal.append('d', { payload: Buffer.from('p1') }), journal.append('e', { sync: true })]), [2, 3]);
+  await journal.close();
+  const reopened = await Journal.open<string>(dir);
+  const records = await replayAll(reopened);
+  assert.equal(records.map((r) => [r.seq, r.meta, r.payload?.toString()]), [
+    [1, 'before', 'p0'],
+    [2, 'd', 'p1'],
+    [3, 'e', undefined],
+  ]);
+  assert.ok((await reopened.verify()).ok);
+  await reopened.close();
+});
+
 test('replay honours from/to, stops reading when unsubscribed, and returns nothing past the end', async () => {
   const journal = await Journal.open(tempDir(), { create: true });
   for (let round = 0; round < 10; round++) await Promise.all(Array.from({ length: 10 }, (_, i) => journal.append(round * 10 + i + 1)));

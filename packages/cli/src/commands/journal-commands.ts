@@ -1,11 +1,11 @@
 /**
  * Journal inspection: stats, inspect (filtered event listing), tail (last events, --follow for a
- * serving store), verify. Inspection folds the journal with the same reducer as recovery, so each
+ * serving store), verify (of the journal alone when damage keeps the store from opening). Inspection folds the journal with the same reducer as recovery, so each
  * event is shown with the volume its layer belonged to at that moment.
  */
-import { resolve } from 'node:path';
-import type { JournalStats, VerifyReport } from '@cowstack/journal';
-import { eventTypeNames } from '@cowstack/core';
+import { join, resolve } from 'node:path';
+import { Journal, type JournalStats, type VerifyReport } from '@cowstack/journal';
+import { eventTypeNames, StoreError } from '@cowstack/core';
 import { type Command, InvalidArgumentError } from 'commander';
 import { example, intArg, ProblemsFound } from '../command-helpers.js';
 import { ControlError } from '../control.js';
@@ -13,6 +13,25 @@ import type { EventLine } from '../operations.js';
 import { Output } from '../output.js';
 import { formatSize } from '../sizes.js';
 import { runOnStore } from '../store-access.js';
+
+/**
+ * Verify a store's journal. A journal damaged after the last checkpoint stops the store from opening
+ * (recovery replays through the damage); verify then walks the journal alone, so every damaged
+ * record is still named by its seq.
+ */
+async function verifyJournal(dir: string): Promise<VerifyReport> {
+  try {
+    return (await runOnStore(dir, 'journal.verify', {})).result as VerifyReport;
+  } catch (err) {
+    if (!(err instanceof StoreError) || err.code !== 'ECORRUPT') throw err;
+    const journal = await Journal.open(join(dir, 'journal'));
+    try {
+      return await journal.verify();
+    } finally {
+      await journal.close();
+    }
+  }
+}
 
 function eventText(e: EventLine): string {
   const where = e.volume !== null ? `${e.volume}${e.layer !== null ? `/L${e.layer}` : ''}` : e.layer !== null ? `L${e.layer}` : '-';
@@ -119,8 +138,7 @@ export function registerJournalCommands(root: Command): void {
       .option('--json', 'print as JSON')
       .action(async (dir: string, opts: { json?: boolean }) => {
         const out = new Output(opts.json === true);
-        const { result } = await runOnStore(resolve(dir), 'journal.verify', {});
-        const r = result as VerifyReport;
+        const r = await verifyJournal(resolve(dir));
         out.result(r, () =>
           [
             r.ok ? `journal ok: ${r.recordsChecked} records (seq ${r.firstSeq}..${r.lastSeq}), ${r.payloadsChecked} payloads verified` : `journal damaged:`,

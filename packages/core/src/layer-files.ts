@@ -42,6 +42,8 @@ export class LayerFiles {
   private readonly queue: Writeback[] = [];
   private readonly inflightWrites = new Set<Writeback>();
   private running = 0;
+  /** Inside pump(): a nested call returns at once. */
+  private pumping = false;
   private writebackBytes = 0;
   private writebackFailure: Error | undefined;
   private drainWaiters: Array<() => void> = [];
@@ -185,13 +187,23 @@ export class LayerFiles {
     this.pump();
   }
 
-  /** Start queued writebacks, up to `writebackConcurrency`, never two on the same block at once. */
+  /**
+   * Start queued writebacks, up to `writebackConcurrency`, never two on the same block at once. A
+   * small write finishes inside `start` and calls back here: that call returns at once and this loop
+   * goes on, so a long queue of small writes never nests calls.
+   */
   private pump(): void {
-    while (this.running < writebackConcurrency && this.queue.length > 0) {
-      const item = this.queue[0];
-      if (this.collides(item)) return;
-      this.queue.shift();
-      this.start(item);
+    if (this.pumping) return;
+    this.pumping = true;
+    try {
+      while (this.running < writebackConcurrency && this.queue.length > 0) {
+        const item = this.queue[0];
+        if (this.collides(item)) return;
+        this.queue.shift();
+        this.start(item);
+      }
+    } finally {
+      this.pumping = false;
     }
   }
 

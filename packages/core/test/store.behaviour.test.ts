@@ -347,6 +347,26 @@ test('close() lets the writes already issued land before its checkpoint and refu
   await reopened.close();
 });
 
+test('thousands of small writes queued behind a large one reach the layer file in order', async () => {
+  // Regression: small writes finish inside the writeback pump, which called itself once per queued
+  // write and overflowed the stack behind a large (threadpool) write they overlapped.
+  const dir = tempDir();
+  const store = await Store.create(dir, { sizeBytes: 8 * mib });
+  const writes: Promise<void>[] = [store.writeVolume('default', 0, Buffer.alloc(mib, 0x11), false)];
+  for (let i = 0; i < 20_000; i++) writes.push(store.writeVolume('default', (i % 256) * 4096, Buffer.alloc(4096, (i % 250) + 1), false));
+  await Promise.all(writes);
+  const expected = Buffer.alloc(mib);
+  for (let block = 0; block < 256; block++) {
+    const last = block < 20_000 % 256 ? 20_000 - (20_000 % 256) + block : 20_000 - (20_000 % 256) - 256 + block; // the last i with i % 256 === block
+    expected.fill((last % 250) + 1, block * 4096, (block + 1) * 4096);
+  }
+  assert.ok(flat(store.readVolume('default', 0, mib)).equals(expected), 'the last write of each block wins');
+  await store.close();
+  const reopened = await Store.open(dir);
+  assert.ok(flat(reopened.readVolume('default', 0, mib)).equals(expected), 'and it is what the layer file holds');
+  await reopened.close();
+});
+
 test('check passes on a healthy store and names the volume, block and seq of damaged data', async () => {
   const dir = tempDir();
   const store = await Store.create(dir, { sizeBytes: mib });

@@ -47,7 +47,7 @@ export function registerHistoryCommands(root: Command): void {
   example(
     root
       .command('retain')
-      .description('show or set how much write history the journal keeps: checkpoint (default), all, 24h, 10G or seq:N')
+      .description('show or set how much write history the journal keeps: checkpoint (default), all, 24h, 10G, or seq:N (or just N)')
       .argument('<store>', 'store directory')
       .argument('[policy]', 'checkpoint | all | <N>s|m|h|d | <N>K|M|G|T | seq:<N>', (value: string) => (retentionArg(value), value))
       .option('--json', 'print as JSON')

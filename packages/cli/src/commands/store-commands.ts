@@ -43,7 +43,7 @@ export function registerStoreCommands(root: Command): void {
       .addOption(new Option('--base <image>', 'raw image or block device to use read-only as the base').conflicts('import'))
       .option('--import <image>', 'raw image to copy into the store as the base')
       .option('--volume <name>', 'name of the volume to create', 'default')
-      .option('--retain <policy>', 'write history kept in the journal: checkpoint (default), all, 24h, 10G or seq:N', retentionArg)
+      .option('--retain <policy>', 'write history kept in the journal: checkpoint (default), all, 24h, 10G, or seq:N (or just N)', retentionArg)
       .option('--json', 'print the result as JSON')
       .action(async (dirArg: string, opts: { size?: number; blockSize: number; base?: string; import?: string; volume: string; retain?: RetentionPolicy; json?: boolean }) => {
         const out = new Output(opts.json === true);

@@ -8,7 +8,9 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { assertNoStack, cowArgs, cowOk, pseudoRandom, qemuIo, run, Server, tempDir } from './helpers.js';
+import { blockCrcs, EventType, type StoreEvent } from '@cowstack/core';
+import { Journal } from '@cowstack/journal';
+import { assertNoStack, cowArgs, cowJson, cowOk, pseudoRandom, qemuIo, run, Server, tempDir } from './helpers.js';
 
 const MiB = 1024 * 1024;
 
@@ -54,6 +56,33 @@ test('long commands draw a progress bar on a terminal, and nothing when output i
     assert.is(r.stderr, '');
     assert.not.match(r.stdout, terminalControl);
   }
+});
+
+test('check, recover and flatten draw their progress bars on a terminal too', async () => {
+  const dir = tempDir('output');
+  const image = join(dir, 'image.raw');
+  writeFileSync(image, pseudoRandom(8 * MiB, 12));
+  const store = join(dir, 'store');
+  await cowOk(['init', store, '--import', image]);
+  await cowOk(['snapshot', store, 'default', '--name', 'golden']);
+  await cowOk(['clone', store, 'default@golden', 'vm1']);
+
+  const flatten = await onTerminal(['flatten', store, 'vm1']);
+  assert.is(flatten.code, 0, flatten.shown);
+  assert.match(flatten.shown, /flattening\s+\[[^\]]+\] 100%/);
+  const check = await onTerminal(['check', store]);
+  assert.is(check.code, 0, check.shown);
+  assert.match(check.shown, /checking data\s+\[[^\]]+\] 100%/);
+
+  // Events after the last checkpoint, as a crash leaves them: recover replays them.
+  const top = (await cowJson<{ volumes: Array<{ name: string; topLayerId: number }> }>(['ls', store])).volumes.find((v) => v.name === 'vm1')!.topLayerId;
+  const journal = await Journal.open<StoreEvent>(join(store, 'journal'));
+  const data = Buffer.alloc(4096, 0x33);
+  await Promise.all(Array.from({ length: 100 }, (_, block) => journal.append([EventType.Write, top, block, 1, blockCrcs(data, 4096)], { payload: data })));
+  await journal.close();
+  const recover = await onTerminal(['recover', store]);
+  assert.is(recover.code, 0, recover.shown);
+  assert.match(recover.shown, /replaying journal\s+\[[^\]]+\] 100% \| 100\/100/);
 });
 
 test('a reader that stops early (| head) ends the command quietly with exit 0', async () => {

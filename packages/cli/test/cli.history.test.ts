@@ -28,6 +28,13 @@ test('diff --since, blame and snapshot --at answer from the journal, online and 
     ]);
     const text = await cowOk(['diff', store, 'default', '--since', `seq:${since.sinceSeq}`]);
     assert.match(text.stdout, /default: 72 KiB written between seq \d+ and seq \d+/);
+    // --until: only what was written between the two points (the first write after golden).
+    const firstAfter = (await cowJson<Array<{ seq: number }>>(['blame', store, 'default', String(4 * KiB), String(4 * KiB)]))[0].seq;
+    const until = await cowJson<{ untilSeq: number; extents: Array<{ offset: number; length: number }> }>(['diff', store, 'default', '--since', 'golden', '--until', `seq:${firstAfter}`]);
+    assert.is(until.untilSeq, firstAfter);
+    assert.equal(until.extents, [{ offset: 4 * KiB, length: 8 * KiB }]);
+    const untilTime = await cowJson<{ extents: unknown[] }>(['diff', store, 'default', '--since', 'golden', '--until', `time:${new Date().toISOString()}`]);
+    assert.equal(untilTime.extents, since.extents, '--until now (a time) is everything since');
 
     const blame = await cowJson<Array<{ offset: number; length: number; type: string; origin: string | null; seq: number | null }>>(['blame', store, 'default', '0', String(16 * KiB)]);
     assert.equal(blame.map((b) => [b.offset, b.length, b.type]), [

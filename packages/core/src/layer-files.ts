@@ -6,11 +6,12 @@
  * libuv threadpool, see DESIGN.md's measurements); large ones go through the threadpool
  * (`readAsync`), where several run at once on both cores.
  *
- * Writes of the live path go through `writeBehind`: writes under asyncWriteMinBytes are pwritten at
- * once (a 4 KiB page-cache pwrite costs the event loop less than handing it to the threadpool:
- * measured in BENCHMARKS.md); larger ones are queued for the threadpool with their blocks kept in
- * memory, so the event loop does not wait for the page cache to take a megabyte, and every read lays
- * the blocks still in memory over what it read from the file. Writes touching the same bytes reach
+ * Writes of the live path go through `writeBehind`, their blocks kept in memory until they are in
+ * the file and every read laying those blocks over what it read from the file. Writes under
+ * asyncWriteMinBytes are pwritten synchronously at the end of the event-loop turn, after the commit
+ * that queued them has been acknowledged (a 4 KiB page-cache pwrite costs the event loop less than
+ * handing it to the threadpool: measured in BENCHMARKS.md); larger ones go to the threadpool, so the
+ * event loop does not wait for the page cache to take a megabyte. Writes touching the same bytes reach
  * the file in order (a queued write waits while an overlapping one is in flight). Recovery writes
  * synchronously (`write`), before any write is behind.
  *
@@ -44,6 +45,8 @@ export class LayerFiles {
   private running = 0;
   /** Inside pump(): a nested call returns at once. */
   private pumping = false;
+  /** A pump() is queued for the end of this event-loop turn (see pumpSoon). */
+  private pumpScheduled = false;
   private writebackBytes = 0;
   private writebackFailure: Error | undefined;
   private drainWaiters: Array<() => void> = [];
@@ -169,8 +172,9 @@ export class LayerFiles {
   }
 
   /**
-   * Write whole blocks behind: small writes at once, large ones through the libuv threadpool with the
-   * blocks kept in memory until done, so reads (`read`, `readAsync`) see them at once. Writes to the
+   * Write whole blocks behind, the blocks kept in memory until they are in the file so reads (`read`,
+   * `readAsync`) see them at once: small writes at the end of the event-loop turn, large ones
+   * through the libuv threadpool. Writes to the
    * same block reach the file in order. Writers wait (`room`) while more than maxWritebackBytes is
    * queued.
    */
@@ -184,7 +188,21 @@ export class LayerFiles {
     for (let i = 0; i < count; i++) blocks.set(first + i, data.subarray(i * bs, (i + 1) * bs));
     this.queue.push({ layerId, data, position });
     this.writebackBytes += data.length;
-    this.pump();
+    if (data.length < asyncWriteMinBytes) this.pumpSoon();
+    else this.pump();
+  }
+
+  /**
+   * Small writes wait for the end of the event-loop turn: the commit that queued them acknowledges
+   * first (its replies leave on the next tick), and the pwrites run after, off the request's path.
+   */
+  private pumpSoon(): void {
+    if (this.pumpScheduled) return;
+    this.pumpScheduled = true;
+    setImmediate(() => {
+      this.pumpScheduled = false;
+      this.pump();
+    });
   }
 
   /**

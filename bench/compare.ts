@@ -8,8 +8,8 @@
  *
  * Jobs (fio --ioengine=nbd, one connection): 4k randread qd16, 1M seqread qd8, 4k randwrite qd16, 1M
  * seqwrite qd8; plus durable 4k writes with FUA and 64 in flight (bench/durable-writes.py, because
- * fio's nbd engine cannot send FUA). Reads run before writes on every server. Each cell is the median
- * of REPEATS runs of RUNTIME seconds. Results print as a table and go to bench/results/compare.json.
+ * fio's nbd engine cannot send FUA). Reads run before writes on every server; each write job runs on
+ * a server of its own over a fresh copy. Each cell is the median of REPEATS runs of RUNTIME seconds. Results print as a table and go to bench/results/compare.json.
  *
  * Environment: BENCH_DATA_MIB (1024), BENCH_RUNTIME_S (8), BENCH_REPEATS (3), BENCH_ONLY (comma list
  * of server names), BENCH_DIR (work directory, default .bench-data in the repository).
@@ -201,8 +201,11 @@ export async function compare(): Promise<Record<string, Record<string, Cell>>> {
   for (const server of servers) {
     results[server.name] = {};
     const samples = new Map<string, Cell[]>(jobs.map((j) => [j.name, []]));
-    // Reads first (on the untouched data), then writes; each repeat restarts the server.
-    for (const phase of ['read', 'write'] as const) {
+    // Reads first (on the untouched data, one server start per repeat for all read jobs); then each
+    // write job on its own server over a fresh copy, so no job pays for the writeback of the one
+    // before it (a 1M seqwrite leaves gigabytes of dirty pages that slow the next job's fsyncs).
+    const phases: Job[][] = [jobs.filter((j) => j.kind === 'read'), ...jobs.filter((j) => j.kind !== 'read').map((j) => [j])];
+    for (const phase of phases) {
       for (let r = 0; r < repeats; r++) {
         const socket = join(work, 'bench.sock');
         rmSync(socket, { force: true });
@@ -210,7 +213,7 @@ export async function compare(): Promise<Record<string, Record<string, Cell>>> {
         try {
           await waitForSocket(socket, proc);
           const uri = `nbd+unix:///?socket=${socket}`;
-          for (const job of jobs.filter((j) => (phase === 'read' ? j.kind === 'read' : j.kind !== 'read'))) {
+          for (const job of phase) {
             const cell = job.kind === 'durable' ? runDurable(uri) : runFio(uri, job, join(work, 'fio.json'));
             samples.get(job.name)!.push(cell);
             console.error(`bench: ${server.name.padEnd(18)} ${job.name.padEnd(18)} run ${r + 1}: ${Math.round(cell.iops)} IOPS, ${cell.mibPerSecond.toFixed(1)} MiB/s, p99 ${cell.p99Ms.toFixed(2)} ms`);

@@ -111,13 +111,11 @@ class HeadFold {
     );
   }
 
-  /** Capture `volume` at the journal head (the store's last seq when called). */
-  capture(volume: string): Promise<Capture> {
+  /** Advance to the journal head, then answer `question` there; one at a time, in call order. */
+  private atHead<T>(question: () => T): Promise<T> {
     const run = this.queue.then(async () => {
       await this.advance();
-      const capture = captureVolume(this.state, this.prov, volume);
-      if (capture === undefined) throw new StoreError('ENOENT', `no volume ${volume}`);
-      return capture;
+      return question();
     });
     this.queue = run.then(
       () => undefined,
@@ -126,14 +124,22 @@ class HeadFold {
     return run;
   }
 
+  /** Capture `volume` at the journal head (the store's last seq when called). */
+  capture(volume: string): Promise<Capture> {
+    return this.atHead(() => {
+      const capture = captureVolume(this.state, this.prov, volume);
+      if (capture === undefined) throw new StoreError('ENOENT', `no volume ${volume}`);
+      return capture;
+    });
+  }
+
   /**
    * At the journal head: the provenance of each of `layers` that still exists (a layer committed,
    * collected or otherwise gone has no entry; its file no longer holds anything of the past).
    */
   layersNow(layers: Iterable<number>): Promise<Provenance> {
     const wanted = [...layers];
-    const run = this.queue.then(async () => {
-      await this.advance();
+    return this.atHead(() => {
       const out: Provenance = new Map();
       for (const id of wanted) {
         if (!this.state.layers.has(id)) continue;
@@ -141,11 +147,6 @@ class HeadFold {
       }
       return out;
     });
-    this.queue = run.then(
-      () => undefined,
-      () => undefined,
-    );
-    return run;
   }
 }
 

@@ -174,9 +174,8 @@ export class LayerFiles {
   /**
    * Write whole blocks behind, the blocks kept in memory until they are in the file so reads (`read`,
    * `readAsync`) see them at once: small writes at the end of the event-loop turn, large ones
-   * through the libuv threadpool. Writes to the
-   * same block reach the file in order. Writers wait (`room`) while more than maxWritebackBytes is
-   * queued.
+   * through the libuv threadpool. Writes to the same block reach the file in order. Writers wait
+   * (`room`) while more than maxWritebackBytes is queued.
    */
   writeBehind(layerId: number, data: Buffer, position: number): void {
     if (this.externalPath(layerId) !== undefined) throw new Error(`cowstack invariant violated: write to external layer ${layerId}`);

@@ -7,7 +7,8 @@
  *
  * Only buffers this pool lent are taken back (a WeakSet of their ArrayBuffers, so a buffer nobody
  * returns is simply collected), each at most once, and only whole: the pool never hands out memory
- * that a caller may still hold. What is kept is bounded by freeBuffersPerLength and maxFreeBytes.
+ * that a caller may still hold. What is kept is bounded by maxFreeReadBuffersPerLength and
+ * maxFreeReadBufferBytes.
  */
 import { maxFreeReadBufferBytes, maxFreeReadBuffersPerLength } from './limits.js';
 

@@ -786,8 +786,9 @@ export class Store {
 
   /** A read's result is no longer used by anyone: its buffer may serve the next read. */
   recycle(result: ReadResult): void {
-    if (Buffer.isBuffer(result)) this.readBuffers.give(result);
-    else for (const piece of result) if (piece.data !== undefined) return this.readBuffers.give(piece.data); // every piece views one buffer
+    // The data pieces of a sparse result are views of one buffer: any of them gives it back.
+    const data = Buffer.isBuffer(result) ? result : result.find((piece) => piece.data !== undefined)?.data;
+    if (data !== undefined) this.readBuffers.give(data);
   }
 
   /** Raw bytes of a layer's own data file (not its view), for check and export of a layer. */

@@ -1,7 +1,8 @@
 /**
  * Journal inspection: stats, inspect (filtered event listing), tail (last events, --follow for a
- * serving store), verify (of the journal alone when damage keeps the store from opening). Inspection folds the journal with the same reducer as recovery, so each
- * event is shown with the volume its layer belonged to at that moment.
+ * serving store), verify (of the journal alone when damage keeps the store from opening).
+ * Inspection folds the journal with the same reducer as recovery, so each event is shown with the
+ * volume its layer belonged to at that moment.
  */
 import { join, resolve } from 'node:path';
 import { Journal, type JournalStats, type VerifyReport } from '@cowstack/journal';

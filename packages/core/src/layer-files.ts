@@ -23,12 +23,15 @@ import { closeSync, constants, fdatasync, fstatSync, openSync, read, readSync, u
 import { join } from 'node:path';
 import { BlockDeviceError } from './block-device.js';
 import { assert } from './errors.js';
+import { LayerWriter } from './layer-writer.js';
 import { asyncWriteMinBytes, maxWritebackBytes, writebackConcurrency } from './limits.js';
 
 interface Writeback {
   readonly layerId: number;
   readonly data: Buffer;
   readonly position: number;
+  /** Small writes: `inline` (a pwrite on the event loop) or `writer` (the layer writer thread); large: `threadpool`. */
+  readonly mode: 'inline' | 'writer' | 'threadpool';
 }
 
 export class LayerFiles {
@@ -42,7 +45,9 @@ export class LayerFiles {
   private readonly pending = new Map<number, Map<number, Buffer>>();
   private readonly queue: Writeback[] = [];
   private readonly inflightWrites = new Set<Writeback>();
+  /** Large writebacks in the threadpool. */
   private running = 0;
+  private readonly writer = new LayerWriter();
   /** Inside pump(): a nested call returns at once. */
   private pumping = false;
   /** A pump() is queued for the end of this event-loop turn (see pumpSoon). */
@@ -173,11 +178,12 @@ export class LayerFiles {
 
   /**
    * Write whole blocks behind, the blocks kept in memory until they are in the file so reads (`read`,
-   * `readAsync`) see them at once: small writes at the end of the event-loop turn, large ones
-   * through the libuv threadpool. Writes to the same block reach the file in order. Writers wait
-   * (`room`) while more than maxWritebackBytes is queued.
+   * `readAsync`) see them at once. Small writes start at the end of the event-loop turn: with
+   * `inline` as pwrites on the event loop (the caller knows the loop has time to spare), else in the
+   * layer writer thread. Large ones go through the libuv threadpool. Writes to the same block reach
+   * the file in order. Writers wait (`room`) while more than maxWritebackBytes is queued.
    */
-  writeBehind(layerId: number, data: Buffer, position: number): void {
+  writeBehind(layerId: number, data: Buffer, position: number, inline: boolean): void {
     if (this.externalPath(layerId) !== undefined) throw new Error(`cowstack invariant violated: write to external layer ${layerId}`);
     const bs = this.blockSize();
     let blocks = this.pending.get(layerId);
@@ -185,10 +191,11 @@ export class LayerFiles {
     const first = position / bs;
     const count = data.length / bs;
     for (let i = 0; i < count; i++) blocks.set(first + i, data.subarray(i * bs, (i + 1) * bs));
-    this.queue.push({ layerId, data, position });
+    const mode = data.length >= asyncWriteMinBytes ? 'threadpool' : inline ? 'inline' : 'writer';
+    this.queue.push({ layerId, data, position, mode });
     this.writebackBytes += data.length;
-    if (data.length < asyncWriteMinBytes) this.pumpSoon();
-    else this.pump();
+    if (mode === 'threadpool') this.pump();
+    else this.pumpSoon();
   }
 
   /**
@@ -205,58 +212,74 @@ export class LayerFiles {
   }
 
   /**
-   * Start queued writebacks, up to `writebackConcurrency`, never two on the same block at once. A
-   * small write finishes inside `start` and calls back here: that call returns at once and this loop
-   * goes on, so a long queue of small writes never nests calls.
+   * Start queued writebacks in queue order: small inline ones at once, the other small ones together
+   * as one batch for the layer writer thread, large ones in the threadpool (up to
+   * `writebackConcurrency`). A write waits while it overlaps one in flight, except a writer-thread
+   * write behind others: that thread keeps their order. A writeback finishing calls back here; that
+   * call returns at once inside this loop, so a long queue never nests calls.
    */
   private pump(): void {
     if (this.pumping) return;
     this.pumping = true;
+    let batch: Writeback[] | undefined;
     try {
-      while (this.running < writebackConcurrency && this.queue.length > 0) {
+      while (this.queue.length > 0) {
         const item = this.queue[0];
-        if (this.collides(item)) return;
+        if (this.collides(item)) break;
+        if (item.mode === 'threadpool' && this.running >= writebackConcurrency) break;
         this.queue.shift();
-        this.start(item);
+        this.inflightWrites.add(item);
+        this.busy.set(item.layerId, (this.busy.get(item.layerId) ?? 0) + 1);
+        if (item.mode === 'writer') (batch ??= []).push(item);
+        else if (item.mode === 'inline') this.writeInline(item);
+        else this.startLarge(item);
       }
     } finally {
       this.pumping = false;
     }
+    if (batch !== undefined) this.startBatch(batch);
   }
 
   private collides(item: Writeback): boolean {
     for (const other of this.inflightWrites) {
+      if (item.mode === 'writer' && other.mode === 'writer') continue;
       if (other.layerId === item.layerId && other.position < item.position + item.data.length && item.position < other.position + other.data.length) return true;
     }
     return false;
   }
 
-  private start(item: Writeback): void {
+  private startBatch(batch: Writeback[]): void {
+    const writes = batch.map((item) => ({ fd: this.fd(item.layerId), position: item.position, data: item.data }));
+    this.writer.write(writes, (errorOf) => {
+      for (let i = 0; i < batch.length; i++) this.finishWriteback(batch[i], errorOf(i));
+    });
+  }
+
+  private writeInline(item: Writeback): void {
+    const fd = this.fd(item.layerId);
+    let error: NodeJS.ErrnoException | null = null;
+    try {
+      for (let done = 0; done < item.data.length; ) done += writeSync(fd, item.data, done, item.data.length - done, item.position + done);
+    } catch (err) {
+      error = err as NodeJS.ErrnoException;
+    }
+    this.finishWriteback(item, error);
+  }
+
+  private startLarge(item: Writeback): void {
     const fd = this.fd(item.layerId);
     this.running++;
-    this.inflightWrites.add(item);
-    this.busy.set(item.layerId, (this.busy.get(item.layerId) ?? 0) + 1);
-    if (item.data.length < asyncWriteMinBytes) {
-      let error: NodeJS.ErrnoException | null = null;
-      try {
-        for (let done = 0; done < item.data.length; ) done += writeSync(fd, item.data, done, item.data.length - done, item.position + done);
-      } catch (err) {
-        error = err as NodeJS.ErrnoException;
-      }
-      this.finishWriteback(item, error);
-      return;
-    }
     let done = 0;
     const step = (): void =>
       write(fd, item.data, done, item.data.length - done, item.position + done, (err, n) => {
         if (err === null && (done += n) < item.data.length) return step();
+        this.running--;
         this.finishWriteback(item, err);
       });
     step();
   }
 
   private finishWriteback(item: Writeback, err: NodeJS.ErrnoException | null): void {
-    this.running--;
     this.inflightWrites.delete(item);
     this.writebackBytes -= item.data.length;
     if (err !== null) {
@@ -279,7 +302,7 @@ export class LayerFiles {
     this.release(item.layerId);
     this.pump();
     if (this.writebackBytes <= maxWritebackBytes) for (const resolve of this.roomWaiters.splice(0)) resolve();
-    if (this.running === 0 && this.queue.length === 0) for (const resolve of this.drainWaiters.splice(0)) resolve();
+    if (this.inflightWrites.size === 0 && this.queue.length === 0) for (const resolve of this.drainWaiters.splice(0)) resolve();
   }
 
   /** Resolves once the writeback backlog is under maxWritebackBytes (backpressure for writers). */
@@ -290,7 +313,7 @@ export class LayerFiles {
 
   /** Resolves when every queued writeback has reached the file; throws the first writeback error. */
   async drain(): Promise<void> {
-    if (this.running > 0 || this.queue.length > 0) await new Promise<void>((resolve) => this.drainWaiters.push(resolve));
+    if (this.inflightWrites.size > 0 || this.queue.length > 0) await new Promise<void>((resolve) => this.drainWaiters.push(resolve));
     if (this.writebackFailure !== undefined) throw this.writebackFailure;
   }
 
@@ -383,7 +406,9 @@ export class LayerFiles {
     }
   }
 
+  /** Close every file (each once its writebacks are done) and stop the layer writer thread. */
   closeAll(): void {
     for (const id of [...this.fds.keys()]) this.close(id);
+    this.writer.close();
   }
 }

@@ -253,7 +253,7 @@ export class Store {
     this.blockSizeBytes_ = state.config!.blockSizeBytes;
     this.nextLayerId = state.nextLayerId;
     this.lastCheckpointSeq = report.checkpointWritten ? state.seq : report.checkpointSeq;
-    journal.onCommit = (records) => this.applyCommitted(records);
+    journal.onCommit = (records, durable) => this.applyCommitted(records, durable);
     this.checkpointTimer = setInterval(() => {
       if (this.eventsSinceCheckpoint > 0) void this.checkpoint().catch(() => undefined);
     }, checkpointEveryMs);
@@ -503,14 +503,15 @@ export class Store {
   // ---------------------------------------------------------------------------------------------
   // The commit hook: the only place state changes on the live path.
 
-  private applyCommitted(records: ReadonlyArray<JournalRecord<StoreEvent>>): void {
+  private applyCommitted(records: ReadonlyArray<JournalRecord<StoreEvent>>, durable: boolean): void {
     if (this.failure !== undefined) throw this.failure;
     for (const record of records) {
       try {
         const event = record.meta;
         if (event[0] === EventType.Write) {
           assert(record.payload !== undefined, `write event ${record.seq} committed without its payload`);
-          this.files.writeBehind(event[1], record.payload, event[2] * this.blockSizeBytes_);
+          // After a durable batch the event loop has time to spare: the next batch waits for the disk too.
+          this.files.writeBehind(event[1], record.payload, event[2] * this.blockSizeBytes_, durable);
         }
         applyEvent(this.state, record.seq, event);
       } catch (err) {

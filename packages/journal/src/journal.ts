@@ -118,8 +118,11 @@ export interface VerifyReport {
 export interface OpenOptions<M> {
   /** Create the journal when the directory holds none (default false). */
   readonly create?: boolean;
-  /** Called synchronously, in seq order, with each committed batch before its appends resolve. */
-  readonly onCommit?: (records: ReadonlyArray<JournalRecord<M>>) => void;
+  /**
+   * Called synchronously, in seq order, with each committed batch before its appends resolve;
+   * `durable` when the batch was written with sync.
+   */
+  readonly onCommit?: (records: ReadonlyArray<JournalRecord<M>>, durable: boolean) => void;
   /**
    * Salvage: when the last frames cannot be decoded, open anyway from the last good frame (the
    * damaged ones are dropped by a later discardFrom). Without it, a damaged last frame refuses open.
@@ -149,7 +152,7 @@ type Db = Level<Buffer, Buffer>;
 export class Journal<M = unknown> {
   readonly path: string;
   /** Called with each committed batch, in seq order, before the batch's appends resolve. */
-  onCommit: ((records: ReadonlyArray<JournalRecord<M>>) => void) | undefined;
+  onCommit: ((records: ReadonlyArray<JournalRecord<M>>, durable: boolean) => void) | undefined;
   /** Every committed batch, for metrics. */
   readonly batches$ = new Subject<BatchCommitted>();
   /** Every committed record (payloads omitted), for live tailing. */
@@ -500,7 +503,7 @@ export class Journal<M = unknown> {
       let hookError: unknown;
       if (this.onCommit !== undefined) {
         try {
-          this.onCommit(records);
+          this.onCommit(records, sync);
         } catch (err) {
           hookError = err;
         }
@@ -847,7 +850,7 @@ export class Journal<M = unknown> {
     if (throughSeq <= this.retention.payloadsThrough) return;
     this.retention = { ...this.retention, payloadsThrough: throughSeq };
     await this.db.put(metaKey('retention'), metaPackr.pack(this.retention), { sync: true });
-    this.payloadLog.dropThrough(throughSeq);
+    await this.payloadLog.dropThrough(throughSeq);
   }
 
   /**
@@ -893,7 +896,7 @@ export class Journal<M = unknown> {
     this.retention = { firstSeq, chainBefore, payloadsThrough: Math.max(this.retention.payloadsThrough, firstSeq - 1) };
     await this.db.put(metaKey('retention'), metaPackr.pack(this.retention), { sync: true });
     await this.db.batch(doomed.map((key) => ({ type: 'del' as const, key })));
-    this.payloadLog.dropThrough(firstSeq - 1);
+    await this.payloadLog.dropThrough(firstSeq - 1);
     return firstSeq;
   }
 

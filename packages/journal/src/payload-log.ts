@@ -15,7 +15,8 @@
  *
  * Retention deletes whole segments whose records are all at or below the drop point.
  */
-import { closeSync, constants, fdatasync, fstatSync, mkdirSync, openSync, readdirSync, readSync, unlinkSync, writevSync } from 'node:fs';
+import { closeSync, constants, fdatasync, fstatSync, mkdirSync, openSync, readdirSync, readSync, writevSync } from 'node:fs';
+import { unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { payloadSegmentBytes } from './limits.js';
 
@@ -59,11 +60,16 @@ export class PayloadLog {
   /**
    * Append a batch's payloads contiguously (one writev) and return where they start. A batch never
    * spans segments: a new segment, named by `firstSeq`, starts when the active one would exceed
-   * payloadSegmentBytes.
+   * payloadSegmentBytes. The writev runs on the calling thread: measured against the threadpool in
+   * BENCHMARKS.md.
    */
   append(firstSeq: number, payloads: readonly Buffer[], totalBytes: number): PayloadPlacement {
     if (this.activeFd === undefined || (this.tailBytes > 0 && this.tailBytes + totalBytes > payloadSegmentBytes)) {
-      if (this.activeFd !== undefined) this.dirty.add(this.active!);
+      if (this.activeFd !== undefined) {
+        // The full segment is only read (and fdatasynced) from now on, through a read descriptor.
+        this.dirty.add(this.active!);
+        closeSync(this.activeFd);
+      }
       this.activeFd = openSync(join(this.dir, segmentName(firstSeq)), constants.O_RDWR | constants.O_CREAT | constants.O_EXCL, 0o600);
       this.segments.push(firstSeq);
       this.tailBytes = 0;
@@ -128,9 +134,13 @@ export class PayloadLog {
     return out.subarray(0, done);
   }
 
-  /** Delete every segment all of whose payloads belong to records at or below `throughSeq`. */
-  dropThrough(throughSeq: number): number {
-    let dropped = 0;
+  /**
+   * Delete every segment all of whose payloads belong to records at or below `throughSeq`. The files
+   * are unlinked in the threadpool: dropping a segment's cached pages takes the kernel long enough
+   * (a 256 MiB segment: tens of milliseconds) to stall the event loop. Returns how many went.
+   */
+  async dropThrough(throughSeq: number): Promise<number> {
+    const doomed: string[] = [];
     while (this.segments.length > 1 && this.segments[1] - 1 <= throughSeq) {
       const segment = this.segments.shift()!;
       const fd = this.readFds.get(segment);
@@ -139,10 +149,10 @@ export class PayloadLog {
         this.readFds.delete(segment);
       }
       this.dirty.delete(segment);
-      unlinkSync(join(this.dir, segmentName(segment)));
-      dropped++;
+      doomed.push(join(this.dir, segmentName(segment)));
     }
-    return dropped;
+    await Promise.all(doomed.map((path) => unlink(path)));
+    return doomed.length;
   }
 
   /**

@@ -365,16 +365,12 @@ export class LayerFiles {
     await this.drain();
     const ids = [...this.dirty];
     this.dirty.clear();
-    await Promise.all(
-      ids.map(
-        (id) =>
-          new Promise<void>((resolve, reject) => {
-            const fd = this.fds.get(id);
-            if (fd === undefined) return resolve();
-            fdatasync(fd, (err) => (err ? reject(err) : resolve()));
-          }),
-      ),
-    );
+    // One file at a time: a flush can take the better part of a second, and the threadpool threads it
+    // holds are the ones LevelDB and large reads need meanwhile.
+    for (const id of ids) {
+      const fd = this.fds.get(id);
+      if (fd !== undefined) await new Promise<void>((resolve, reject) => fdatasync(fd, (err) => (err ? reject(err) : resolve())));
+    }
   }
 
   /** Close a layer's file and, for a store-held layer, delete it (its writes behind are dropped). */

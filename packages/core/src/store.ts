@@ -428,7 +428,9 @@ export class Store {
       const seq = this.state.seq;
       const blob = encodeProjection(this.state);
       this.eventsSinceCheckpoint = 0;
-      await this.files.syncAll();
+      // The payload log is flushed while writes go on committing: the synced write that stores the
+      // checkpoint would otherwise flush all of it and hold every write behind it meanwhile.
+      await Promise.all([this.files.syncAll(), this.journal.flushPayloads()]);
       await this.journal.putCheckpoint(seq, blob);
       this.lastCheckpointSeq = seq;
       await this.journal.pruneCheckpoints(checkpointsKept);

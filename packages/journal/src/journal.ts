@@ -796,6 +796,15 @@ export class Journal<M = unknown> {
   }
 
   /** Store a checkpoint blob for `seq` atomically and durably. */
+  /**
+   * Flush the payload log to disk without holding up commits, so the next synced batch (a checkpoint's,
+   * say) has little left to flush. Batches go on committing while it runs.
+   */
+  flushPayloads(): Promise<void> {
+    this.checkOpen();
+    return this.payloadLog.sync();
+  }
+
   async putCheckpoint(seq: number, blob: Uint8Array): Promise<void> {
     this.checkOpen();
     if (!Number.isSafeInteger(seq) || seq < 0 || seq > this.lastSeq) {

@@ -37,6 +37,8 @@ export class PayloadLog {
   private tailBytes = 0;
   private readonly dirty = new Set<number>();
   private readonly readFds = new Map<number, number>();
+  /** The last flush started by `sync` (settled, never rejecting). */
+  private flushing: Promise<void> = Promise.resolve();
 
   constructor(journalDir: string) {
     this.dir = join(journalDir, 'payloads');
@@ -91,19 +93,31 @@ export class PayloadLog {
     return { segment, offset };
   }
 
-  /** fdatasync every segment written since the last call. */
-  async sync(): Promise<void> {
+  /**
+   * Make every payload written so far durable: fdatasync each segment written since the last call,
+   * one at a time (so a flush of gigabytes never takes every threadpool thread from LevelDB), and
+   * wait for any flush already running (it may hold bytes this call relies on). Appends may go on
+   * meanwhile.
+   */
+  sync(): Promise<void> {
     const ids = [...this.dirty];
     this.dirty.clear();
-    await Promise.all(
-      ids.map(
-        (id) =>
-          new Promise<void>((resolve, reject) => {
-            const fd = id === this.active ? this.activeFd! : this.readFd(id);
-            fdatasync(fd, (err) => (err ? reject(err) : resolve()));
-          }),
-      ),
-    );
+    const previous = this.flushing;
+    const flushing = (async () => {
+      for (let i = 0; i < ids.length; i++) {
+        const fd = ids[i] === this.active ? this.activeFd! : this.readFd(ids[i]);
+        try {
+          await new Promise<void>((resolve, reject) => fdatasync(fd, (err) => (err ? reject(err) : resolve())));
+        } catch (err) {
+          // Not known to be durable: the next sync tries these segments again.
+          for (const id of ids.slice(i)) this.dirty.add(id);
+          throw err;
+        }
+      }
+      await previous;
+    })();
+    this.flushing = flushing.catch(() => undefined);
+    return flushing;
   }
 
   private readFd(segment: number): number {

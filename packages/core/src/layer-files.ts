@@ -305,6 +305,11 @@ export class LayerFiles {
     if (this.inflightWrites.size === 0 && this.queue.length === 0) for (const resolve of this.drainWaiters.splice(0)) resolve();
   }
 
+  /** Whether more than maxWritebackBytes waits for writeback (writers should wait: `room`). */
+  overBacklog(): boolean {
+    return this.writebackBytes > maxWritebackBytes;
+  }
+
   /** Resolves once the writeback backlog is under maxWritebackBytes (backpressure for writers). */
   room(): Promise<void> | undefined {
     if (this.writebackBytes <= maxWritebackBytes) return undefined;

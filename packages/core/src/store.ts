@@ -824,8 +824,8 @@ export class Store {
    * Write `data` at `offset` of a volume. The device owns `data` until the promise settles. With
    * `fua`, the write is durable when the promise resolves.
    */
-  async writeVolume(name: string, offset: number, data: Buffer, fua: boolean, source: WriteSource = {}): Promise<void> {
-    if (data.length > maxWriteBytes) throw new BlockDeviceError('EINVAL', `write of ${data.length} bytes is over maxWriteBytes (${maxWriteBytes})`);
+  writeVolume(name: string, offset: number, data: Buffer, fua: boolean, source: WriteSource = {}): Promise<void> {
+    if (data.length > maxWriteBytes) return Promise.reject(new BlockDeviceError('EINVAL', `write of ${data.length} bytes is over maxWriteBytes (${maxWriteBytes})`));
     return this.mutate(name, offset, data.length, source, (rt, view) => {
       const bs = this.blockSizeBytes_;
       const first = Math.floor(offset / bs);
@@ -847,9 +847,20 @@ export class Store {
    * The one way into a volume's blocks: wait out a barrier and writeback backpressure, check the
    * store, the volume (this very one, see WriteSource) and the range, then run `body` in the same
    * turn: nothing may run between these checks and the body registering its write in flight, or a
-   * snapshot could overtake it.
+   * snapshot could overtake it. With no barrier and no backpressure (the common case) the body runs
+   * at once, in the caller's turn, without an async frame of its own.
    */
-  private async mutate(name: string, offset: number, length: number, source: WriteSource, body: (rt: VolumeRuntime, view: View) => Promise<void>): Promise<void> {
+  private mutate(name: string, offset: number, length: number, source: WriteSource, body: (rt: VolumeRuntime, view: View) => Promise<void>): Promise<void> {
+    try {
+      const rt = this.runtime(name);
+      if (rt.barrier === undefined && !this.files.overBacklog()) return this.mutateNow(rt, name, offset, length, source, body);
+      return this.mutateLater(name, offset, length, source, body);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+  }
+
+  private async mutateLater(name: string, offset: number, length: number, source: WriteSource, body: (rt: VolumeRuntime, view: View) => Promise<void>): Promise<void> {
     let rt = this.runtime(name);
     while (rt.barrier !== undefined) {
       await rt.barrier;
@@ -857,6 +868,10 @@ export class Store {
     }
     const room = this.files.room();
     if (room !== undefined) await this.waitForWritebackRoom(rt, room);
+    return this.mutateNow(rt, name, offset, length, source, body);
+  }
+
+  private mutateNow(rt: VolumeRuntime, name: string, offset: number, length: number, source: WriteSource, body: (rt: VolumeRuntime, view: View) => Promise<void>): Promise<void> {
     this.checkHealthy();
     const { view, sizeBytes } = this.volumeView(name, source.createdSeq);
     checkRange(offset, length, sizeBytes, 'ENOSPC');

@@ -3,34 +3,35 @@
  * opened on first use and kept open. An external base is its image file, opened read-only.
  *
  * Reads: small ones are synchronous (a 4 KiB page-cache pread costs far less than a trip through the
- * libuv threadpool, see DESIGN.md's measurements); large ones go through the threadpool
- * (`readAsync`), where several run at once on both cores.
+ * libuv threadpool, see DESIGN.md's measurements); the runs of a large one go to the reader thread
+ * together (`readMany`, one message for the up to 16 preads of a 1 MiB read through a deep stack).
  *
  * Writes of the live path go through `writeBehind`, their blocks kept in memory until they are in
  * the file and every read laying those blocks over what it read from the file. Writes under
- * asyncWriteMinBytes are pwritten synchronously at the end of the event-loop turn, after the commit
- * that queued them has been acknowledged (a 4 KiB page-cache pwrite costs the event loop less than
- * handing it to the threadpool: measured in BENCHMARKS.md); larger ones go to the threadpool, so the
- * event loop does not wait for the page cache to take a megabyte. Writes touching the same bytes reach
- * the file in order (a queued write waits while an overlapping one is in flight). Recovery writes
+ * asyncWriteMinBytes start at the end of the event-loop turn, after the commit that queued them has
+ * been acknowledged: after a synced commit as pwrites on the event loop, which waits for the disk
+ * anyway; else together in the writer thread, off the loop (both measured in BENCHMARKS.md). Larger
+ * ones go to the threadpool, so the event loop does not wait for the page cache to take a megabyte.
+ * Writes touching the same bytes reach the file in order (a queued write waits while an overlapping
+ * one is in flight, except behind the writer thread's own, which it keeps in order). Recovery writes
  * synchronously (`write`), before any write is behind.
  *
  * A layer removed while reads or writebacks are in flight keeps its descriptor until they finish, so
  * a reused descriptor number can never be read or written by mistake. Durability comes from the
  * journal; `syncAll` (before a checkpoint) drains the writebacks and fdatasyncs the files.
  */
-import { closeSync, constants, fdatasync, fstatSync, openSync, read, readSync, unlinkSync, write, writeSync } from 'node:fs';
+import { closeSync, constants, fdatasync, fstatSync, openSync, readSync, unlinkSync, write, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { BlockDeviceError } from './block-device.js';
 import { assert } from './errors.js';
-import { LayerWriter } from './layer-writer.js';
+import { FileWorker } from './file-worker.js';
 import { asyncWriteMinBytes, maxWritebackBytes, writebackConcurrency } from './limits.js';
 
 interface Writeback {
   readonly layerId: number;
   readonly data: Buffer;
   readonly position: number;
-  /** Small writes: `inline` (a pwrite on the event loop) or `writer` (the layer writer thread); large: `threadpool`. */
+  /** Small writes: `inline` (a pwrite on the event loop) or `writer` (the writer thread); large: `threadpool`. */
   readonly mode: 'inline' | 'writer' | 'threadpool';
 }
 
@@ -47,7 +48,9 @@ export class LayerFiles {
   private readonly inflightWrites = new Set<Writeback>();
   /** Large writebacks in the threadpool. */
   private running = 0;
-  private readonly writer = new LayerWriter();
+  /** The threads that write small blocks behind and run large reads (see file-worker.ts). */
+  private readonly writer = new FileWorker();
+  private readonly reader = new FileWorker();
   /** Inside pump(): a nested call returns at once. */
   private pumping = false;
   /** A pump() is queued for the end of this event-loop turn (see pumpSoon). */
@@ -95,33 +98,34 @@ export class LayerFiles {
     this.complete(layerId, target, targetOffset, length, position, done);
   }
 
-  /** The same read through the libuv threadpool. */
-  readAsync(layerId: number, target: Buffer, targetOffset: number, length: number, position: number): Promise<void> {
-    const fd = this.fd(layerId);
+  /**
+   * Several reads (the runs of one large request, each in some layer) in the reader thread, all in
+   * one batch. The targets must share one SharedArrayBuffer (ReadBuffers lends such buffers for large
+   * reads).
+   */
+  readMany(reads: ReadonlyArray<{ layerId: number; target: Buffer; targetOffset: number; length: number; position: number }>): Promise<void> {
     // Blocks held now may reach the file (and leave memory) while the read is in flight, after it
     // read the old bytes: keep them to lay over the result.
-    const held = this.heldBlocks(layerId, position, length);
-    this.busy.set(layerId, (this.busy.get(layerId) ?? 0) + 1);
+    const held = reads.map((r) => this.heldBlocks(r.layerId, r.position, r.length));
+    const ops = reads.map((r) => ({ fd: this.fd(r.layerId), position: r.position, length: r.length, target: r.target, targetOffset: r.targetOffset }));
+    for (const r of reads) this.busy.set(r.layerId, (this.busy.get(r.layerId) ?? 0) + 1);
     return new Promise<void>((resolve, reject) => {
-      let done = 0;
-      const finish = (err?: unknown): void => {
-        this.release(layerId);
-        if (err !== undefined) reject(err instanceof BlockDeviceError ? err : new BlockDeviceError('EIO', (err as Error).message, { cause: err }));
-        else resolve();
-      };
-      const step = (): void =>
-        read(fd, target, targetOffset + done, length - done, position + done, (err, n) => {
-          if (err) return finish(err);
-          done += n;
-          if (n > 0 && done < length) return step();
+      this.reader.read(ops, (errorOf, countOf) => {
+        let failure: unknown;
+        for (let i = 0; i < reads.length; i++) {
+          const r = reads[i];
           try {
-            this.complete(layerId, target, targetOffset, length, position, done, held);
-            finish();
-          } catch (short) {
-            finish(short);
+            const err = errorOf(i);
+            if (err !== null) throw err;
+            this.complete(r.layerId, r.target, r.targetOffset, r.length, r.position, countOf(i), held[i]);
+          } catch (err) {
+            failure ??= err;
           }
-        });
-      step();
+          this.release(r.layerId);
+        }
+        if (failure === undefined) resolve();
+        else reject(failure instanceof BlockDeviceError ? failure : new BlockDeviceError('EIO', (failure as Error).message, { cause: failure }));
+      });
     });
   }
 
@@ -178,9 +182,9 @@ export class LayerFiles {
 
   /**
    * Write whole blocks behind, the blocks kept in memory until they are in the file so reads (`read`,
-   * `readAsync`) see them at once. Small writes start at the end of the event-loop turn: with
+   * `readMany`) see them at once. Small writes start at the end of the event-loop turn: with
    * `inline` as pwrites on the event loop (the caller knows the loop has time to spare), else in the
-   * layer writer thread. Large ones go through the libuv threadpool. Writes to the same block reach
+   * writer thread. Large ones go through the libuv threadpool. Writes to the same block reach
    * the file in order. Writers wait (`room`) while more than maxWritebackBytes is queued.
    */
   writeBehind(layerId: number, data: Buffer, position: number, inline: boolean): void {
@@ -213,7 +217,7 @@ export class LayerFiles {
 
   /**
    * Start queued writebacks in queue order: small inline ones at once, the other small ones together
-   * as one batch for the layer writer thread, large ones in the threadpool (up to
+   * as one batch for the writer thread, large ones in the threadpool (up to
    * `writebackConcurrency`). A write waits while it overlaps one in flight, except a writer-thread
    * write behind others: that thread keeps their order. A writeback finishing calls back here; that
    * call returns at once inside this loop, so a long queue never nests calls.
@@ -407,9 +411,10 @@ export class LayerFiles {
     }
   }
 
-  /** Close every file (each once its writebacks are done) and stop the layer writer thread. */
+  /** Close every file (each once its reads and writebacks are done) and stop the worker threads. */
   closeAll(): void {
     for (const id of [...this.fds.keys()]) this.close(id);
     this.writer.close();
+    this.reader.close();
   }
 }

@@ -9,8 +9,10 @@ export const minBlockSizeBytes = 512;
 export const maxBlockSizeBytes = 65536;
 /** Devices are addressed with JavaScript numbers: exact below 2^53 bytes. */
 export const maxDeviceSizeBytes = Number.MAX_SAFE_INTEGER - maxBlockSizeBytes;
-/** Reads at least this large go through the libuv threadpool instead of a synchronous pread. */
+/** Reads at least this large go to the reader thread instead of a synchronous pread. */
 export const asyncReadMinBytes = 128 * 1024;
+/** Read buffers at least this large are shared memory the reader thread can fill (asyncReadMinBytes). */
+export const sharedReadBufferMinBytes = asyncReadMinBytes;
 /** Layer-file writes queued behind the event loop at once (threadpool pwrites). */
 export const writebackConcurrency = 4;
 /** Read buffers kept for reuse, per length. */

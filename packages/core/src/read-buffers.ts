@@ -5,16 +5,19 @@
  * smaller ones), and at a gigabyte a second of 1 MiB reads the garbage collector took a fifth of the
  * event loop (measured in BENCHMARKS.md).
  *
+ * Buffers of sharedReadBufferMinBytes and more live in shared memory (a SharedArrayBuffer), so the
+ * reader thread can read straight into them (large reads, see layer-files.ts).
+ *
  * Only buffers this pool lent are taken back (a WeakSet of their ArrayBuffers, so a buffer nobody
  * returns is simply collected), each at most once, and only whole: the pool never hands out memory
  * that a caller may still hold. What is kept is bounded by maxFreeReadBuffersPerLength and
  * maxFreeReadBufferBytes.
  */
-import { maxFreeReadBufferBytes, maxFreeReadBuffersPerLength } from './limits.js';
+import { maxFreeReadBufferBytes, maxFreeReadBuffersPerLength, sharedReadBufferMinBytes } from './limits.js';
 
 export class ReadBuffers {
   private readonly free = new Map<number, Buffer[]>();
-  private readonly lent = new WeakSet<ArrayBuffer>();
+  private readonly lent = new WeakSet<ArrayBufferLike>();
   private freeBytes = 0;
 
   /** A buffer of exactly `length` bytes, contents undefined. */
@@ -26,15 +29,15 @@ export class ReadBuffers {
       this.freeBytes -= length;
       buffer = reused;
     } else {
-      buffer = Buffer.allocUnsafeSlow(length);
+      buffer = length >= sharedReadBufferMinBytes ? Buffer.from(new SharedArrayBuffer(length)) : Buffer.allocUnsafeSlow(length);
     }
-    this.lent.add(buffer.buffer as ArrayBuffer);
+    this.lent.add(buffer.buffer);
     return buffer;
   }
 
   /** The caller is done with `buffer` and every view of it; ignored unless this pool lent it. */
   give(buffer: Buffer): void {
-    const memory = buffer.buffer as ArrayBuffer;
+    const memory = buffer.buffer;
     if (!this.lent.has(memory)) return;
     this.lent.delete(memory);
     const length = memory.byteLength;

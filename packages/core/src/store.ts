@@ -734,7 +734,7 @@ export class Store {
 
   /**
    * Read for a protocol server: small reads are synchronous page-cache reads; reads of at least
-   * `asyncReadMinBytes` run their preads in the threadpool, in parallel with other work.
+   * `asyncReadMinBytes` run their preads in the reader thread, in parallel with other work.
    */
   readViewOf(layerId: number, offset: number, length: number): ReadResult | Promise<ReadResult> {
     this.checkHealthy();
@@ -746,7 +746,7 @@ export class Store {
   /**
    * Read a range of a view: one Buffer when every byte is data, else data and zero pieces. Runs of
    * blocks held by one layer are read with one pread each, straight into the result. With `async`,
-   * the preads go through the threadpool and a Promise is returned (large reads).
+   * the preads go to the reader thread as one batch and a Promise is returned (large reads).
    */
   private readView(view: View, offset: number, length: number, async: boolean): ReadResult | Promise<ReadResult> {
     const bs = this.blockSizeBytes_;
@@ -763,7 +763,7 @@ export class Store {
     }
     let out: Buffer | undefined;
     const pieces: ReadPiece[] = [];
-    const pending: Promise<void>[] = [];
+    const runs: Array<{ layerId: number; target: Buffer; targetOffset: number; length: number; position: number }> = [];
     let hasHole = false;
     view.index.forEachRun(first, last - first + 1, (start, count, value) => {
       const from = Math.max(start * bs, offset);
@@ -777,14 +777,15 @@ export class Store {
       }
       out ??= this.readBuffers.take(length);
       const layer = view.stack[indexPosition(value)];
-      if (async) pending.push(this.files.readAsync(layer, out, from - offset, to - from, from));
+      if (async) runs.push({ layerId: layer, target: out, targetOffset: from - offset, length: to - from, position: from });
       else this.files.read(layer, out, from - offset, to - from, from);
       const prev = pieces[pieces.length - 1];
       if (prev !== undefined && prev.data !== undefined) pieces[pieces.length - 1] = { length: prev.length + to - from, data: out.subarray(from - offset - prev.length, to - offset) };
       else pieces.push({ length: to - from, data: out.subarray(from - offset, to - offset) });
     });
     const result: ReadResult = hasHole ? pieces : out!;
-    return async ? Promise.all(pending).then(() => result) : result;
+    if (!async) return result;
+    return runs.length === 0 ? Promise.resolve(result) : this.files.readMany(runs).then(() => result);
   }
 
   /** A read's result is no longer used by anyone: its buffer may serve the next read. */

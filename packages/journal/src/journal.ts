@@ -33,6 +33,7 @@ import {
   recordRange,
   seqOfKey,
 } from './keys.js';
+import { LevelTableDamage, verifyLevelTables } from './level-tables.js';
 import { PayloadLog } from './payload-log.js';
 import { Seal } from './seal.js';
 import {
@@ -207,6 +208,7 @@ export class Journal<M = unknown> {
     if (!create && !existsSync(join(path, 'CURRENT'))) {
       throw new JournalError('ENOENT', `no journal at ${path}`);
     }
+    if (existsSync(join(path, 'CURRENT'))) Journal.verifyTables(path);
     const db: Db = new Level<Buffer, Buffer>(path, { keyEncoding: 'buffer', valueEncoding: 'buffer', createIfMissing: create });
     try {
       await db.open();
@@ -265,6 +267,25 @@ export class Journal<M = unknown> {
     }
   }
 
+  /**
+   * Check LevelDB's tables before LevelDB reads them (see level-tables.ts). Damage found is checked
+   * once more, in case another process holding the database was compacting it meanwhile (opening
+   * then fails with ELOCKED, as it should).
+   */
+  private static verifyTables(path: string): void {
+    try {
+      verifyLevelTables(path);
+    } catch (first) {
+      if (!(first instanceof LevelTableDamage)) throw new JournalError('EIO', `cannot read journal ${path}: ${(first as Error).message}`, { cause: first });
+      try {
+        verifyLevelTables(path);
+      } catch (err) {
+        if (err instanceof LevelTableDamage) throw new JournalError('ECORRUPT', `journal ${path}: ${err.message}`, { cause: err });
+        throw new JournalError('EIO', `cannot read journal ${path}: ${(err as Error).message}`, { cause: err });
+      }
+    }
+  }
+
   private static async checkFormat(path: string, db: Db): Promise<void> {
     const raw = await db.get(metaKey('format'));
     if (raw === undefined) {
@@ -279,7 +300,13 @@ export class Journal<M = unknown> {
     } catch {
       throw new JournalError('EFORMAT', `${path}: the journal format record cannot be decoded`);
     }
-    if (format?.format !== formatName) throw new JournalError('EFORMAT', `${path} is not a cowstack journal (format ${String(format?.format)})`);
+    if (typeof format !== 'object' || format === null || typeof format.format !== 'string') {
+      throw new JournalError('EFORMAT', `${path}: the journal format record is damaged (it names no format: ${describeRecord(raw)})`);
+    }
+    if (format.format !== formatName) throw new JournalError('EFORMAT', `${path} is not a cowstack journal (format "${format.format}")`);
+    if (typeof format.version !== 'number') {
+      throw new JournalError('EFORMAT', `${path}: the journal format record is damaged (it names no version: ${describeRecord(raw)})`);
+    }
     if (format.version !== journalFormatVersion) {
       throw new JournalError(
         'EFORMAT',
@@ -967,4 +994,10 @@ function levelDamage(path: string, err: unknown, doing: string): JournalError {
   const message = (err as { cause?: Error }).cause?.message ?? (err as Error).message;
   const corrupt = /corrupt/i.test(message) || (err as { code?: string }).code === 'LEVEL_CORRUPTION';
   return new JournalError(corrupt ? 'ECORRUPT' : 'EIO', `journal ${path}: LevelDB reports ${corrupt ? 'damaged files (its .ldb tables or .log)' : 'an error'} while ${doing}: ${message}`, { cause: err });
+}
+
+/** A short hex dump of a damaged metadata record, for error messages. */
+function describeRecord(raw: Buffer): string {
+  const shown = raw.subarray(0, 32).toString('hex');
+  return `${raw.length} bytes, ${shown}${raw.length > 32 ? '…' : ''}`;
 }

@@ -157,19 +157,24 @@ export function verifyTable(file: string, buf: Buffer): void {
   const footer = new Cursor(buf, buf.length - tableFooterBytes, buf.length - 8, () => new LevelTableDamage(file, 'its footer cannot be decoded'));
   const metaindex = { offset: footer.varint(), size: footer.varint() };
   const index = { offset: footer.varint(), size: footer.varint() };
-  const block = (handle: { offset: number; size: number }): Buffer => {
+  /** Check a block's checksum and compression type; returns where its contents end. */
+  const check = (handle: { offset: number; size: number }): number => {
     const end = handle.offset + handle.size;
     if (end + blockTrailerBytes > buf.length - tableFooterBytes) throw new LevelTableDamage(file, `a block handle (${handle.size} bytes at byte ${handle.offset}) points past the blocks`);
     if (masked(buf.subarray(handle.offset, end + 1)) !== buf.readUInt32LE(end + 1)) {
       throw new LevelTableDamage(file, `the ${handle.size}-byte block at byte ${handle.offset} fails its checksum`);
     }
-    const type = buf[end];
-    if (type === 0) return buf.subarray(handle.offset, end);
-    if (type === 1) return uncompressSync(buf.subarray(handle.offset, end)) as Buffer;
-    throw new LevelTableDamage(file, `the block at byte ${handle.offset} has unknown compression type ${type}`);
+    if (buf[end] > 1) throw new LevelTableDamage(file, `the block at byte ${handle.offset} has unknown compression type ${buf[end]}`);
+    return end;
+  };
+  /** A checked block's contents, uncompressed (only index blocks are read, never data blocks). */
+  const contents = (handle: { offset: number; size: number }): Buffer => {
+    const end = check(handle);
+    const stored = buf.subarray(handle.offset, end);
+    return buf[end] === 1 ? (uncompressSync(stored) as Buffer) : stored;
   };
   // The index names the data blocks, the metaindex the filter blocks: each gets its checksum checked.
-  for (const handles of [block(index), block(metaindex)]) for (const handle of blockHandles(file, handles)) block(handle);
+  for (const handles of [contents(index), contents(metaindex)]) for (const handle of blockHandles(file, handles)) check(handle);
 }
 
 /** The block handles stored as the values of a block's entries. */

@@ -97,7 +97,8 @@ async function checkAll(store: Store, volumes: Map<string, Buffer>, snapshots: M
   assert.equal(store.volumes().map((v) => v.name).sort(), [...volumes.keys()].sort(), `${step}: volume names`);
   assert.equal(store.snapshots().map((s) => `${s.volume}@${s.name}`).sort(), [...snapshots.keys()].sort(), `${step}: snapshot names`);
   for (const [name, model] of volumes) {
-    // The whole-volume read is large enough to take the threadpool path; a sync read must agree.
+    // The whole-volume read is large enough to go to the reader thread (laying held blocks over what
+    // it read); a sync read must agree.
     const got = flat(await store.readViewOf(store.volumeInfo(name).topLayerId, 0, volumeBytes));
     assert.ok(got.equals(flat(store.readVolume(name, 0, volumeBytes))), `${step}: async and sync reads of ${name} differ`);
     if (!got.equals(model)) assert.unreachable(`${step}: volume ${name} differs from the model at byte ${got.findIndex((b, i) => b !== model[i])}`);

@@ -102,18 +102,21 @@ export class FileWorker {
     for (const w of writes) total += w.data.length;
     // A buffer of its own (never the shared allocation pool): it is transferred to the worker.
     const bytes = Buffer.allocUnsafeSlow(total);
+    const fds = new Array<number>(writes.length);
+    const positions = new Array<number>(writes.length);
+    const lengths = new Array<number>(writes.length);
     const offsets = new Array<number>(writes.length);
     let at = 0;
     for (let i = 0; i < writes.length; i++) {
+      const w = writes[i];
+      fds[i] = w.fd;
+      positions[i] = w.position;
+      lengths[i] = w.data.length;
       offsets[i] = at;
-      at += writes[i].data.copy(bytes, at);
+      at += w.data.copy(bytes, at);
     }
     const memory = bytes.buffer as ArrayBuffer;
-    this.send(
-      { id: 0, kind: 'write', memory, fds: writes.map((w) => w.fd), positions: writes.map((w) => w.position), lengths: writes.map((w) => w.data.length), offsets },
-      done,
-      [memory],
-    );
+    this.send({ kind: 'write', memory, fds, positions, lengths, offsets }, done, [memory]);
   }
 
   /** Read a batch into shared memory; `done` is called once every read has finished. */
@@ -124,7 +127,6 @@ export class FileWorker {
     for (const r of reads) assert(r.target.buffer === memory, 'the reads of one batch share one target');
     this.send(
       {
-        id: 0,
         kind: 'read',
         memory,
         fds: reads.map((r) => r.fd),
@@ -137,13 +139,13 @@ export class FileWorker {
     );
   }
 
-  private send(message: BatchMessage, done: BatchDone, transfer: ArrayBuffer[]): void {
+  private send(message: Omit<BatchMessage, 'id'>, done: BatchDone, transfer: ArrayBuffer[]): void {
     assert(!this.closing, 'no batch is sent to a closed file worker');
     const id = this.nextId++;
     const worker = this.start();
     if (this.waiting.size === 0) worker.ref();
     this.waiting.set(id, done);
-    worker.postMessage({ ...message, id }, transfer);
+    worker.postMessage({ id, ...message } satisfies BatchMessage, transfer);
   }
 
   private start(): Worker {

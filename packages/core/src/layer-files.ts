@@ -22,10 +22,13 @@
  */
 import { closeSync, constants, fdatasync, fstatSync, openSync, readSync, unlinkSync, write, writeSync } from 'node:fs';
 import { join } from 'node:path';
+import { promisify } from 'node:util';
 import { BlockDeviceError } from './block-device.js';
 import { assert } from './errors.js';
 import { FileWorker } from './file-worker.js';
 import { asyncWriteMinBytes, maxWritebackBytes, writebackConcurrency } from './limits.js';
+
+const fdatasyncAsync = promisify(fdatasync);
 
 interface Writeback {
   readonly layerId: number;
@@ -260,10 +263,9 @@ export class LayerFiles {
   }
 
   private writeInline(item: Writeback): void {
-    const fd = this.fd(item.layerId);
     let error: NodeJS.ErrnoException | null = null;
     try {
-      for (let done = 0; done < item.data.length; ) done += writeSync(fd, item.data, done, item.data.length - done, item.position + done);
+      writeFully(this.fd(item.layerId), item.data, item.position);
     } catch (err) {
       error = err as NodeJS.ErrnoException;
     }
@@ -316,7 +318,7 @@ export class LayerFiles {
 
   /** Resolves once the writeback backlog is under maxWritebackBytes (backpressure for writers). */
   room(): Promise<void> | undefined {
-    if (this.writebackBytes <= maxWritebackBytes) return undefined;
+    if (!this.overBacklog()) return undefined;
     return new Promise<void>((resolve) => this.roomWaiters.push(resolve));
   }
 
@@ -359,9 +361,7 @@ export class LayerFiles {
   write(layerId: number, data: Buffer, position: number): void {
     if (this.externalPath(layerId) !== undefined) throw new Error(`cowstack invariant violated: write to external layer ${layerId}`);
     assert(!this.pending.has(layerId), `layer ${layerId} is written synchronously while writes are behind`);
-    const fd = this.fd(layerId);
-    let done = 0;
-    while (done < data.length) done += writeSync(fd, data, done, data.length - done, position + done);
+    writeFully(this.fd(layerId), data, position);
     this.dirty.add(layerId);
   }
 
@@ -378,7 +378,7 @@ export class LayerFiles {
     // holds are the ones LevelDB and large reads need meanwhile.
     for (const id of ids) {
       const fd = this.fds.get(id);
-      if (fd !== undefined) await new Promise<void>((resolve, reject) => fdatasync(fd, (err) => (err ? reject(err) : resolve())));
+      if (fd !== undefined) await fdatasyncAsync(fd);
     }
   }
 
@@ -417,4 +417,9 @@ export class LayerFiles {
     this.writer.close();
     this.reader.close();
   }
+}
+
+/** pwrite all of `data` at `position` (a pwrite may write less than asked). */
+function writeFully(fd: number, data: Buffer, position: number): void {
+  for (let done = 0; done < data.length; ) done += writeSync(fd, data, done, data.length - done, position + done);
 }

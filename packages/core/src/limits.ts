@@ -11,8 +11,6 @@ export const maxBlockSizeBytes = 65536;
 export const maxDeviceSizeBytes = Number.MAX_SAFE_INTEGER - maxBlockSizeBytes;
 /** Reads at least this large go to the reader thread instead of a synchronous pread. */
 export const asyncReadMinBytes = 128 * 1024;
-/** Read buffers at least this large are shared memory the reader thread can fill (asyncReadMinBytes). */
-export const sharedReadBufferMinBytes = asyncReadMinBytes;
 /** Layer-file writes queued behind the event loop at once (threadpool pwrites). */
 export const writebackConcurrency = 4;
 /** Read buffers kept for reuse, per length. */

@@ -5,15 +5,15 @@
  * smaller ones), and at a gigabyte a second of 1 MiB reads the garbage collector took a fifth of the
  * event loop (measured in BENCHMARKS.md).
  *
- * Buffers of sharedReadBufferMinBytes and more live in shared memory (a SharedArrayBuffer), so the
- * reader thread can read straight into them (large reads, see layer-files.ts).
+ * Buffers of asyncReadMinBytes and more, the reads that go to the reader thread, live in shared
+ * memory (a SharedArrayBuffer) so that thread can read straight into them (see layer-files.ts).
  *
  * Only buffers this pool lent are taken back (a WeakSet of their ArrayBuffers, so a buffer nobody
  * returns is simply collected), each at most once, and only whole: the pool never hands out memory
  * that a caller may still hold. What is kept is bounded by maxFreeReadBuffersPerLength and
  * maxFreeReadBufferBytes.
  */
-import { maxFreeReadBufferBytes, maxFreeReadBuffersPerLength, sharedReadBufferMinBytes } from './limits.js';
+import { asyncReadMinBytes, maxFreeReadBufferBytes, maxFreeReadBuffersPerLength } from './limits.js';
 
 export class ReadBuffers {
   private readonly free = new Map<number, Buffer[]>();
@@ -29,7 +29,7 @@ export class ReadBuffers {
       this.freeBytes -= length;
       buffer = reused;
     } else {
-      buffer = length >= sharedReadBufferMinBytes ? Buffer.from(new SharedArrayBuffer(length)) : Buffer.allocUnsafeSlow(length);
+      buffer = length >= asyncReadMinBytes ? Buffer.from(new SharedArrayBuffer(length)) : Buffer.allocUnsafeSlow(length);
     }
     this.lent.add(buffer.buffer);
     return buffer;

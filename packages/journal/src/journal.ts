@@ -273,15 +273,13 @@ export class Journal<M = unknown> {
    * then fails with ELOCKED, as it should).
    */
   private static verifyTables(path: string): void {
-    try {
-      verifyLevelTables(path);
-    } catch (first) {
-      if (!(first instanceof LevelTableDamage)) throw new JournalError('EIO', `cannot read journal ${path}: ${(first as Error).message}`, { cause: first });
+    for (let attempt = 1; ; attempt++) {
       try {
         verifyLevelTables(path);
+        return;
       } catch (err) {
-        if (err instanceof LevelTableDamage) throw new JournalError('ECORRUPT', `journal ${path}: ${err.message}`, { cause: err });
-        throw new JournalError('EIO', `cannot read journal ${path}: ${(err as Error).message}`, { cause: err });
+        if (!(err instanceof LevelTableDamage)) throw new JournalError('EIO', `cannot read journal ${path}: ${(err as Error).message}`, { cause: err });
+        if (attempt === 2) throw new JournalError('ECORRUPT', `journal ${path}: ${err.message}`, { cause: err });
       }
     }
   }
@@ -822,7 +820,6 @@ export class Journal<M = unknown> {
     };
   }
 
-  /** Store a checkpoint blob for `seq` atomically and durably. */
   /**
    * Flush the payload log to disk without holding up commits, so the next synced batch (a checkpoint's,
    * say) has little left to flush. Batches go on committing while it runs.
@@ -832,6 +829,7 @@ export class Journal<M = unknown> {
     return this.payloadLog.sync();
   }
 
+  /** Store a checkpoint blob for `seq` atomically and durably. */
   async putCheckpoint(seq: number, blob: Uint8Array): Promise<void> {
     this.checkOpen();
     if (!Number.isSafeInteger(seq) || seq < 0 || seq > this.lastSeq) {

@@ -18,7 +18,10 @@
 import { closeSync, constants, fdatasync, fstatSync, mkdirSync, openSync, readdirSync, readSync, writevSync } from 'node:fs';
 import { unlink } from 'node:fs/promises';
 import { join } from 'node:path';
+import { promisify } from 'node:util';
 import { payloadSegmentBytes } from './limits.js';
+
+const fdatasyncAsync = promisify(fdatasync);
 
 function segmentName(firstSeq: number): string {
   return `${String(firstSeq).padStart(16, '0')}.seg`;
@@ -107,7 +110,7 @@ export class PayloadLog {
       for (let i = 0; i < ids.length; i++) {
         const fd = ids[i] === this.active ? this.activeFd! : this.readFd(ids[i]);
         try {
-          await new Promise<void>((resolve, reject) => fdatasync(fd, (err) => (err ? reject(err) : resolve())));
+          await fdatasyncAsync(fd);
         } catch (err) {
           // Not known to be durable: the next sync tries these segments again.
           for (const id of ids.slice(i)) this.dirty.add(id);

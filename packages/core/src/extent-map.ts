@@ -4,7 +4,9 @@
  * It backs both per-layer bitmaps (absent / data / zero) and each volume's merged index (block →
  * stack position, or zero, or absent). Blocks are grouped in chunks of `chunkBlocks`; a chunk is
  * either missing (every block has the map's default value), a uniform number, a short run list, or,
- * once it fragments past `maxRunsPerChunk`, a dense Int32Array. A 1 TiB volume with a handful of
+ * once it fragments past `maxRunsPerChunk`, a dense array of the narrowest type its values fit:
+ * Uint8Array (a layer bitmap's 0/1/2, or the index of a stack up to 127 deep: 1 byte per block),
+ * widened to Uint16Array or Int32Array when a larger value is set. A 1 TiB volume with a handful of
  * writes therefore costs a handful of small chunks.
  *
  * `cloneShared()` is O(chunks) and copy-on-write: both maps share chunk objects until one of them
@@ -71,7 +73,8 @@ class RunChunk {
   }
 
   toDense(): DenseChunk {
-    const dense = new Int32Array(chunkBlocks);
+    let dense: DenseValues = new Uint8Array(chunkBlocks);
+    for (const value of this.values) dense = fitting(dense, value);
     for (let i = 0; i < this.starts.length; i++) {
       dense.fill(this.values[i], this.starts[i], i + 1 < this.starts.length ? this.starts[i + 1] : chunkBlocks);
     }
@@ -79,9 +82,21 @@ class RunChunk {
   }
 }
 
+type DenseValues = Uint8Array | Uint16Array | Int32Array;
+
+/** `values`, or a wider copy of it when `value` does not fit its type (values are 32-bit integers). */
+function fitting(values: DenseValues, value: number): DenseValues {
+  if (values instanceof Uint8Array && value >= 0 && value <= 0xff) return values;
+  if (values instanceof Uint16Array && value >= 0 && value <= 0xffff) return values;
+  if (values instanceof Int32Array) return values;
+  const wider = value >= 0 && value <= 0xffff ? new Uint16Array(chunkBlocks) : new Int32Array(chunkBlocks);
+  wider.set(values);
+  return wider;
+}
+
 class DenseChunk {
   constructor(
-    public values: Int32Array,
+    public values: DenseValues,
     public shared: boolean,
   ) {}
 }
@@ -138,6 +153,7 @@ export class ExtentMap {
     }
     if (chunk instanceof DenseChunk) {
       const dense = chunk.shared ? new DenseChunk(chunk.values.slice(), false) : chunk;
+      dense.values = fitting(dense.values, value);
       dense.values.fill(value, lo, hi);
       if (dense !== chunk) this.chunks.set(index, dense);
       return;

@@ -706,8 +706,14 @@ export class Store {
     return viewOf(this.state, layerId);
   }
 
+  /**
+   * The view of a volume by name. `createdSeq` binds the call to one incarnation of the volume (a
+   * device opened on it): a volume deleted (or re-created) since is ESHUTDOWN. Without it (a direct
+   * engine call), a name that is no volume is ENOENT.
+   */
   private volumeView(name: string, createdSeq?: number): { view: View; sizeBytes: number } {
     const volume = this.state.volumes.get(name);
+    if (volume === undefined && createdSeq === undefined) throw new StoreError('ENOENT', `no volume ${name}`);
     if (volume === undefined || (createdSeq !== undefined && volume.createdSeq !== createdSeq)) {
       throw new BlockDeviceError('ESHUTDOWN', `volume ${name} no longer exists${volume !== undefined ? ' (a new volume has its name)' : ''}`);
     }

@@ -17,9 +17,12 @@ function runsOf(values: number[], first: number, count: number, defaultValue: nu
   return out;
 }
 
+// Mostly small values (a bitmap's 0/1/2, a shallow stack's index); sometimes ones that make a dense
+// chunk widen from 1 byte per block to 2 or 4, at the type limits.
+const valueArb = fc.oneof({ weight: 12, arbitrary: fc.nat(5) }, { weight: 1, arbitrary: fc.constantFrom(255, 256, 65535, 65536, 2 ** 31 - 1, -1, -(2 ** 31)) });
 const opArb = fc.oneof(
-  { weight: 6, arbitrary: fc.record({ kind: fc.constant('set' as const), first: fc.nat(size - 1), count: fc.integer({ min: 1, max: 2500 }), value: fc.nat(5) }) },
-  { weight: 2, arbitrary: fc.record({ kind: fc.constant('point' as const), first: fc.nat(size - 1), value: fc.nat(5) }) },
+  { weight: 6, arbitrary: fc.record({ kind: fc.constant('set' as const), first: fc.nat(size - 1), count: fc.integer({ min: 1, max: 2500 }), value: valueArb }) },
+  { weight: 2, arbitrary: fc.record({ kind: fc.constant('point' as const), first: fc.nat(size - 1), value: valueArb }) },
   { weight: 1, arbitrary: fc.record({ kind: fc.constant('clone' as const) }) },
 );
 
@@ -55,6 +58,24 @@ test('ExtentMap agrees with a flat array under sets, point writes and shared clo
     }),
     { numRuns: Number(process.env.COWSTACK_PROPERTY_RUNS ?? 300) },
   );
+});
+
+test('a fragmented chunk holds small values in 1 byte per block and widens, keeping every value, when a larger one is set', () => {
+  const map = new ExtentMap(0);
+  for (let b = 0; b < 1024; b += 2) map.set(b, 1, 1 + ((b >> 1) % 3));
+  const chunkBytes = (m: ExtentMap): number => m.approximateBytes() - 48;
+  assert.is(chunkBytes(map), 1024, 'a dense chunk of values 0..3: one byte per block');
+  const before = map.cloneShared();
+  map.set(5, 1, 300);
+  assert.is(chunkBytes(map), 2048, 'a value over 255: two bytes per block');
+  map.set(7, 1, 70000);
+  assert.is(chunkBytes(map), 4096, 'a value over 65535: four bytes per block');
+  for (let b = 0; b < 1024; b++) {
+    const expect = b === 5 ? 300 : b === 7 ? 70000 : b % 2 === 0 ? 1 + ((b >> 1) % 3) : 0;
+    assert.is(map.get(b), expect, `block ${b}`);
+    assert.is(before.get(b), b % 2 === 0 ? 1 + ((b >> 1) % 3) : 0, `block ${b} of the clone taken before`);
+  }
+  assert.is(chunkBytes(before), 1024, 'the clone keeps its narrow chunk');
 });
 
 test('a huge sparse map costs memory by extents, not by size', () => {

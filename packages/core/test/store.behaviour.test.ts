@@ -26,7 +26,9 @@ test('out-of-range I/O, unknown volumes and read-only layers are refused and cha
   await rejects(() => store.writeVolume('default', -1, Buffer.alloc(1), false), code('EINVAL'));
   assert.throws(() => store.readVolume('default', mib - 1, 2), (e: unknown) => e instanceof BlockDeviceError && e.code === 'EINVAL');
   assert.throws(() => store.readVolume('default', 0, 0), (e: unknown) => e instanceof BlockDeviceError && e.code === 'EINVAL');
-  await rejects(() => store.writeVolume('nope', 0, Buffer.alloc(1), false), code('ESHUTDOWN'));
+  await rejects(() => store.writeVolume('nope', 0, Buffer.alloc(1), false), code('ENOENT'));
+  await rejects(() => store.zeroVolume('nope', 0, 4096, false), code('ENOENT'));
+  assert.throws(() => store.readVolume('nope', 0, 512), (e: unknown) => e instanceof StoreError && e.code === 'ENOENT' && /no volume nope/.test((e as Error).message));
   await rejects(() => store.snapshot('nope'), code('ENOENT'));
   await rejects(() => store.clone('default@missing', 'x'), code('ENOENT'));
   await rejects(() => store.clone('default', 'x'), code('EINVAL'));

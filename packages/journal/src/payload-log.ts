@@ -108,7 +108,7 @@ export class PayloadLog {
     const previous = this.flushing;
     const flushing = (async () => {
       for (let i = 0; i < ids.length; i++) {
-        const fd = ids[i] === this.active ? this.activeFd! : this.readFd(ids[i]);
+        const fd = this.readFd(ids[i]);
         try {
           await fdatasyncAsync(fd);
         } catch (err) {

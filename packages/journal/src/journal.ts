@@ -41,6 +41,7 @@ import {
   maxBatchValueBytes,
   maxPayloadBytes,
   maxSeq,
+  payloadSegmentBytes,
   replayChunkBytes,
   replayChunkValues,
 } from './limits.js';
@@ -93,8 +94,10 @@ export interface JournalStats {
   readonly lastSeq: number;
   /** Payloads of records at or below this seq were dropped by retention (0: none dropped). */
   readonly payloadsDroppedThroughSeq: number;
-  /** Bytes of the database's files on disk (records, payloads, checkpoints, LevelDB overhead). */
+  /** Bytes of the database's files on disk (records, payloads, spare segments, checkpoints, LevelDB overhead). */
   readonly diskBytes: number;
+  /** Of diskBytes, retired payload segments kept for reuse (at most payloadSpareSegments files). */
+  readonly spareBytes: number;
   /** Why the seal could not be written, if it could not (damage detection is weaker then). */
   readonly sealError: string | undefined;
   readonly checkpointSeqs: number[];
@@ -129,6 +132,8 @@ export interface OpenOptions<M> {
    * damaged ones are dropped by a later discardFrom). Without it, a damaged last frame refuses open.
    */
   readonly skipDamagedTail?: boolean;
+  /** Size at which a payload log segment is closed (default payloadSegmentBytes); tests use small ones. */
+  readonly payloadSegmentBytes?: number;
 }
 
 interface Retention {
@@ -239,7 +244,7 @@ export class Journal<M = unknown> {
       }
       const durableSeq = (await Journal.readMeta<number>(path, db, 'durable', 'durable mark')) ?? 0;
       if (!Number.isSafeInteger(durableSeq) || durableSeq < 0) throw new JournalError('ECORRUPT', `journal ${path}: its durable mark (metadata key 'durable') is damaged`);
-      const payloadLog = new PayloadLog(path);
+      const payloadLog = new PayloadLog(path, options.payloadSegmentBytes ?? payloadSegmentBytes);
       const seal = new Seal(payloadLog.dir);
       const sealed = seal.read();
       const lastSeq = nextSeq - 1;
@@ -949,6 +954,7 @@ export class Journal<M = unknown> {
       lastSeq: last,
       payloadsDroppedThroughSeq: this.retention.payloadsThrough,
       diskBytes,
+      spareBytes: this.payloadLog.spareBytes(),
       sealError: this.sealFailure?.message,
       checkpointSeqs: await this.checkpointSeqs(),
     };

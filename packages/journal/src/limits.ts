@@ -21,3 +21,9 @@ export const replayChunkBytes = 16 * 1024 * 1024;
 export const maxSeq = Number.MAX_SAFE_INTEGER;
 /** A payload log segment is closed once it holds this much (a batch never spans two). */
 export const payloadSegmentBytes = 256 * 1024 * 1024;
+/**
+ * Retired payload segments kept as spares for reuse (each up to payloadSegmentBytes on disk): at the
+ * default checkpoint interval, 4 KiB writes fill about three segments between checkpoints, so four
+ * spares let steady-state writes land in recycled files only.
+ */
+export const payloadSpareSegments = 4;

@@ -13,18 +13,40 @@
  * payload bytes did not: replay reports that as a torn tail (see Journal.cutTail), never as silent
  * data. After a process crash (SIGKILL) the page cache keeps everything.
  *
- * Retention deletes whole segments whose records are all at or below the drop point.
+ * Retention drops whole segments whose records are all at or below the drop point. Up to
+ * payloadSpareSegments of them are kept as spares (`<id>.spare`) and renamed into place as the next
+ * segments, as PostgreSQL recycles WAL segments: a batch's payloads then overwrite pages that are
+ * already cached and blocks that are already allocated, instead of growing a new file (new page-cache
+ * pages, block allocation, and an ext4 journal commit on each fdatasync that grew it). Measured in
+ * BENCHMARKS.md. Stale bytes in a recycled segment are never read as data: a frame names its payload's
+ * length and CRC, so a frame whose payload never reached the segment reads as a torn tail. Because
+ * a segment's size no longer says where its payloads end, `close` truncates the active segment to its
+ * tail; after a crash, a recycled active segment counts as full and the next batch starts a new one.
+ * A synced batch also fsyncs the directory after a segment appeared, so the name survives a power cut.
  */
-import { closeSync, constants, fdatasync, fstatSync, mkdirSync, openSync, readdirSync, readSync, writevSync } from 'node:fs';
+import { closeSync, constants, fdatasync, fstatSync, fsync, ftruncateSync, linkSync, mkdirSync, openSync, readdirSync, readSync, renameSync, statSync, unlinkSync, writevSync } from 'node:fs';
 import { unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { payloadSegmentBytes } from './limits.js';
+import { payloadSpareSegments } from './limits.js';
 
 const fdatasyncAsync = promisify(fdatasync);
+const fsyncAsync = promisify(fsync);
 
 function segmentName(firstSeq: number): string {
   return `${String(firstSeq).padStart(16, '0')}.seg`;
+}
+
+function spareName(id: number): string {
+  return `${String(id).padStart(16, '0')}.spare`;
+}
+
+function idsNamed(names: readonly string[], pattern: RegExp): number[] {
+  return names
+    .map((name) => pattern.exec(name))
+    .filter((m): m is RegExpExecArray => m !== null)
+    .map((m) => Number(m[1]))
+    .sort((a, b) => a - b);
 }
 
 export interface PayloadPlacement {
@@ -36,21 +58,28 @@ export class PayloadLog {
   readonly dir: string;
   /** Segment ids (the first seq written into each), ascending. */
   private segments: number[];
+  /** Retired segments kept for reuse, by their old id, oldest first (at most payloadSpareSegments). */
+  private readonly spares: number[];
   private activeFd: number | undefined;
   private tailBytes = 0;
   private readonly dirty = new Set<number>();
+  /** A segment was created or renamed into place since the directory was last fsynced. */
+  private dirDirty = false;
   private readonly readFds = new Map<number, number>();
   /** The last flush started by `sync` (settled, never rejecting). */
   private flushing: Promise<void> = Promise.resolve();
 
-  constructor(journalDir: string) {
+  /** A segment is closed once the next batch would take it past this size. */
+  private readonly segmentBytes: number;
+
+  constructor(journalDir: string, segmentBytes: number) {
+    if (!Number.isSafeInteger(segmentBytes) || segmentBytes < 1) throw new RangeError(`payload segment size must be a positive integer, not ${segmentBytes}`);
+    this.segmentBytes = segmentBytes;
     this.dir = join(journalDir, 'payloads');
     mkdirSync(this.dir, { recursive: true, mode: 0o700 });
-    this.segments = readdirSync(this.dir)
-      .map((name) => /^(\d{16})\.seg$/.exec(name))
-      .filter((m): m is RegExpExecArray => m !== null)
-      .map((m) => Number(m[1]))
-      .sort((a, b) => a - b);
+    const names = readdirSync(this.dir);
+    this.segments = idsNamed(names, /^(\d{16})\.seg$/);
+    this.spares = idsNamed(names, /^(\d{16})\.spare$/);
     const last = this.segments[this.segments.length - 1];
     if (last !== undefined) {
       this.activeFd = openSync(join(this.dir, segmentName(last)), constants.O_RDWR);
@@ -65,19 +94,25 @@ export class PayloadLog {
   /**
    * Append a batch's payloads contiguously (one writev) and return where they start. A batch never
    * spans segments: a new segment, named by `firstSeq`, starts when the active one would exceed
-   * payloadSegmentBytes. The writev runs on the calling thread: measured against the threadpool in
-   * BENCHMARKS.md.
+   * segmentBytes; it is a spare renamed into place when there is one. The writev runs on the
+   * calling thread: measured against the threadpool in BENCHMARKS.md.
    */
   append(firstSeq: number, payloads: readonly Buffer[], totalBytes: number): PayloadPlacement {
-    if (this.activeFd === undefined || (this.tailBytes > 0 && this.tailBytes + totalBytes > payloadSegmentBytes)) {
+    if (this.activeFd !== undefined && this.active === firstSeq && this.tailBytes + totalBytes > this.segmentBytes) {
+      // The active segment is named by this very seq, so it holds no committed record's payload (a
+      // torn tail was cut back to here): rewrite it from the start rather than take a new name.
+      this.tailBytes = 0;
+    } else if (this.activeFd === undefined || (this.tailBytes > 0 && this.tailBytes + totalBytes > this.segmentBytes)) {
       if (this.activeFd !== undefined) {
         // The full segment is only read (and fdatasynced) from now on, through a read descriptor.
         this.dirty.add(this.active!);
         closeSync(this.activeFd);
+        this.activeFd = undefined;
       }
-      this.activeFd = openSync(join(this.dir, segmentName(firstSeq)), constants.O_RDWR | constants.O_CREAT | constants.O_EXCL, 0o600);
+      this.activeFd = this.createSegment(firstSeq);
       this.segments.push(firstSeq);
       this.tailBytes = 0;
+      this.dirDirty = true;
     }
     const segment = this.active!;
     const offset = this.tailBytes;
@@ -96,6 +131,21 @@ export class PayloadLog {
     return { segment, offset };
   }
 
+  /** Open a new segment file named by `firstSeq`: the oldest spare renamed, or a new file. */
+  private createSegment(firstSeq: number): number {
+    const path = join(this.dir, segmentName(firstSeq));
+    const spare = this.spares[0];
+    if (spare !== undefined) {
+      const sparePath = join(this.dir, spareName(spare));
+      // link + unlink, not rename: an existing file of that name is an error here, as with O_EXCL.
+      linkSync(sparePath, path);
+      this.spares.shift();
+      unlinkSync(sparePath);
+      return openSync(path, constants.O_RDWR);
+    }
+    return openSync(path, constants.O_RDWR | constants.O_CREAT | constants.O_EXCL, 0o600);
+  }
+
   /**
    * Make every payload written so far durable: fdatasync each segment written since the last call,
    * one at a time (so a flush of gigabytes never takes every threadpool thread from LevelDB), and
@@ -105,8 +155,19 @@ export class PayloadLog {
   sync(): Promise<void> {
     const ids = [...this.dirty];
     this.dirty.clear();
+    const dirDirty = this.dirDirty;
+    this.dirDirty = false;
     const previous = this.flushing;
     const flushing = (async () => {
+      if (dirDirty) {
+        try {
+          await this.syncDir();
+        } catch (err) {
+          this.dirDirty = true;
+          for (const id of ids) this.dirty.add(id);
+          throw err;
+        }
+      }
       for (let i = 0; i < ids.length; i++) {
         const fd = this.readFd(ids[i]);
         try {
@@ -121,6 +182,15 @@ export class PayloadLog {
     })();
     this.flushing = flushing.catch(() => undefined);
     return flushing;
+  }
+
+  private async syncDir(): Promise<void> {
+    const fd = openSync(this.dir, constants.O_RDONLY | constants.O_DIRECTORY);
+    try {
+      await fsyncAsync(fd);
+    } finally {
+      closeSync(fd);
+    }
   }
 
   private readFd(segment: number): number {
@@ -152,12 +222,13 @@ export class PayloadLog {
   }
 
   /**
-   * Delete every segment all of whose payloads belong to records at or below `throughSeq`. The files
-   * are unlinked in the threadpool: dropping a segment's cached pages takes the kernel long enough
-   * (a 256 MiB segment: tens of milliseconds) to stall the event loop. Returns how many went.
+   * Retire every segment all of whose payloads belong to records at or below `throughSeq`: the
+   * newest become spares (up to payloadSpareSegments), the rest are deleted. Deleted files are
+   * unlinked in the threadpool: dropping a segment's cached pages takes the kernel long enough (a
+   * 256 MiB segment: tens of milliseconds) to stall the event loop. Returns how many went.
    */
   async dropThrough(throughSeq: number): Promise<number> {
-    const doomed: string[] = [];
+    const retired: number[] = [];
     while (this.segments.length > 1 && this.segments[1] - 1 <= throughSeq) {
       const segment = this.segments.shift()!;
       const fd = this.readFds.get(segment);
@@ -166,10 +237,16 @@ export class PayloadLog {
         this.readFds.delete(segment);
       }
       this.dirty.delete(segment);
-      doomed.push(join(this.dir, segmentName(segment)));
+      retired.push(segment);
     }
-    await Promise.all(doomed.map((path) => unlink(path)));
-    return doomed.length;
+    const keep = Math.max(0, Math.min(retired.length, payloadSpareSegments - this.spares.length));
+    const doomed = retired.slice(0, retired.length - keep);
+    for (const segment of retired.slice(retired.length - keep)) {
+      renameSync(join(this.dir, segmentName(segment)), join(this.dir, spareName(segment)));
+      this.spares.push(segment);
+    }
+    await Promise.all(doomed.map((segment) => unlink(join(this.dir, segmentName(segment)))));
+    return retired.length;
   }
 
   /**
@@ -195,9 +272,9 @@ export class PayloadLog {
     return through;
   }
 
-  /** Bytes held in segment files. */
+  /** Bytes held in segment files, spares included. */
   diskBytes(): number {
-    let total = 0;
+    let total = this.spareBytes();
     for (const segment of this.segments) {
       try {
         total += fstatSync(this.readFd(segment)).size;
@@ -208,10 +285,30 @@ export class PayloadLog {
     return total;
   }
 
+  /** Bytes held in spare segment files. */
+  spareBytes(): number {
+    let total = 0;
+    for (const spare of this.spares) {
+      try {
+        total += statSync(join(this.dir, spareName(spare))).size;
+      } catch {
+        // A spare removed by hand is only a spare less.
+      }
+    }
+    return total;
+  }
+
+  /** Close every file; the active segment is first cut to its tail, so a reopen appends right after it. */
   close(): void {
     for (const fd of this.readFds.values()) closeSync(fd);
     this.readFds.clear();
-    if (this.activeFd !== undefined) closeSync(this.activeFd);
+    if (this.activeFd !== undefined) {
+      try {
+        if (fstatSync(this.activeFd).size > this.tailBytes) ftruncateSync(this.activeFd, this.tailBytes);
+      } finally {
+        closeSync(this.activeFd);
+      }
+    }
     this.activeFd = undefined;
   }
 }

@@ -3,11 +3,14 @@
  * not), replays, checkpoints, retention and reopen yields exactly the appended records in order.
  * The model is a plain array of what was appended.
  */
+import { readdirSync } from 'node:fs';
+import { join } from 'node:path';
 import fc from 'fast-check';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { Journal } from '../src/index.js';
 import { replayAll, tempDir } from './helpers.js';
+import { payloadSpareSegments } from '../src/limits.js';
 
 type Meta = unknown;
 interface ModelRecord {
@@ -53,7 +56,9 @@ test('any interleaving of journal operations replays exactly the appended record
   await fc.assert(
     fc.asyncProperty(fc.array(actionArb, { minLength: 1, maxLength: 25 }), async (actions) => {
       const dir = tempDir('prop');
-      let journal = await Journal.open(dir, { create: true });
+      // Segments of 600 bytes: a few batches fill one, so segment changes, spares and their reuse
+      // happen within a run.
+      let journal = await Journal.open(dir, { create: true, payloadSegmentBytes: 600 });
       const model: ModelRecord[] = [];
       const groupStarts = new Set<number>([1]);
       let firstSeq = 1;
@@ -104,7 +109,7 @@ test('any interleaving of journal operations replays exactly the appended record
             }
             case 'reopen':
               await journal.close();
-              journal = await Journal.open(dir);
+              journal = await Journal.open(dir, { payloadSegmentBytes: 600 });
               break;
             case 'sync':
               await journal.sync();
@@ -115,6 +120,8 @@ test('any interleaving of journal operations replays exactly the appended record
         expectSame(await replayAll(journal), model);
         const report = await journal.verify();
         assert.ok(report.ok, JSON.stringify(report.problems));
+        const spares = readdirSync(join(dir, 'payloads')).filter((name) => name.endsWith('.spare'));
+        assert.ok(spares.length <= payloadSpareSegments, `${spares.length} spare segments kept`);
         const latest = await journal.latestCheckpoint();
         if (checkpoint) {
           assert.is(latest?.seq, checkpoint.seq);

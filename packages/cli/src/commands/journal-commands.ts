@@ -72,7 +72,7 @@ export function registerJournalCommands(root: Command): void {
           [
             `journal of ${resolve(dir)}`,
             `  records          ${s.records} (seq ${s.firstSeq}..${s.lastSeq})`,
-            `  on disk          ${formatSize(s.diskBytes)}`,
+            `  on disk          ${formatSize(s.diskBytes)}${s.spareBytes > 0 ? ` (${formatSize(s.spareBytes)} of it spare payload segments, kept for reuse)` : ''}`,
             `  checkpoints      ${s.checkpointSeqs.length > 0 ? s.checkpointSeqs.map((c) => `seq ${c}`).join(', ') : 'none'}`,
             `  write payloads   kept from seq ${s.payloadsRetainedFromSeq}${s.payloadsRetainedFromTime ? ` (${s.payloadsRetainedFromTime})` : ''}, ${formatSize(s.retainedPayloadBytes)}: time travel reaches back that far`,
             `  retention        ${s.retentionDescription}`,

@@ -161,6 +161,7 @@ test('journal stats and journal verify, text and JSON', async () => {
     firstSeq: number;
     lastSeq: number;
     diskBytes: number;
+    spareBytes: number;
     checkpointSeqs: number[];
     eventsByType: Record<string, number>;
     retainedPayloadBytes: number;
@@ -168,6 +169,7 @@ test('journal stats and journal verify, text and JSON', async () => {
   }>(['journal', 'stats', store]);
   assert.equal([stats.records, stats.firstSeq, stats.lastSeq], [12, 1, 12]);
   assert.ok(stats.diskBytes > 0);
+  assert.is(stats.spareBytes, 0, 'no payload segment was retired, so none is kept as a spare');
   assert.ok(stats.checkpointSeqs.length > 0 && stats.checkpointSeqs.every((s) => s >= 1 && s <= 12));
   assert.equal(stats.eventsByType, { StoreCreated: 1, LayerCreated: 2, VolumeCreated: 2, Write: 3, Frozen: 1, Cloned: 1, Zero: 1, VolumeDeleted: 1 });
   assert.is(stats.retainedPayloadBytes, 64 * KiB + 8 * KiB + 4 * KiB, 'every write payload is still kept');

@@ -24,7 +24,7 @@
  * tail; after a crash, a recycled active segment counts as full and the next batch starts a new one.
  * A synced batch also fsyncs the directory after a segment appeared, so the name survives a power cut.
  */
-import { closeSync, constants, fdatasync, fstatSync, fsync, ftruncateSync, linkSync, mkdirSync, openSync, readdirSync, readSync, renameSync, statSync, unlinkSync, writevSync } from 'node:fs';
+import { closeSync, constants, fdatasync, fstatSync, fsync, ftruncateSync, mkdirSync, openSync, readdirSync, readSync, renameSync, statSync, writevSync } from 'node:fs';
 import { unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -131,19 +131,21 @@ export class PayloadLog {
     return { segment, offset };
   }
 
-  /** Open a new segment file named by `firstSeq`: the oldest spare renamed, or a new file. */
+  /**
+   * Open a new segment file named by `firstSeq`: the oldest spare renamed, or a new file. A file of
+   * that name that is no live segment is left over from a failed attempt and holds nothing a frame
+   * points at, so it is replaced. (Rename, not link and unlink: a spare name left pointing at a live
+   * segment would later be recycled over it.)
+   */
   private createSegment(firstSeq: number): number {
+    if (this.segments.includes(firstSeq)) throw new Error(`payload log invariant: segment ${firstSeq} is live`);
     const path = join(this.dir, segmentName(firstSeq));
-    const spare = this.spares[0];
+    const spare = this.spares.shift();
     if (spare !== undefined) {
-      const sparePath = join(this.dir, spareName(spare));
-      // link + unlink, not rename: an existing file of that name is an error here, as with O_EXCL.
-      linkSync(sparePath, path);
-      this.spares.shift();
-      unlinkSync(sparePath);
+      renameSync(join(this.dir, spareName(spare)), path);
       return openSync(path, constants.O_RDWR);
     }
-    return openSync(path, constants.O_RDWR | constants.O_CREAT | constants.O_EXCL, 0o600);
+    return openSync(path, constants.O_RDWR | constants.O_CREAT | constants.O_TRUNC, 0o600);
   }
 
   /**

@@ -2,10 +2,13 @@
  * The journal: a durable, ordered, CRC-chained log of records on one LevelDB database.
  *
  * Write path (group commit): `append` encodes its record at once and queues it; every append issued
- * before the queue is flushed (one event-loop turn, plus whatever arrives while the previous batch is
- * being written) goes into one atomic LevelDB batch. Sequence numbers are assigned when a batch is
- * written, so a failed batch consumes none and nothing after it can commit out of order. A batch is
- * written with `sync: true` if any member asked for it or a `sync()` call is waiting.
+ * before the queue is flushed (one event-loop turn, plus whatever arrives while earlier batches are
+ * being written) goes into one atomic LevelDB batch. A batch is written with `sync: true` if any
+ * member asked for it or a `sync()` call is waiting. Up to maxBatchesInFlight unsynced batches are
+ * written at once; each reserves its seqs when it starts and commits only after the one before it,
+ * so nothing commits out of order. A failed batch fails the ones behind it (their frames are taken
+ * back) and consumes no seq. A crash can leave a later batch's frames without an earlier one's; both
+ * are past the durable mark, so replay reports the hole as a torn tail.
  *
  * After a batch commits, the `onCommit` hook sees its records in seq order, synchronously, before any
  * member's promise resolves: a consumer that applies records there applies them in exactly journal
@@ -39,6 +42,7 @@ import { Seal } from './seal.js';
 import {
   journalFormatVersion,
   maxBatchValueBytes,
+  maxBatchesInFlight,
   maxPayloadBytes,
   maxSeq,
   payloadSegmentBytes,
@@ -173,8 +177,23 @@ export class Journal<M = unknown> {
   private retentionRebuilt = false;
   /** The first failed seal write (kept for diagnosis; journal writes go on). */
   private sealFailure: Error | undefined;
+  /** The committed end of the log: the seq after the last committed record, and that record's chained CRC. */
   private nextSeq: number;
   private lastChain: number;
+  /**
+   * Where the next batch to start goes: past the batches in flight. Equal to nextSeq and lastChain
+   * when none is in flight; set back to them once the batches in flight after a failed one settle.
+   */
+  private reservedSeq: number;
+  private reservedChain: number;
+  /** Batches written and not yet settled, oldest first (at most maxBatchesInFlight, one if synced). */
+  private readonly inFlight: Array<{ readonly sync: boolean; readonly settled: Promise<boolean> }> = [];
+  /** A batch in flight failed: the ones behind it fail too, and no batch starts until all settle. */
+  private rollingBack = false;
+  /** Frames of a failed pipeline could not be taken back: every later append fails with this. */
+  private broken: JournalError | undefined;
+  /** Resolves the flush loop's wait for more work (set while it waits). */
+  private wakeFlushLoop: (() => void) | undefined;
   private durableSeq: number;
   private retention: Retention;
   private pending: Pending<M>[] = [];
@@ -203,6 +222,8 @@ export class Journal<M = unknown> {
     this.retention = retention;
     this.nextSeq = nextSeq;
     this.lastChain = lastChain;
+    this.reservedSeq = nextSeq;
+    this.reservedChain = lastChain;
     this.durableSeq = Math.min(durableSeq, nextSeq - 1);
     this.onCommit = onCommit;
   }
@@ -394,6 +415,7 @@ export class Journal<M = unknown> {
    */
   append(meta: M, options?: AppendOptions): Promise<number> {
     if (this.closed) return Promise.reject(new JournalError('ECLOSED', `journal ${this.path} is closed`));
+    if (this.broken !== undefined) return Promise.reject(this.broken);
     const payload = options?.payload;
     let payloadCrc = 0;
     if (payload !== undefined && payload.length > 0) {
@@ -426,6 +448,7 @@ export class Journal<M = unknown> {
   }
 
   private scheduleFlush(): void {
+    this.wakeFlushLoop?.();
     if (this.flushScheduled || this.flushActive) return;
     this.flushScheduled = true;
     setImmediate(() => {
@@ -434,31 +457,84 @@ export class Journal<M = unknown> {
     });
   }
 
-  /** Writes batches one at a time until the queue is empty; `flushActive` drops in the same turn. */
+  /**
+   * Writes batches until the queue is empty and none is in flight; `flushActive` drops in the same
+   * turn. Up to maxBatchesInFlight unsynced batches are written to LevelDB at once: a batch's LevelDB
+   * write waits in the threadpool, and the next batch is built meanwhile (measured in BENCHMARKS.md).
+   * A synced batch (or a sync barrier) starts only when none is in flight, and none starts beside it.
+   */
   private async flushLoop(): Promise<void> {
     this.flushActive = true;
     try {
-      while (this.pending.length > 0 || this.syncWaiters.length > 0) {
+      for (;;) {
+        const queued = this.pending.length > 0 || this.syncWaiters.length > 0;
+        if (!queued && this.inFlight.length === 0) break;
+        const sync = this.pendingSync || this.syncWaiters.length > 0;
+        const oldest = this.inFlight[0];
+        if (!queued || (oldest !== undefined && (sync || oldest.sync || this.rollingBack || this.inFlight.length >= maxBatchesInFlight))) {
+          // Wait for the oldest batch to settle, or (with room for another) for more work.
+          await new Promise<void>((resolve) => {
+            this.wakeFlushLoop = queued ? undefined : resolve;
+            void oldest.settled.then(() => resolve());
+          });
+          this.wakeFlushLoop = undefined;
+          continue;
+        }
+        if (this.broken !== undefined) {
+          this.failQueued(this.broken);
+          continue;
+        }
         const items = this.pending;
         const waiters = this.syncWaiters;
-        const sync = this.pendingSync || waiters.length > 0;
         this.pending = [];
         this.syncWaiters = [];
         this.pendingSync = false;
-        await this.commitBatch(items, waiters, sync);
+        const previous = oldest === undefined ? undefined : this.inFlight[this.inFlight.length - 1].settled;
+        // An exception after the commit (a broken invariant) must not wedge the batches behind it.
+        const flight = { sync, settled: this.commitBatch(items, waiters, sync, previous).catch(() => false) };
+        this.inFlight.push(flight);
+        void flight.settled.then(() => {
+          assert(this.inFlight[0] === flight, 'batches settle in the order they started');
+          this.inFlight.shift();
+          if (this.inFlight.length === 0 && this.rollingBack) {
+            // Every batch after the failed one has failed and been taken back: start over from the
+            // committed end, so a failed batch consumes no seq.
+            this.reservedSeq = this.nextSeq;
+            this.reservedChain = this.lastChain;
+            this.rollingBack = false;
+          }
+        });
       }
     } finally {
       this.flushActive = false;
     }
   }
 
-  private async commitBatch(items: Pending<M>[], waiters: Journal['syncWaiters'], sync: boolean): Promise<void> {
+  private failQueued(failure: JournalError): void {
+    for (const item of this.pending) item.reject(failure);
+    for (const waiter of this.syncWaiters) waiter.reject(failure);
+    this.pending = [];
+    this.syncWaiters = [];
+    this.pendingSync = false;
+  }
+
+  /**
+   * Write one batch, then commit it once the batch started before it (`previous`, in flight) has
+   * settled. Resolves true when committed, false when it failed, with its appends and waiters
+   * rejected; never rejects. A batch fails when its own write fails or the one before it failed
+   * (its frames would follow a hole); then its frames, if written, are taken back.
+   */
+  private async commitBatch(items: Pending<M>[], waiters: Journal['syncWaiters'], sync: boolean, previous: Promise<boolean> | undefined): Promise<boolean> {
     const startedMs = performance.now();
     const timeMs = Date.now();
-    const firstSeq = this.nextSeq;
+    const firstSeq = this.reservedSeq;
     const ops: Array<{ type: 'put'; key: Buffer; value: Buffer }> = [];
+    const frameKeys: Buffer[] = [];
     const chains = new Uint32Array(items.length);
     let bytes = 0;
+    let batchChain = this.reservedChain;
+    let written = false;
+    let failure: JournalError | undefined;
     try {
       // 1. Payloads go to the payload log first, so no committed frame points past written bytes.
       const payloads: Buffer[] = [];
@@ -473,7 +549,8 @@ export class Journal<M = unknown> {
       // 2. A synced batch makes its payloads (and every earlier one, and the seal) durable first.
       if (sync) await Promise.all([this.payloadLog.sync(), this.seal.sync()]);
       // 3. The frames: one LevelDB value per maxBatchValueBytes of records, all in one atomic batch.
-      let prev = this.lastChain;
+      // (A synced batch is alone in flight, so the reserved end cannot move during its flushes.)
+      let prev = this.reservedChain;
       let start = 0;
       let payloadOffset = placement?.offset ?? 0;
       while (start < items.length) {
@@ -494,7 +571,9 @@ export class Journal<M = unknown> {
           framePayloads,
           sync,
         );
-        ops.push({ type: 'put', key: recordKey(firstSeq + start), value: frame.value });
+        const key = recordKey(firstSeq + start);
+        ops.push({ type: 'put', key, value: frame.value });
+        frameKeys.push(key);
         chains.set(frame.chains, start);
         bytes += frame.value.length;
         payloadOffset += framePayloadBytes;
@@ -504,15 +583,37 @@ export class Journal<M = unknown> {
       bytes += payloadBytes;
       const lastSeq = firstSeq + items.length - 1;
       if (sync) ops.push({ type: 'put', key: metaKey('durable'), value: metaPackr.pack(lastSeq) });
+      batchChain = prev;
+      this.reservedSeq = firstSeq + items.length;
+      this.reservedChain = prev;
       await this.db.batch(ops, { sync });
-      this.lastChain = prev;
+      written = true;
     } catch (err) {
-      const failure = new JournalError('EIO', `journal ${this.path}: batch of ${items.length} records failed: ${(err as Error).message}`, { cause: err });
+      failure = new JournalError('EIO', `journal ${this.path}: batch of ${items.length} records failed: ${(err as Error).message}`, { cause: err });
+    }
+    const previousCommitted = previous === undefined || (await previous);
+    if (failure === undefined && !previousCommitted) {
+      failure = new JournalError('EIO', `journal ${this.path}: batch of ${items.length} records failed: the batch before it failed`);
+    }
+    if (failure !== undefined) {
+      this.rollingBack = true;
+      if (written) {
+        try {
+          await this.db.batch(frameKeys.map((key) => ({ type: 'del' as const, key })));
+        } catch (err) {
+          this.broken ??= new JournalError(
+            'EIO',
+            `journal ${this.path}: the frames from seq ${firstSeq} on, written after a failed batch, could not be taken back (${(err as Error).message}); reopen the journal, which cuts them as a torn tail`,
+            { cause: err },
+          );
+        }
+      }
       for (const item of items) item.reject(failure);
       for (const waiter of waiters) waiter.reject(failure);
-      return;
+      return false;
     }
     this.nextSeq = firstSeq + items.length;
+    this.lastChain = batchChain;
     if (sync) this.durableSeq = this.lastSeq;
     assert(this.nextSeq <= maxSeq, 'sequence numbers stay below 2^53');
     this.writeSeal();
@@ -548,6 +649,7 @@ export class Journal<M = unknown> {
     if (this.batches$.observed) {
       this.batches$.next({ firstSeq, records: items.length, bytes, sync, durationMs: performance.now() - startedMs });
     }
+    return true;
   }
 
   /**
@@ -624,11 +726,11 @@ export class Journal<M = unknown> {
           const keySeq = seqOfKey(key);
           if (expectSeq === undefined) {
             if (keySeq > fromSeq) {
-              throw new JournalCorruptionError(fromSeq, 'gap', `no frame holds seq ${fromSeq}; the first frame at or after it starts at seq ${keySeq}`);
+              this.missingRecords(fromSeq, `no frame holds seq ${fromSeq}; the first frame at or after it starts at seq ${keySeq}`);
             }
             if (keySeq === retention.firstSeq) expectPrev = retention.chainBefore;
           } else if (keySeq !== expectSeq) {
-            throw new JournalCorruptionError(expectSeq, 'gap', `record seq ${expectSeq} is missing; the next frame starts at seq ${keySeq}`);
+            this.missingRecords(expectSeq, `record seq ${expectSeq} is missing; the next frame starts at seq ${keySeq}`);
           }
           const frame = decodeFrame(keySeq, value, expectPrev, fullCheck);
           const first = Math.max(0, fromSeq - frame.firstSeq);
@@ -690,6 +792,16 @@ export class Journal<M = unknown> {
       at += length;
     }
     return out;
+  }
+
+  /**
+   * Records missing before later ones. Past the last durable seq that is a torn tail: two unsynced
+   * batches are written to LevelDB at once, and a crash can keep the second without the first
+   * (neither was acknowledged: a batch commits only after the one before it).
+   */
+  private missingRecords(seq: number, detail: string): never {
+    if (seq > this.durableSeq) throw new JournalTornTailError(seq, 'gap', detail, this.durableSeq);
+    throw new JournalCorruptionError(seq, 'gap', detail);
   }
 
   private payloadDamage(seq: number, kind: CorruptionKind, detail: string): never {
@@ -756,6 +868,8 @@ export class Journal<M = unknown> {
     const discarded = this.nextSeq - nextSeq;
     this.nextSeq = nextSeq;
     this.lastChain = lastChain;
+    this.reservedSeq = nextSeq;
+    this.reservedChain = lastChain;
     this.durableSeq = durable;
     this.missingTail = undefined;
     this.writeSeal();
@@ -976,7 +1090,7 @@ export class Journal<M = unknown> {
   async close(): Promise<void> {
     if (this.closed) return;
     while (this.flushActive || this.flushScheduled) await (this.flushScheduled ? new Promise((r) => setImmediate(r)) : this.flushDone);
-    if (this.durableSeq < this.lastSeq) await this.sync();
+    if (this.broken === undefined && this.durableSeq < this.lastSeq) await this.sync();
     this.closed = true;
     this.batches$.complete();
     this.records$.complete();

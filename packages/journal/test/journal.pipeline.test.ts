@@ -1,0 +1,187 @@
+/**
+ * Batches in flight together: two unsynced batches are written to LevelDB at once, commit in seq
+ * order, and when one fails the one behind it fails too and is taken back, so seqs stay dense. A
+ * hole a crash leaves past the durable mark is a torn tail. LevelDB's `batch` is wrapped here to
+ * slow or fail chosen calls (the only way to make a real LevelDB write fail on demand).
+ */
+import { Level } from 'level';
+import { pack } from 'msgpackr';
+import { lastValueFrom, toArray } from 'rxjs';
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { Journal, JournalError, JournalTornTailError } from '../src/index.js';
+import { recordKey } from '../src/keys.js';
+import { maxBatchesInFlight } from '../src/limits.js';
+import { replayAll, tempDir } from './helpers.js';
+
+type BatchOp = { type: 'put' | 'del'; key: Buffer; value?: Buffer };
+type Batch = (ops: BatchOp[], options?: { sync?: boolean }) => Promise<void>;
+
+/** Replace the journal's LevelDB `batch` with `wrap(original, callNumber, ops)`; calls count from 1. */
+function wrapBatch(journal: Journal<number>, wrap: (original: Batch, call: number, ops: BatchOp[]) => Promise<void>): void {
+  const db = (journal as unknown as { db: { batch: Batch } }).db;
+  const original = db.batch.bind(db) as Batch;
+  let calls = 0;
+  db.batch = (ops, options) => wrap((o, opt) => original(o, opt ?? options), ++calls, ops);
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+const nextTurn = (): Promise<void> => new Promise((r) => setImmediate(r));
+const payloadOf = (n: number): Buffer => Buffer.alloc(32, n & 0xff);
+
+/** Append metas 0..count-1, one per event-loop turn, without waiting for any. */
+async function appendOverTurns(journal: Journal<number>, count: number): Promise<PromiseSettledResult<number>[]> {
+  const appends: Promise<number>[] = [];
+  for (let i = 0; i < count; i++) {
+    appends.push(journal.append(i, { payload: payloadOf(i) }));
+    await nextTurn();
+  }
+  return Promise.allSettled(appends);
+}
+
+/** The appends that succeeded hold seqs 1..n in append order, and the log replays exactly them. */
+async function expectDense(journal: Journal<number>, results: PromiseSettledResult<number>[]): Promise<void> {
+  const committed = results.flatMap((r, meta) => (r.status === 'fulfilled' ? [{ seq: r.value, meta }] : []));
+  assert.equal(
+    committed.map((c) => c.seq),
+    committed.map((_, i) => i + 1),
+    'seqs are dense and follow the order of the appends',
+  );
+  const records = await replayAll(journal);
+  assert.equal(
+    records.map((r) => [r.seq, r.meta]),
+    committed.map((c) => [c.seq, c.meta]),
+  );
+  for (const r of records) assert.ok(r.payload !== undefined && Buffer.from(r.payload).equals(payloadOf(r.meta)), `payload of seq ${r.seq}`);
+  const report = await journal.verify();
+  assert.ok(report.ok, JSON.stringify(report.problems));
+}
+
+test('two unsynced batches are written at once and commit in seq order', async () => {
+  const journal = await Journal.open<number>(tempDir('pipeline'), { create: true });
+  let writing = 0;
+  let mostAtOnce = 0;
+  wrapBatch(journal, async (original, _call, ops) => {
+    writing++;
+    mostAtOnce = Math.max(mostAtOnce, writing);
+    try {
+      await sleep(2);
+      await original(ops);
+    } finally {
+      writing--;
+    }
+  });
+  const committed: number[] = [];
+  journal.onCommit = (records) => committed.push(...records.map((r) => r.seq));
+  const results = await appendOverTurns(journal, 200);
+  assert.ok(results.every((r) => r.status === 'fulfilled'));
+  assert.is(mostAtOnce, maxBatchesInFlight, `at most ${maxBatchesInFlight} batches in flight, and that many were`);
+  assert.equal(committed, Array.from({ length: 200 }, (_, i) => i + 1), 'the hook saw every record once, in seq order');
+  await expectDense(journal, results);
+  await journal.close();
+});
+
+test('a synced batch waits for the batches in flight and is alone in flight', async () => {
+  const journal = await Journal.open<number>(tempDir('pipeline'), { create: true });
+  const log: string[] = [];
+  wrapBatch(journal, async (original, call, ops) => {
+    const sync = ops.some((op) => op.key.toString('latin1', 0, 1) === 'm');
+    log.push(`start ${call}${sync ? ' sync' : ''}`);
+    await sleep(3);
+    await original(ops);
+    log.push(`end ${call}`);
+  });
+  const appends = [journal.append(1), journal.append(2)];
+  await nextTurn();
+  appends.push(journal.append(3));
+  await nextTurn();
+  appends.push(journal.append(4, { sync: true }));
+  await nextTurn();
+  appends.push(journal.append(5));
+  assert.equal(await Promise.all(appends), [1, 2, 3, 4, 5]);
+  // Append 5 arrived while the synced batch waited for the two in flight, so it joined it.
+  assert.equal(log, ['start 1', 'start 2', 'end 1', 'end 2', 'start 3 sync', 'end 3']);
+  await journal.close();
+});
+
+test('a failed batch fails the one in flight behind it, which is taken back; seqs stay dense', async () => {
+  const dir = tempDir('pipeline');
+  const journal = await Journal.open<number>(dir, { create: true });
+  wrapBatch(journal, async (original, call, ops) => {
+    if (call === 3) {
+      await sleep(20);
+      throw new Error('injected write failure');
+    }
+    await original(ops);
+  });
+  const results = await appendOverTurns(journal, 60);
+  const failures = results.flatMap((r) => (r.status === 'rejected' ? [(r.reason as Error).message] : []));
+  assert.ok(failures.some((m) => /injected write failure/.test(m)), 'the failed batch');
+  assert.ok(failures.some((m) => /the batch before it failed/.test(m)), 'the batch in flight behind it');
+  assert.ok(failures.every((m) => /injected write failure|the batch before it failed/.test(m)));
+  await expectDense(journal, results);
+  await journal.close();
+  const reopened = await Journal.open<number>(dir);
+  await expectDense(reopened, results);
+  await reopened.close();
+});
+
+test('when the frames behind a failed batch cannot be taken back, later appends fail, and a reopen cuts them', async () => {
+  const dir = tempDir('pipeline');
+  const journal = await Journal.open<number>(dir, { create: true });
+  wrapBatch(journal, async (original, call, ops) => {
+    if (call === 3) {
+      await sleep(20);
+      throw new Error('injected write failure');
+    }
+    if (ops.every((op) => op.type === 'del')) throw new Error('injected delete failure');
+    await original(ops);
+  });
+  const results = await appendOverTurns(journal, 30);
+  const firstFailed = results.findIndex((r) => r.status === 'rejected');
+  assert.ok(firstFailed > 0);
+  assert.ok(results.slice(firstFailed).every((r) => r.status === 'rejected'), 'nothing commits after the failure');
+  const last = results[results.length - 1] as PromiseRejectedResult;
+  assert.ok(last.reason instanceof JournalError);
+  assert.match((last.reason as Error).message, /could not be taken back/);
+  await journal.close();
+
+  const reopened = await Journal.open<number>(dir);
+  const err = await lastValueFrom(reopened.replay().pipe(toArray())).then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  assert.ok(err instanceof JournalTornTailError, String(err));
+  assert.is(err.kind, 'gap');
+  assert.is(err.seq, firstFailed + 1);
+  assert.ok((await reopened.cutTail(err.seq)) > 0, 'the frames behind the hole go');
+  await expectDense(reopened, results);
+  assert.is(await reopened.append(99), firstFailed + 1, 'appends go on after the cut');
+  await reopened.close();
+});
+
+test('a hole left by a crash is a torn tail past the durable mark, and corruption at or below it', async () => {
+  const dir = tempDir('pipeline');
+  const journal = await Journal.open<number>(dir, { create: true });
+  for (let i = 1; i <= 6; i++) await journal.append(i, { payload: payloadOf(i), sync: i === 2 });
+  await journal.close();
+  // As a crash can leave it: seq 4's frame never reached LevelDB, seqs 5 and 6 did; durable through 2.
+  const raw = new Level<Buffer, Buffer>(dir, { keyEncoding: 'buffer', valueEncoding: 'buffer' });
+  await raw.del(recordKey(4));
+  await raw.put(Buffer.from('mdurable'), pack(2));
+  await raw.close();
+  const reopened = await Journal.open<number>(dir);
+  const err = await lastValueFrom(reopened.replay().pipe(toArray())).then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  assert.ok(err instanceof JournalTornTailError, String(err));
+  assert.is(err.seq, 4);
+  assert.is(err.kind, 'gap');
+  assert.is(await reopened.cutTail(4), 3);
+  assert.equal((await replayAll(reopened)).map((r) => r.meta), [1, 2, 3]);
+  assert.is(await reopened.append(7), 4);
+  await reopened.close();
+});
+
+test.run();

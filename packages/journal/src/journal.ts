@@ -192,6 +192,12 @@ export class Journal<M = unknown> {
   private rollingBack = false;
   /** Frames of a failed pipeline could not be taken back: every later append fails with this. */
   private broken: JournalError | undefined;
+  /**
+   * Records up to here are known to have been committed: by this process, or (from the seal at open)
+   * before a process crash in this boot, or made durable. A hole at or below it is damage, not a
+   * torn tail.
+   */
+  private knownCommittedSeq = 0;
   /** Resolves the flush loop's wait for more work (set while it waits). */
   private wakeFlushLoop: (() => void) | undefined;
   private durableSeq: number;
@@ -284,6 +290,7 @@ export class Journal<M = unknown> {
       }
       const journal = new Journal<M>(path, db, payloadLog, seal, retention, nextSeq, lastChain, durableSeq, options.onCommit);
       journal.missingTail = missingTail;
+      if (sealed !== undefined) journal.knownCommittedSeq = Math.min(lastSeq, seal.sameBoot(sealed) ? Math.max(sealed.committedSeq, sealed.durableSeq) : sealed.durableSeq);
       journal.retentionRebuilt = retentionRebuilt;
       return journal;
     } catch (err) {
@@ -614,6 +621,7 @@ export class Journal<M = unknown> {
     }
     this.nextSeq = firstSeq + items.length;
     this.lastChain = batchChain;
+    this.knownCommittedSeq = this.lastSeq;
     if (sync) this.durableSeq = this.lastSeq;
     assert(this.nextSeq <= maxSeq, 'sequence numbers stay below 2^53');
     this.writeSeal();
@@ -795,13 +803,14 @@ export class Journal<M = unknown> {
   }
 
   /**
-   * Records missing before later ones. Past the last durable seq that is a torn tail: two unsynced
-   * batches are written to LevelDB at once, and a crash can keep the second without the first
-   * (neither was acknowledged: a batch commits only after the one before it).
+   * Records missing before later ones. Two unsynced batches are written to LevelDB at once, and a
+   * crash can keep the second without the first; neither was committed (a batch commits only after
+   * the one before it), so such a hole lies past both the durable mark and what the seal says was
+   * committed: a torn tail. A hole in records known to have been committed is damage.
    */
   private missingRecords(seq: number, detail: string): never {
-    if (seq > this.durableSeq) throw new JournalTornTailError(seq, 'gap', detail, this.durableSeq);
-    throw new JournalCorruptionError(seq, 'gap', detail);
+    if (seq > this.durableSeq && seq > this.knownCommittedSeq) throw new JournalTornTailError(seq, 'gap', detail, this.durableSeq);
+    throw new JournalCorruptionError(seq, 'gap', seq > this.durableSeq ? `${detail}; the journal's seal says it was committed` : detail);
   }
 
   private payloadDamage(seq: number, kind: CorruptionKind, detail: string): never {
@@ -870,6 +879,7 @@ export class Journal<M = unknown> {
     this.lastChain = lastChain;
     this.reservedSeq = nextSeq;
     this.reservedChain = lastChain;
+    this.knownCommittedSeq = Math.min(this.knownCommittedSeq, nextSeq - 1);
     this.durableSeq = durable;
     this.missingTail = undefined;
     this.writeSeal();

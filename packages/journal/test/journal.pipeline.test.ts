@@ -1,17 +1,20 @@
 /**
  * Batches in flight together: two unsynced batches are written to LevelDB at once, commit in seq
  * order, and when one fails the one behind it fails too and is taken back, so seqs stay dense. A
- * hole a crash leaves past the durable mark is a torn tail. LevelDB's `batch` is wrapped here to
+ * hole a crash leaves past the durable mark and the seal's committed seq is a torn tail; a hole in
+ * committed records is damage. LevelDB's `batch` is wrapped here to
  * slow or fail chosen calls (the only way to make a real LevelDB write fail on demand).
  */
+import { join } from 'node:path';
 import { Level } from 'level';
 import { pack } from 'msgpackr';
 import { lastValueFrom, toArray } from 'rxjs';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { Journal, JournalError, JournalTornTailError } from '../src/index.js';
+import { Journal, JournalCorruptionError, JournalError, JournalTornTailError } from '../src/index.js';
 import { recordKey } from '../src/keys.js';
 import { maxBatchesInFlight } from '../src/limits.js';
+import { Seal } from '../src/seal.js';
 import { replayAll, tempDir } from './helpers.js';
 
 type BatchOp = { type: 'put' | 'del'; key: Buffer; value?: Buffer };
@@ -160,27 +163,54 @@ test('when the frames behind a failed batch cannot be taken back, later appends 
   await reopened.close();
 });
 
-test('a hole left by a crash is a torn tail past the durable mark, and corruption at or below it', async () => {
+/**
+ * A journal of seqs 1..6 (durable through 2) as a crash can leave it: seq 4's frame never reached
+ * LevelDB, seqs 5 and 6 did; the seal says records were committed through `sealedCommitted`.
+ */
+async function withHole(sealedCommitted: number): Promise<string> {
   const dir = tempDir('pipeline');
   const journal = await Journal.open<number>(dir, { create: true });
   for (let i = 1; i <= 6; i++) await journal.append(i, { payload: payloadOf(i), sync: i === 2 });
   await journal.close();
-  // As a crash can leave it: seq 4's frame never reached LevelDB, seqs 5 and 6 did; durable through 2.
   const raw = new Level<Buffer, Buffer>(dir, { keyEncoding: 'buffer', valueEncoding: 'buffer' });
   await raw.del(recordKey(4));
   await raw.put(Buffer.from('mdurable'), pack(2));
   await raw.close();
-  const reopened = await Journal.open<number>(dir);
-  const err = await lastValueFrom(reopened.replay().pipe(toArray())).then(
+  const seal = new Seal(join(dir, 'payloads'));
+  seal.write(sealedCommitted, 2);
+  seal.close();
+  return dir;
+}
+
+async function replayError(journal: Journal<number>): Promise<unknown> {
+  return lastValueFrom(journal.replay().pipe(toArray())).then(
     () => undefined,
     (e: unknown) => e,
   );
+}
+
+test('a hole past the durable mark and past what the seal says was committed is a torn tail', async () => {
+  const reopened = await Journal.open<number>(await withHole(3));
+  const err = await replayError(reopened);
   assert.ok(err instanceof JournalTornTailError, String(err));
   assert.is(err.seq, 4);
   assert.is(err.kind, 'gap');
   assert.is(await reopened.cutTail(4), 3);
   assert.equal((await replayAll(reopened)).map((r) => r.meta), [1, 2, 3]);
   assert.is(await reopened.append(7), 4);
+  await reopened.close();
+});
+
+test('a hole in records the seal says were committed in this boot is damage, named by its seq', async () => {
+  const reopened = await Journal.open<number>(await withHole(6));
+  const err = await replayError(reopened);
+  assert.ok(err instanceof JournalCorruptionError && !(err instanceof JournalTornTailError), String(err));
+  assert.is(err.seq, 4);
+  assert.is(err.kind, 'gap');
+  assert.match(err.message, /seal says it was committed/);
+  const report = await reopened.verify();
+  assert.is(report.ok, false);
+  assert.is(report.problems[0].seq, 4);
   await reopened.close();
 });
 

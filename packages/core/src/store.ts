@@ -106,10 +106,12 @@ export interface OpenReport {
   /** A fresh checkpoint was written because events were replayed. */
   readonly checkpointWritten: boolean;
   /**
-   * A torn tail cut after an OS crash: records from `fromSeq` on had been committed but never synced,
-   * and their data did not reach the disk. Nothing in it was acknowledged as durable (FUA or flush).
+   * A torn tail cut: records from `fromSeq` on were never synced. `kind` says what was missing: a
+   * payload that never reached the disk (`payload-crc`, `payload-missing`: after an OS crash; nothing
+   * in it was acknowledged as durable), or a batch LevelDB never got while the batch written beside
+   * it did (`gap`: after any crash; nothing from there on had been acknowledged at all).
    */
-  readonly tailCut: { fromSeq: number; records: number } | undefined;
+  readonly tailCut: { fromSeq: number; records: number; kind: string } | undefined;
 }
 
 export interface VolumeInfo {
@@ -368,7 +370,7 @@ export class Store {
         loaded = await load();
       } catch (err) {
         if (!(err instanceof JournalTornTailError)) throw err;
-        tailCut = { fromSeq: err.seq, records: await openJournal.cutTail(err.seq) };
+        tailCut = { fromSeq: err.seq, records: await openJournal.cutTail(err.seq), kind: err.kind };
         loaded = await load();
       }
       const { state, checkpointSeq, skipped, eventsReplayed, writesReapplied } = loaded;

@@ -144,7 +144,11 @@ export function registerStoreCommands(root: Command): void {
             `  orphan files        ${report.orphanFilesRemoved} removed`,
             `  time                ${(report.durationMs / 1000).toFixed(3)} s (${Math.round(report.eventsPerSecond).toLocaleString('en-US')} events/s)`,
             `  checkpoint written  ${report.checkpointWritten ? `yes, seq ${report.lastSeq}` : 'no (nothing to replay)'}`,
-            ...(report.tailCut !== undefined ? [`  torn tail cut       ${report.tailCut.records} unsynced record(s) from seq ${report.tailCut.fromSeq} (their data never reached the disk)`] : []),
+            ...(report.tailCut !== undefined
+              ? [
+                  `  torn tail cut       ${report.tailCut.records} unsynced record(s) from seq ${report.tailCut.fromSeq} (${report.tailCut.kind === 'gap' ? 'a batch that never reached LevelDB and the one written beside it; none was acknowledged' : 'their data never reached the disk'})`,
+                ]
+              : []),
             ...(report.salvage !== undefined
               ? [`  SALVAGED            discarded ${report.salvage.recordsDiscarded} record(s) from seq ${report.salvage.fromSeq} (${report.salvage.reason}); re-applied ${report.salvage.writesReapplied} kept write(s)`]
               : []),

@@ -32,14 +32,32 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
 const nextTurn = (): Promise<void> => new Promise((r) => setImmediate(r));
 const payloadOf = (n: number): Buffer => Buffer.alloc(32, n & 0xff);
 
-/** Append metas 0..count-1, one per event-loop turn, without waiting for any. */
-async function appendOverTurns(journal: Journal<number>, count: number): Promise<PromiseSettledResult<number>[]> {
+/** Append metas 0..count-1, one per event-loop turn (or per `gapMs`), without waiting for any. */
+async function appendOverTurns(journal: Journal<number>, count: number, gapMs = 0): Promise<PromiseSettledResult<number>[]> {
   const appends: Promise<number>[] = [];
   for (let i = 0; i < count; i++) {
     appends.push(journal.append(i, { payload: payloadOf(i) }));
-    await nextTurn();
+    await (gapMs > 0 ? sleep(gapMs) : nextTurn());
   }
   return Promise.allSettled(appends);
+}
+
+/**
+ * Fail LevelDB write number 3 once write 4 (the next batch) has started, so a batch is in flight
+ * behind the failed one; with `deletes`, also fail taking frames back.
+ */
+function failThirdWrite(journal: Journal<number>, deletes: boolean): void {
+  let fourthStarted: () => void = () => undefined;
+  const fourth = new Promise<void>((resolve) => (fourthStarted = resolve));
+  wrapBatch(journal, async (original, call, ops) => {
+    if (call === 3) {
+      await Promise.race([fourth, sleep(2000)]);
+      throw new Error('injected write failure');
+    }
+    if (call === 4) fourthStarted();
+    if (deletes && ops.every((op) => op.type === 'del')) throw new Error('injected delete failure');
+    await original(ops);
+  });
 }
 
 /** The appends that succeeded hold seqs 1..n in append order, and the log replays exactly them. */
@@ -102,22 +120,19 @@ test('a synced batch waits for the batches in flight and is alone in flight', as
   await nextTurn();
   appends.push(journal.append(5));
   assert.equal(await Promise.all(appends), [1, 2, 3, 4, 5]);
-  // Append 5 arrived while the synced batch waited for the two in flight, so it joined it.
-  assert.equal(log, ['start 1', 'start 2', 'end 1', 'end 2', 'start 3 sync', 'end 3']);
+  // Batches 1 and 2 were in flight together (LevelDB may finish either first); the synced batch
+  // started after both ended, and append 5, arriving while it waited, joined it.
+  assert.equal(log.slice(0, 2), ['start 1', 'start 2']);
+  assert.equal([...log.slice(2, 4)].sort(), ['end 1', 'end 2']);
+  assert.equal(log.slice(4), ['start 3 sync', 'end 3']);
   await journal.close();
 });
 
 test('a failed batch fails the one in flight behind it, which is taken back; seqs stay dense', async () => {
   const dir = tempDir('pipeline');
   const journal = await Journal.open<number>(dir, { create: true });
-  wrapBatch(journal, async (original, call, ops) => {
-    if (call === 3) {
-      await sleep(20);
-      throw new Error('injected write failure');
-    }
-    await original(ops);
-  });
-  const results = await appendOverTurns(journal, 60);
+  failThirdWrite(journal, false);
+  const results = await appendOverTurns(journal, 60, 1);
   const failures = results.flatMap((r) => (r.status === 'rejected' ? [(r.reason as Error).message] : []));
   assert.ok(failures.some((m) => /injected write failure/.test(m)), 'the failed batch');
   assert.ok(failures.some((m) => /the batch before it failed/.test(m)), 'the batch in flight behind it');
@@ -132,15 +147,8 @@ test('a failed batch fails the one in flight behind it, which is taken back; seq
 test('when the frames behind a failed batch cannot be taken back, later appends fail, and a reopen cuts them', async () => {
   const dir = tempDir('pipeline');
   const journal = await Journal.open<number>(dir, { create: true });
-  wrapBatch(journal, async (original, call, ops) => {
-    if (call === 3) {
-      await sleep(20);
-      throw new Error('injected write failure');
-    }
-    if (ops.every((op) => op.type === 'del')) throw new Error('injected delete failure');
-    await original(ops);
-  });
-  const results = await appendOverTurns(journal, 30);
+  failThirdWrite(journal, true);
+  const results = await appendOverTurns(journal, 30, 1);
   const firstFailed = results.findIndex((r) => r.status === 'rejected');
   assert.ok(firstFailed > 0);
   assert.ok(results.slice(firstFailed).every((r) => r.status === 'rejected'), 'nothing commits after the failure');

@@ -19,3 +19,11 @@ export function tempDir(label = 'journal'): string {
 export function replayAll<M>(journal: Journal<M>, from?: number, to?: number, payloads = true): Promise<JournalRecord<M>[]> {
   return lastValueFrom(journal.replay(from, to, { payloads }).pipe(toArray()));
 }
+
+/** What a full replay fails with (undefined when it succeeds). */
+export function replayError<M>(journal: Journal<M>): Promise<unknown> {
+  return lastValueFrom(journal.replay().pipe(toArray())).then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+}

@@ -8,14 +8,13 @@
 import { join } from 'node:path';
 import { Level } from 'level';
 import { pack } from 'msgpackr';
-import { lastValueFrom, toArray } from 'rxjs';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { Journal, JournalCorruptionError, JournalError, JournalTornTailError } from '../src/index.js';
 import { recordKey } from '../src/keys.js';
 import { maxBatchesInFlight } from '../src/limits.js';
 import { Seal } from '../src/seal.js';
-import { replayAll, tempDir } from './helpers.js';
+import { replayAll, replayError, tempDir } from './helpers.js';
 
 type BatchOp = { type: 'put' | 'del'; key: Buffer; value?: Buffer };
 type Batch = (ops: BatchOp[], options?: { sync?: boolean }) => Promise<void>;
@@ -164,10 +163,7 @@ test('when the frames behind a failed batch cannot be taken back, later appends 
   await journal.close();
 
   const reopened = await Journal.open<number>(dir);
-  const err = await lastValueFrom(reopened.replay().pipe(toArray())).then(
-    () => undefined,
-    (e: unknown) => e,
-  );
+  const err = await replayError(reopened);
   assert.ok(err instanceof JournalTornTailError, String(err));
   assert.is(err.kind, 'gap');
   assert.is(err.seq, firstFailed + 1);
@@ -194,13 +190,6 @@ async function withHole(sealedCommitted: number): Promise<string> {
   seal.write(sealedCommitted, 2);
   seal.close();
   return dir;
-}
-
-async function replayError(journal: Journal<number>): Promise<unknown> {
-  return lastValueFrom(journal.replay().pipe(toArray())).then(
-    () => undefined,
-    (e: unknown) => e,
-  );
 }
 
 test('a hole past the durable mark and past what the seal says was committed is a torn tail', async () => {

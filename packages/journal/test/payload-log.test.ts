@@ -6,12 +6,11 @@
  */
 import { cpSync, closeSync, openSync, readdirSync, statSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
-import { lastValueFrom, toArray } from 'rxjs';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { Journal, JournalTornTailError } from '../src/index.js';
 import { payloadSpareSegments } from '../src/limits.js';
-import { replayAll, tempDir } from './helpers.js';
+import { replayAll, replayError, tempDir } from './helpers.js';
 
 /** Four 256-byte payloads fill a segment. */
 const segmentBytes = 1024;
@@ -140,10 +139,7 @@ async function powerCut(): Promise<string> {
 }
 
 async function tornAt(journal: Journal<number>): Promise<JournalTornTailError> {
-  const err = await lastValueFrom(journal.replay().pipe(toArray())).then(
-    () => undefined,
-    (e: unknown) => e,
-  );
+  const err = await replayError(journal);
   assert.ok(err instanceof JournalTornTailError, String(err));
   return err;
 }

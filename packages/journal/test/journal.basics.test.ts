@@ -77,11 +77,12 @@ test('a failed LevelDB batch rejects every member, consumes no seq, and later ba
   const journal = await Journal.open<string>(dir, { create: true });
   await journal.append('before', { payload: Buffer.from('p0') });
   // Fault injection: the database refuses the next batch as a full or failing disk would.
-  const db = (journal as unknown as { db: { batch: (...args: unknown[]) => Promise<void> } }).db;
-  const batch = db.batch;
-  db.batch = () => Promise.reject(new Error('injected: no space left on device'));
+  // (`_batch` is LevelDB's batch write, which the write path and the public `batch` both call.)
+  const db = (journal as unknown as { db: { _batch: (...args: unknown[]) => Promise<void> } }).db;
+  const batch = db._batch;
+  db._batch = () => Promise.reject(new Error('injected: no space left on device'));
   const failed = await Promise.allSettled([journal.append('a'), journal.append('b', { sync: true, payload: Buffer.from('lost') }), journal.append('c')]);
-  db.batch = batch;
+  db._batch = batch;
   assert.equal(failed.map((f) => f.status), ['rejected', 'rejected', 'rejected']);
   for (const f of failed) assert.match(String((f as PromiseRejectedResult).reason), /batch of 3 records failed: injected: no space left on device/);
   assert.equal(await Promise.all([journal.append('d', { payload: Buffer.from('p1') }), journal.append('e', { sync: true })]), [2, 3]);

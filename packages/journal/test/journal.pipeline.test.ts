@@ -19,12 +19,15 @@ import { replayAll, replayError, tempDir } from './helpers.js';
 type BatchOp = { type: 'put' | 'del'; key: Buffer; value?: Buffer };
 type Batch = (ops: BatchOp[], options?: { sync?: boolean }) => Promise<void>;
 
-/** Replace the journal's LevelDB `batch` with `wrap(original, callNumber, ops)`; calls count from 1. */
+/**
+ * Replace the journal's LevelDB batch write (`_batch`, which the write path calls and the public
+ * `batch` calls in turn) with `wrap(original, callNumber, ops)`; calls count from 1.
+ */
 function wrapBatch(journal: Journal<number>, wrap: (original: Batch, call: number, ops: BatchOp[]) => Promise<void>): void {
-  const db = (journal as unknown as { db: { batch: Batch } }).db;
-  const original = db.batch.bind(db) as Batch;
+  const db = (journal as unknown as { db: { _batch: Batch } }).db;
+  const original = db._batch.bind(db) as Batch;
   let calls = 0;
-  db.batch = (ops, options) => wrap((o, opt) => original(o, opt ?? options), ++calls, ops);
+  db._batch = (ops, options) => wrap((o, opt) => original(o, opt ?? options), ++calls, ops);
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));

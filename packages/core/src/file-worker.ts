@@ -5,11 +5,7 @@
  * pays one message each way per batch instead of one threadpool request per pread or pwrite
  * (measured in BENCHMARKS.md). Layer files use one worker for writes behind and one for large reads.
  *
- * Writes: the batch's bytes are copied into the write arena, a ring of shared memory (a
- * SharedArrayBuffer of writeArenaBytes) whose regions are taken in send order and given back in the
- * same order as the worker answers; a batch that does not fit gets a fresh ArrayBuffer, transferred
- * (not cloned). A fresh buffer per batch cost allocation, a transfer and garbage collection of
- * external memory on every batch (measured in BENCHMARKS.md).
+ * Writes: the batch's bytes are copied into one fresh ArrayBuffer that is transferred (not cloned).
  * Reads: the caller's target is shared memory (a SharedArrayBuffer); the worker reads straight into
  * it and answers how many bytes each read got (fewer at the end of a file). A worker runs batches in
  * the order they were sent and each batch in order, so two writes of the same bytes never race
@@ -21,14 +17,6 @@
  */
 import { Worker } from 'node:worker_threads';
 import { assert } from './errors.js';
-import { writeArenaBytes } from './limits.js';
-
-/** A region of the write arena, [start, end), lent to one batch until it is answered. */
-interface ArenaRegion {
-  readonly id: number;
-  readonly start: number;
-  readonly end: number;
-}
 
 export interface FileWrite {
   readonly fd: number;
@@ -106,16 +94,6 @@ export class FileWorker {
   private nextId = 1;
   private closing = false;
   private readonly waiting = new Map<number, BatchDone>();
-  /** The write arena (allocated on the first write) and its regions lent, oldest first. */
-  private arenaView: Buffer | undefined;
-  private readonly arenaLent: ArenaRegion[] = [];
-
-  constructor(private readonly arenaBytes = writeArenaBytes) {}
-
-  /** The arena regions lent to batches not yet answered, oldest first, as [start, end). */
-  get lentArenaRegions(): Array<[start: number, end: number]> {
-    return this.arenaLent.map((r) => [r.start, r.end]);
-  }
 
   /** Write a batch; `done` is called once the worker has written every write. */
   write(writes: readonly FileWrite[], done: BatchDone): void {
@@ -123,8 +101,7 @@ export class FileWorker {
     let total = 0;
     for (const w of writes) total += w.data.length;
     // A buffer of its own (never the shared allocation pool): it is transferred to the worker.
-    const region = this.takeArena(total);
-    const bytes = region === undefined ? Buffer.allocUnsafeSlow(total) : this.arenaView!.subarray(region.start, region.end);
+    const bytes = Buffer.allocUnsafeSlow(total);
     const fds = new Array<number>(writes.length);
     const positions = new Array<number>(writes.length);
     const lengths = new Array<number>(writes.length);
@@ -138,35 +115,8 @@ export class FileWorker {
       offsets[i] = at;
       at += w.data.copy(bytes, at);
     }
-    if (region !== undefined) {
-      for (let i = 0; i < offsets.length; i++) offsets[i] += region.start;
-      this.send({ kind: 'write', memory: this.arenaView!.buffer, fds, positions, lengths, offsets }, done, [], region);
-    } else {
-      const memory = bytes.buffer as ArrayBuffer;
-      this.send({ kind: 'write', memory, fds, positions, lengths, offsets }, done, [memory]);
-    }
-  }
-
-  /**
-   * A region of `bytes` in the write arena, after the newest region lent (wrapping to the start when
-   * the end has no room), or undefined when the regions still lent leave no room.
-   */
-  private takeArena(bytes: number): ArenaRegion | undefined {
-    if (bytes > this.arenaBytes / 2) return undefined;
-    this.arenaView ??= Buffer.from(new SharedArrayBuffer(this.arenaBytes));
-    const lent = this.arenaLent;
-    let start = 0;
-    if (lent.length > 0) {
-      const oldest = lent[0].start;
-      const newest = lent[lent.length - 1];
-      const wrapped = newest.start < oldest;
-      if (wrapped ? newest.end + bytes <= oldest : newest.end + bytes <= this.arenaBytes) start = newest.end;
-      else if (!wrapped && bytes <= oldest) start = 0;
-      else return undefined;
-    }
-    const region = { id: this.nextId, start, end: start + bytes };
-    lent.push(region);
-    return region;
+    const memory = bytes.buffer as ArrayBuffer;
+    this.send({ kind: 'write', memory, fds, positions, lengths, offsets }, done, [memory]);
   }
 
   /** Read a batch into shared memory; `done` is called once every read has finished. */
@@ -189,10 +139,9 @@ export class FileWorker {
     );
   }
 
-  private send(message: Omit<BatchMessage, 'id'>, done: BatchDone, transfer: ArrayBuffer[], region?: ArenaRegion): void {
+  private send(message: Omit<BatchMessage, 'id'>, done: BatchDone, transfer: ArrayBuffer[]): void {
     assert(!this.closing, 'no batch is sent to a closed file worker');
     const id = this.nextId++;
-    assert(region === undefined || region.id === id, 'an arena region is lent to the batch sent with it');
     const worker = this.start();
     if (this.waiting.size === 0) worker.ref();
     this.waiting.set(id, done);
@@ -217,9 +166,6 @@ export class FileWorker {
     const done = this.waiting.get(reply.id);
     assert(done !== undefined, `the file worker answered batch ${reply.id}, which is not outstanding`);
     this.waiting.delete(reply.id);
-    // The worker answers in send order, so a batch's arena region is always the oldest one lent.
-    if (this.arenaLent.length > 0 && this.arenaLent[0].id === reply.id) this.arenaLent.shift();
-    else assert(!this.arenaLent.some((r) => r.id === reply.id), `the file worker answered batch ${reply.id} before older batches holding arena memory`);
     if (this.waiting.size === 0) {
       if (this.closing) this.stop();
       else this.worker?.unref();
@@ -240,7 +186,6 @@ export class FileWorker {
   private failAll(err: Error): void {
     const waiting = [...this.waiting.values()];
     this.waiting.clear();
-    this.arenaLent.length = 0;
     for (const done of waiting) done(() => err, () => 0);
   }
 

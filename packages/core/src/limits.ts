@@ -19,8 +19,6 @@ export const maxFreeReadBuffersPerLength = 64;
 export const maxFreeReadBufferBytes = 64 * 1024 * 1024;
 /** Layer-file writes smaller than this are written at once (a page-cache pwrite costs less than a threadpool round trip). */
 export const asyncWriteMinBytes = 128 * 1024;
-/** Shared memory the writer thread's batches are copied into (batches over half of it get their own buffer). */
-export const writeArenaBytes = 8 * 1024 * 1024;
 /** Bytes of written-behind blocks held in memory before writers wait for the backlog to shrink. */
 export const maxWritebackBytes = 64 * 1024 * 1024;
 /** Largest single write the engine accepts (the NBD server caps requests lower). */

@@ -57,47 +57,6 @@ test('the written buffers stay usable: the worker gets a copy', async () => {
   closeSync(fd);
 });
 
-test('write batches take arena regions in order, wrap round, and get their own buffer when the arena is full', async () => {
-  const path = join(tempDir(), 'layer.data');
-  const fd = openSync(path, 'w+');
-  const worker = new FileWorker(16 * 1024);
-  const kib = (n: number, fill: number): Buffer => Buffer.alloc(n * 1024, fill);
-  // Sent in one turn: no answer can come back in between, so every region stays lent.
-  const b1 = writeBatch(worker, [{ fd, position: 0, data: kib(6, 1) }]);
-  const b2 = writeBatch(worker, [{ fd, position: 6 * 1024, data: kib(2, 2) }, { fd, position: 8 * 1024, data: kib(4, 2) }]);
-  const big = writeBatch(worker, [{ fd, position: 40 * 1024, data: kib(9, 9) }]);
-  assert.equal(
-    worker.lentArenaRegions,
-    [
-      [0, 6144],
-      [6144, 12288],
-    ],
-    'back to back; a batch over half the arena gets its own buffer',
-  );
-  await b1;
-  const b3 = writeBatch(worker, [{ fd, position: 12 * 1024, data: kib(6, 3) }]);
-  const b4 = writeBatch(worker, [{ fd, position: 18 * 1024, data: kib(6, 4) }]);
-  const b5 = writeBatch(worker, [{ fd, position: 24 * 1024, data: kib(4, 5) }]);
-  assert.equal(
-    worker.lentArenaRegions,
-    [
-      [6144, 12288],
-      [0, 6144],
-    ],
-    'the third batch wraps to the start, freed by the first; the fourth and fifth find no room between the newest and the oldest region',
-  );
-  await Promise.all([b2, big, b3, b4, b5]);
-  assert.equal(worker.lentArenaRegions, [], 'every region is given back once answered');
-  const b6 = writeBatch(worker, [{ fd, position: 28 * 1024, data: kib(8, 6) }]);
-  assert.equal(worker.lentArenaRegions, [[0, 8192]], 'an empty arena lends from its start');
-  await b6;
-  worker.close();
-  closeSync(fd);
-  const bytes = readFileSync(path);
-  const expect = Buffer.concat([kib(6, 1), kib(6, 2), kib(6, 3), kib(6, 4), kib(4, 5), kib(8, 6), kib(4, 0), kib(9, 9)]);
-  assert.ok(bytes.equals(expect), 'every batch landed with its own bytes');
-});
-
 test('reads fill shared memory from several files and report short reads and errors by index', async () => {
   const dir = tempDir();
   writeFileSync(join(dir, 'a'), Buffer.alloc(8192, 0xaa));

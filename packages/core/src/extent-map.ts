@@ -18,6 +18,8 @@
 
 export const chunkBlocks = 1024;
 export const maxRunsPerChunk = 32;
+/** Dense ranges up to this many blocks are set in a loop rather than with TypedArray fill. */
+const shortFillBlocks = 16;
 
 /** A fragmented chunk: runs [starts[i], starts[i+1]) hold values[i]; starts[0] is 0. */
 class RunChunk {
@@ -153,8 +155,11 @@ export class ExtentMap {
     }
     if (chunk instanceof DenseChunk) {
       const dense = chunk.shared ? new DenseChunk(chunk.values.slice(), false) : chunk;
-      dense.values = fitting(dense.values, value);
-      dense.values.fill(value, lo, hi);
+      const values = (dense.values = fitting(dense.values, value));
+      // A loop for short ranges: TypedArray fill is a call into the runtime, which costs more than the
+      // store for the one block a 4 KiB write sets (measured in BENCHMARKS.md).
+      if (hi - lo <= shortFillBlocks) for (let i = lo; i < hi; i++) values[i] = value;
+      else values.fill(value, lo, hi);
       if (dense !== chunk) this.chunks.set(index, dense);
       return;
     }

@@ -25,7 +25,7 @@
 import { chmodSync, closeSync, existsSync, fstatSync, mkdirSync, openSync, readdirSync, readSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { crc32c } from '@node-rs/crc32';
-import { Journal, JournalCorruptionError, JournalError, type JournalRecord, JournalTornTailError } from '@cowstack/journal';
+import { type CorruptionKind, Journal, JournalCorruptionError, JournalError, type JournalRecord, JournalTornTailError } from '@cowstack/journal';
 import { filter, lastValueFrom, scan, tap } from 'rxjs';
 import { fingerprintImage, verifyImage } from './base-image.js';
 import { BlockDeviceError, type Extent, type ExtentContext, type ReadPiece, type ReadResult } from './block-device.js';
@@ -111,7 +111,7 @@ export interface OpenReport {
    * in it was acknowledged as durable), or a batch LevelDB never got while the batch written beside
    * it did (`gap`: after any crash; nothing from there on had been acknowledged at all).
    */
-  readonly tailCut: { fromSeq: number; records: number; kind: string } | undefined;
+  readonly tailCut: { fromSeq: number; records: number; kind: CorruptionKind } | undefined;
 }
 
 export interface VolumeInfo {

@@ -2,8 +2,8 @@
  * Batches in flight together: two unsynced batches are written to LevelDB at once, commit in seq
  * order, and when one fails the one behind it fails too and is taken back, so seqs stay dense. A
  * hole a crash leaves past the durable mark and the seal's committed seq is a torn tail; a hole in
- * committed records is damage. LevelDB's `batch` is wrapped here to
- * slow or fail chosen calls (the only way to make a real LevelDB write fail on demand).
+ * committed records is damage. LevelDB's batch write (`_batch`) is wrapped here to slow or fail
+ * chosen calls (the only way to make a real LevelDB write fail on demand).
  */
 import { join } from 'node:path';
 import { Level } from 'level';

@@ -14,7 +14,8 @@
  * ones go to the threadpool, so the event loop does not wait for the page cache to take a megabyte.
  * Writes touching the same bytes reach the file in order (a queued write waits while an overlapping
  * one is in flight, except behind the writer thread's own, which it keeps in order). Recovery writes
- * synchronously (`write`), before any write is behind.
+ * behind the same way, from a loop that stays off the event loop between frames: `settle` starts its
+ * queued writes a writer batch at a time and holds it back while the backlog is full.
  *
  * A layer removed while reads or writebacks are in flight keeps its descriptor until they finish, so
  * a reused descriptor number can never be read or written by mistake. Durability comes from the
@@ -24,9 +25,8 @@ import { closeSync, constants, fdatasync, fstatSync, openSync, readSync, unlinkS
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { BlockDeviceError } from './block-device.js';
-import { assert } from './errors.js';
 import { FileWorker } from './file-worker.js';
-import { asyncWriteMinBytes, maxWritebackBytes, writebackConcurrency } from './limits.js';
+import { asyncWriteMinBytes, maxWritebackBytes, recoveryBatchBytes, writebackConcurrency } from './limits.js';
 
 const fdatasyncAsync = promisify(fdatasync);
 
@@ -49,6 +49,8 @@ export class LayerFiles {
   private readonly pending = new Map<number, Map<number, Buffer>>();
   private readonly queue: Writeback[] = [];
   private readonly inflightWrites = new Set<Writeback>();
+  /** Of inflightWrites, those in the writer thread (which keeps their order). */
+  private writerWrites = 0;
   /** Large writebacks in the threadpool. */
   private running = 0;
   /** The threads that write small blocks behind and run large reads (see file-worker.ts). */
@@ -59,6 +61,8 @@ export class LayerFiles {
   /** A pump() is queued for the end of this event-loop turn (see pumpSoon). */
   private pumpScheduled = false;
   private writebackBytes = 0;
+  /** Of writebackBytes, the bytes of writebacks started (in flight). */
+  private startedBytes = 0;
   private writebackFailure: Error | undefined;
   private drainWaiters: Array<() => void> = [];
   private roomWaiters: Array<() => void> = [];
@@ -235,7 +239,9 @@ export class LayerFiles {
         if (this.collides(item)) break;
         if (item.mode === 'threadpool' && this.running >= writebackConcurrency) break;
         this.queue.shift();
+        this.startedBytes += item.data.length;
         this.inflightWrites.add(item);
+        if (item.mode === 'writer') this.writerWrites++;
         this.busy.set(item.layerId, (this.busy.get(item.layerId) ?? 0) + 1);
         if (item.mode === 'writer') (batch ??= []).push(item);
         else if (item.mode === 'inline') this.writeInline(item);
@@ -248,6 +254,7 @@ export class LayerFiles {
   }
 
   private collides(item: Writeback): boolean {
+    if (item.mode === 'writer' && this.writerWrites === this.inflightWrites.size) return false;
     for (const other of this.inflightWrites) {
       if (item.mode === 'writer' && other.mode === 'writer') continue;
       if (other.layerId === item.layerId && other.position < item.position + item.data.length && item.position < other.position + other.data.length) return true;
@@ -287,7 +294,9 @@ export class LayerFiles {
 
   private finishWriteback(item: Writeback, err: NodeJS.ErrnoException | null): void {
     this.inflightWrites.delete(item);
+    if (item.mode === 'writer') this.writerWrites--;
     this.writebackBytes -= item.data.length;
+    this.startedBytes -= item.data.length;
     if (err !== null) {
       // The blocks stay in memory (reads stay right); the journal still holds them for recovery.
       this.writebackFailure ??= err;
@@ -320,6 +329,16 @@ export class LayerFiles {
   room(): Promise<void> | undefined {
     if (!this.overBacklog()) return undefined;
     return new Promise<void>((resolve) => this.roomWaiters.push(resolve));
+  }
+
+  /**
+   * For a producer that queues writes behind in a loop without returning to the event loop
+   * (recovery): starts the queued writes once they make a batch of recoveryBatchBytes, and returns
+   * `room()`.
+   */
+  settle(): Promise<void> | undefined {
+    if (this.writebackBytes - this.startedBytes >= recoveryBatchBytes) this.pump();
+    return this.room();
   }
 
   /** Resolves when every queued writeback has reached the file; throws the first writeback error. */
@@ -355,14 +374,6 @@ export class LayerFiles {
     const from = Math.max(block * bs, position);
     const to = Math.min((block + 1) * bs, position + length);
     data.copy(target, targetOffset + (from - position), from - block * bs, to - block * bs);
-  }
-
-  /** Write bytes into a store-held layer file now (recovery; never with writes behind on the layer). */
-  write(layerId: number, data: Buffer, position: number): void {
-    if (this.externalPath(layerId) !== undefined) throw new Error(`cowstack invariant violated: write to external layer ${layerId}`);
-    assert(!this.pending.has(layerId), `layer ${layerId} is written synchronously while writes are behind`);
-    writeFully(this.fd(layerId), data, position);
-    this.dirty.add(layerId);
   }
 
   sizeOf(layerId: number): number {

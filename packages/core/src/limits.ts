@@ -21,6 +21,8 @@ export const maxFreeReadBufferBytes = 64 * 1024 * 1024;
 export const asyncWriteMinBytes = 128 * 1024;
 /** Bytes of written-behind blocks held in memory before writers wait for the backlog to shrink. */
 export const maxWritebackBytes = 64 * 1024 * 1024;
+/** Recovery hands its queued layer-file writes to the writer thread once they add up to this many bytes. */
+export const recoveryBatchBytes = 1024 * 1024;
 /** Largest single write the engine accepts (the NBD server caps requests lower). */
 export const maxWriteBytes = 64 * 1024 * 1024;
 /** A checkpoint is written after this many events since the last one... */

@@ -343,7 +343,7 @@ export class Store {
         // Salvage re-applies every retained write; the reducer only sees events after the checkpoint.
         const from = options.reapplyRetained === true ? Math.min(checkpointed + 1, Math.max(openJournal.firstSeq, openJournal.payloadsDroppedThroughSeq + 1)) : checkpointed + 1;
         await lastValueFrom(
-          openJournal.replay(from).pipe(
+          openJournal.replay(from, undefined, { pause: () => layerFiles.settle() }).pipe(
             tap((record) => {
               // After the checkpoint every write is re-applied (a missing payload is damage);
               // before it (salvage only) those whose payloads are still kept.
@@ -361,6 +361,8 @@ export class Store {
           ),
           { defaultValue: state },
         );
+        // The re-applied writes reach the layer files before the store serves or checkpoints.
+        await layerFiles.drain();
         finishDeferredViews(state);
         onProgress?.('replay', eventsReplayed, total);
         return { state, checkpointSeq, skipped, eventsReplayed, writesReapplied };
@@ -398,6 +400,8 @@ export class Store {
       if (eventsReplayed > 0) await store.checkpoint();
       return store;
     } catch (err) {
+      // Writes re-applied before the failure are journaled data: they finish before the files close.
+      await files?.drain().catch(() => undefined);
       files?.closeAll();
       await journal?.close().catch(() => undefined);
       throw toStoreError(err, dir);
@@ -1398,7 +1402,7 @@ function reapplyWrite(state: Projection, files: LayerFiles, record: JournalRecor
   if (record.payload === undefined) {
     throw new StoreError('ECORRUPT', `write event seq ${record.seq} after the checkpoint has no payload in the journal`);
   }
-  files.write(event[1], record.payload, event[2] * state.config!.blockSizeBytes);
+  files.writeBehind(event[1], record.payload, event[2] * state.config!.blockSizeBytes, false);
 }
 
 /** Delete layer files that belong to no layer (left by a crash between an event and its cleanup). */

@@ -80,6 +80,11 @@ export interface ReplayOptions {
   readonly payloads?: boolean;
   /** Recompute every record's chained CRC instead of one check per frame (default false). */
   readonly fullCheck?: boolean;
+  /**
+   * Backpressure for a consumer that queues work of its own (recovery writes layer data behind):
+   * called after each frame's records are delivered; replay reads on once a returned promise resolves.
+   */
+  readonly pause?: () => Promise<void> | undefined;
 }
 
 export interface BatchCommitted {
@@ -743,14 +748,24 @@ export class Journal<M = unknown> {
     const fullCheck = options.fullCheck ?? false;
     const startKey = await this.frameKeyAtOrBefore(fromSeq);
     const frames = this.db.iterator({ gte: startKey, lt: recordRange.lt, highWaterMarkBytes: replayChunkBytes });
+    // The next chunk is read (in the threadpool) while this one is decoded and consumed. A read is
+    // marked handled when it starts: its failure is raised where it is awaited, or is moot after a stop.
+    const readChunk = (): Promise<Array<[Buffer, Buffer]>> => {
+      const read = frames.nextv(replayChunkValues);
+      read.catch(() => undefined);
+      return read;
+    };
+    let next: Promise<Array<[Buffer, Buffer]>> | undefined = readChunk();
     let expectSeq: number | undefined;
     let expectPrev: number | undefined;
     try {
       while (!isStopped()) {
-        const entries = await frames.nextv(replayChunkValues).catch((err: unknown) => {
+        const entries = await next.catch((err: unknown) => {
           throw levelDamage(this.path, err, `reading the records from seq ${expectSeq ?? fromSeq}`);
         });
+        next = undefined;
         if (entries.length === 0) break;
+        next = readChunk();
         for (const [key, value] of entries) {
           const keySeq = seqOfKey(key);
           if (expectSeq === undefined) {
@@ -775,6 +790,8 @@ export class Journal<M = unknown> {
           expectPrev = frame.lastChain;
           if (out.length > 0) yield out;
           if (expectSeq > end || isStopped()) return;
+          const paused = options.pause?.();
+          if (paused !== undefined) await paused;
         }
       }
       if (!isStopped() && (expectSeq === undefined || expectSeq <= end)) {
@@ -782,6 +799,8 @@ export class Journal<M = unknown> {
         throw new JournalCorruptionError(missing, 'gap', `the log ends before seq ${missing}, but records up to seq ${end} were committed`);
       }
     } finally {
+      // A read still in flight finishes before the iterator closes.
+      if (next !== undefined) await next.catch(() => undefined);
       await frames.close();
     }
   }

@@ -14,7 +14,8 @@
  * member's promise resolves: a consumer that applies records there applies them in exactly journal
  * order (the live path and replay cannot disagree about order).
  *
- * Replay is an RxJS Observable that reads frames in chunks from a LevelDB iterator, verifies each frame
+ * Replay is an RxJS Observable that reads frames in chunks from a LevelDB iterator (the next chunk is
+ * read while one is consumed, and a consumer can hold it back with `pause`), verifies each frame
  * (chained CRC, no gap, chains to its predecessor) and each payload, and errors, never skips, on the
  * first bad record, naming its seq. It stops reading as soon as it is unsubscribed.
  */

@@ -3,11 +3,12 @@ import { spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { Level } from 'level';
 import { pack } from 'msgpackr';
-import { lastValueFrom, take, toArray } from 'rxjs';
+import { lastValueFrom, take, tap, toArray } from 'rxjs';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { rejects } from 'node:assert/strict';
 import { Journal, JournalError } from '../src/index.js';
+import { replayChunkValues } from '../src/limits.js';
 import { replayAll, tempDir } from './helpers.js';
 
 test('appends in one turn share one batch and resolve with consecutive seqs', async () => {
@@ -106,6 +107,34 @@ test('replay honours from/to, stops reading when unsubscribed, and returns nothi
   assert.equal(await replayAll(journal, 101), []);
   const firstThree = await lastValueFrom(journal.replay().pipe(take(3), toArray()));
   assert.equal(firstThree.map((r) => r.seq), [1, 2, 3]);
+  await journal.close();
+});
+
+test('replay reads ahead across chunks, and pause holds it back until its promise resolves', async () => {
+  const journal = await Journal.open<number>(tempDir(), { create: true });
+  // One frame per batch, more frames than one LevelDB chunk (replayChunkValues) holds.
+  const frames = replayChunkValues * 2 + 7;
+  for (let i = 1; i <= frames; i++) await journal.append(i, { payload: Buffer.alloc(8, i & 0xff) });
+  const seen: number[] = [];
+  let release: () => void = () => undefined;
+  const held = new Promise<void>((resolve) => (release = resolve));
+  let pauses = 0;
+  const done = lastValueFrom(
+    journal.replay(1, undefined, { pause: () => (++pauses === 10 ? held : undefined) }).pipe(
+      tap((r) => seen.push(r.meta)),
+      toArray(),
+    ),
+  );
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  assert.is(seen.length, 10, 'replay stops after the frame whose pause it waits for');
+  release();
+  const records = await done;
+  assert.equal(records.map((r) => r.seq), Array.from({ length: frames }, (_, i) => i + 1));
+  assert.ok(records.every((r) => r.payload?.equals(Buffer.alloc(8, r.seq & 0xff))));
+  assert.is(pauses, frames - 1, 'pause is called after every frame but the last');
+  // Stopping inside the second chunk leaves the read-ahead of the third to finish before the iterator closes.
+  const some = await lastValueFrom(journal.replay().pipe(take(replayChunkValues + 3), toArray()));
+  assert.is(some.at(-1)?.seq, replayChunkValues + 3);
   await journal.close();
 });
 

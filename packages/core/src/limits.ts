@@ -17,7 +17,7 @@ export const writebackConcurrency = 4;
 export const maxFreeReadBuffersPerLength = 64;
 /** Bytes of read buffers kept for reuse in all. */
 export const maxFreeReadBufferBytes = 64 * 1024 * 1024;
-/** Layer-file writes smaller than this are written at once (a page-cache pwrite costs less than a threadpool round trip). */
+/** Layer-file writes smaller than this stay off the threadpool: the writer thread takes them, or the event loop after a synced commit (a page-cache pwrite costs less than a threadpool round trip). */
 export const asyncWriteMinBytes = 128 * 1024;
 /** Bytes of written-behind blocks held in memory before writers wait for the backlog to shrink. */
 export const maxWritebackBytes = 64 * 1024 * 1024;

@@ -4,7 +4,7 @@
  * bases; recover and check name what they did and what is damaged.
  */
 import { rejects } from 'node:assert/strict';
-import { appendFileSync, closeSync, mkdirSync, openSync, readdirSync, writeFileSync, writeSync } from 'node:fs';
+import { appendFileSync, closeSync, cpSync, mkdirSync, openSync, readdirSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { Journal } from '@cowstack/journal';
 import { Level } from 'level';
@@ -185,18 +185,25 @@ test('an imported base holds the image in the store; zero blocks stay unallocate
   await store.close();
 });
 
+/**
+ * The crash window where the journal has committed writes but their data never reached the layer
+ * file: a copy of the store's files with the default volume's top layer file emptied. Closes `store`.
+ */
+async function crashBeforeLayerData(store: Store, dir: string): Promise<string> {
+  const top = store.volumeInfo('default').topLayerId;
+  await store.flush();
+  const crashed = tempDir('crashed');
+  cpSync(dir, crashed, { recursive: true });
+  await store.close();
+  writeFileSync(join(crashed, 'layers', `${top}.data`), Buffer.alloc(0));
+  return crashed;
+}
+
 test('recover re-applies journaled writes whose data never reached the layer file', async () => {
   const dir = tempDir();
   const store = await Store.create(dir, { sizeBytes: mib });
   await store.writeVolume('default', 8192, Buffer.alloc(8192, 0x5a), true);
-  const top = store.volumeInfo('default').topLayerId;
-  await store.flush();
-  // Simulate the crash window: journal committed, data file never written. Copy the journal as is.
-  const crashed = tempDir('crashed');
-  const { cpSync } = await import('node:fs');
-  cpSync(dir, crashed, { recursive: true });
-  await store.close();
-  writeFileSync(join(crashed, 'layers', `${top}.data`), Buffer.alloc(0));
+  const crashed = await crashBeforeLayerData(store, dir);
   const report = await recoverStore(crashed);
   assert.is(report.writesReapplied, 1);
   assert.ok(report.eventsReplayed >= 1);
@@ -230,13 +237,7 @@ test('recovery re-applies large and small overlapping writes in journal order, m
     written += 2 * mib + 64 * 4096;
     writesIssued += writes.length;
   }
-  const top = store.volumeInfo('default').topLayerId;
-  await store.flush();
-  const crashed = tempDir('crashed');
-  const { cpSync } = await import('node:fs');
-  cpSync(dir, crashed, { recursive: true });
-  await store.close();
-  writeFileSync(join(crashed, 'layers', `${top}.data`), Buffer.alloc(0));
+  const crashed = await crashBeforeLayerData(store, dir);
   const report = await recoverStore(crashed);
   assert.ok(report.writesReapplied >= writesIssued, `${report.writesReapplied} writes re-applied, ${writesIssued} issued`);
   const reopened = await Store.open(crashed);
@@ -256,7 +257,7 @@ test('after an OS crash, an unsynced tail whose data never reached disk is cut; 
   await store.writeVolume('default', 0, Buffer.alloc(4096, 4), false);
   // What a power cut can leave: the LevelDB records of the last two writes, but not their data.
   const crashed = tempDir('os-crash');
-  const { cpSync, readdirSync: ls, statSync, truncateSync } = await import('node:fs');
+  const { readdirSync: ls, statSync, truncateSync } = await import('node:fs');
   cpSync(dir, crashed, { recursive: true });
   await store.close();
   const segments = join(crashed, 'journal', 'payloads');

@@ -22,6 +22,7 @@ export type { StoreErrorCode } from './errors.js';
 export { EventType, eventTypeCode, eventTypeName, eventTypeNames } from './events.js';
 export type { ExternalSource, LayerKind, StoreConfig, StoreEvent } from './events.js';
 export { ExtentMap } from './extent-map.js';
+export { type InflightEntry, InflightList } from './inflight-list.js';
 export * as limits from './limits.js';
 export { applyEvent, emptyProjection, ProjectionError } from './projection.js';
 export type { Projection } from './projection.js';

@@ -25,17 +25,32 @@ import { closeSync, constants, fdatasync, fstatSync, openSync, readSync, unlinkS
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { BlockDeviceError } from './block-device.js';
+import { assert } from './errors.js';
 import { FileWorker } from './file-worker.js';
+import { type InflightEntry, InflightList } from './inflight-list.js';
 import { asyncWriteMinBytes, maxWritebackBytes, recoveryBatchBytes, writebackConcurrency } from './limits.js';
 
 const fdatasyncAsync = promisify(fdatasync);
 
 interface Writeback {
   readonly layerId: number;
-  readonly data: Buffer;
   readonly position: number;
+  readonly length: number;
+  /**
+   * The bytes, dropped once they are in the file: dead hash tables of `pending` may still point at
+   * the writeback until the next full collection, and must not keep the bytes (see inflight-list.ts).
+   */
+  data: Buffer | undefined;
   /** Small writes: `inline` (a pwrite on the event loop) or `writer` (the writer thread); large: `threadpool`. */
   readonly mode: 'inline' | 'writer' | 'threadpool';
+  /** Its place in `inflightWrites` once started. */
+  entry: InflightEntry<Writeback> | undefined;
+}
+
+/** The bytes of a writeback that has not reached the file. */
+function bytesOf(item: Writeback): Buffer {
+  assert(item.data !== undefined, 'a writeback keeps its bytes until they are in the file');
+  return item.data;
 }
 
 export class LayerFiles {
@@ -45,10 +60,10 @@ export class LayerFiles {
   private readonly busy = new Map<number, number>();
   /** Descriptors of removed layers, closed when their last async read or writeback finishes. */
   private readonly closing = new Map<number, number>();
-  /** Blocks written behind and not yet in the file: layer → block → bytes. */
-  private readonly pending = new Map<number, Map<number, Buffer>>();
+  /** Blocks written behind and not yet in the file: layer → block → the writeback holding its bytes. */
+  private readonly pending = new Map<number, Map<number, Writeback>>();
   private readonly queue: Writeback[] = [];
-  private readonly inflightWrites = new Set<Writeback>();
+  private readonly inflightWrites = new InflightList<Writeback>();
   /** Of inflightWrites, those in the writer thread (which keeps their order). */
   private writerWrites = 0;
   /** Large writebacks in the threadpool. */
@@ -155,12 +170,12 @@ export class LayerFiles {
   /** The blocks of [position, position + length) written behind and not yet in the file. */
   private heldBlocks(layerId: number, position: number, length: number): Map<number, Buffer> | undefined {
     const blocks = this.pending.get(layerId);
-    if (blocks === undefined) return undefined;
+    if (blocks === undefined || blocks.size === 0) return undefined;
     const bs = this.blockSize();
     const held = new Map<number, Buffer>();
     for (let block = Math.floor(position / bs); block * bs < position + length; block++) {
-      const data = blocks.get(block);
-      if (data !== undefined) held.set(block, data);
+      const item = blocks.get(block);
+      if (item !== undefined) held.set(block, this.blockBytes(item, block));
     }
     return held.size > 0 ? held : undefined;
   }
@@ -197,13 +212,15 @@ export class LayerFiles {
   writeBehind(layerId: number, data: Buffer, position: number, inline: boolean): void {
     if (this.externalPath(layerId) !== undefined) throw new Error(`cowstack invariant violated: write to external layer ${layerId}`);
     const bs = this.blockSize();
+    // A layer's map stays once made (until the layer is removed): no churn in `pending` itself.
     let blocks = this.pending.get(layerId);
     if (blocks === undefined) this.pending.set(layerId, (blocks = new Map()));
+    const mode = data.length >= asyncWriteMinBytes ? 'threadpool' : inline ? 'inline' : 'writer';
+    const item: Writeback = { layerId, position, length: data.length, data, mode, entry: undefined };
     const first = position / bs;
     const count = data.length / bs;
-    for (let i = 0; i < count; i++) blocks.set(first + i, data.subarray(i * bs, (i + 1) * bs));
-    const mode = data.length >= asyncWriteMinBytes ? 'threadpool' : inline ? 'inline' : 'writer';
-    this.queue.push({ layerId, data, position, mode });
+    for (let i = 0; i < count; i++) blocks.set(first + i, item);
+    this.queue.push(item);
     this.writebackBytes += data.length;
     if (mode === 'threadpool') this.pump();
     else this.pumpSoon();
@@ -239,8 +256,8 @@ export class LayerFiles {
         if (this.collides(item)) break;
         if (item.mode === 'threadpool' && this.running >= writebackConcurrency) break;
         this.queue.shift();
-        this.startedBytes += item.data.length;
-        this.inflightWrites.add(item);
+        this.startedBytes += item.length;
+        item.entry = this.inflightWrites.add(item);
         if (item.mode === 'writer') this.writerWrites++;
         this.busy.set(item.layerId, (this.busy.get(item.layerId) ?? 0) + 1);
         if (item.mode === 'writer') (batch ??= []).push(item);
@@ -255,15 +272,13 @@ export class LayerFiles {
 
   private collides(item: Writeback): boolean {
     if (item.mode === 'writer' && this.writerWrites === this.inflightWrites.size) return false;
-    for (const other of this.inflightWrites) {
-      if (item.mode === 'writer' && other.mode === 'writer') continue;
-      if (other.layerId === item.layerId && other.position < item.position + item.data.length && item.position < other.position + other.data.length) return true;
-    }
-    return false;
+    const overlapping = (other: Writeback): boolean =>
+      !(item.mode === 'writer' && other.mode === 'writer') && other.layerId === item.layerId && other.position < item.position + item.length && item.position < other.position + other.length;
+    return this.inflightWrites.findNewest(overlapping) !== undefined;
   }
 
   private startBatch(batch: Writeback[]): void {
-    const writes = batch.map((item) => ({ fd: this.fd(item.layerId), position: item.position, data: item.data }));
+    const writes = batch.map((item) => ({ fd: this.fd(item.layerId), position: item.position, data: bytesOf(item) }));
     this.writer.write(writes, (errorOf) => {
       for (let i = 0; i < batch.length; i++) this.finishWriteback(batch[i], errorOf(i));
     });
@@ -272,7 +287,7 @@ export class LayerFiles {
   private writeInline(item: Writeback): void {
     let error: NodeJS.ErrnoException | null = null;
     try {
-      writeFully(this.fd(item.layerId), item.data, item.position);
+      writeFully(this.fd(item.layerId), bytesOf(item), item.position);
     } catch (err) {
       error = err as NodeJS.ErrnoException;
     }
@@ -281,11 +296,12 @@ export class LayerFiles {
 
   private startLarge(item: Writeback): void {
     const fd = this.fd(item.layerId);
+    const data = bytesOf(item);
     this.running++;
     let done = 0;
     const step = (): void =>
-      write(fd, item.data, done, item.data.length - done, item.position + done, (err, n) => {
-        if (err === null && (done += n) < item.data.length) return step();
+      write(fd, data, done, data.length - done, item.position + done, (err, n) => {
+        if (err === null && (done += n) < data.length) return step();
         this.running--;
         this.finishWriteback(item, err);
       });
@@ -293,10 +309,12 @@ export class LayerFiles {
   }
 
   private finishWriteback(item: Writeback, err: NodeJS.ErrnoException | null): void {
-    this.inflightWrites.delete(item);
+    assert(item.entry !== undefined, 'a writeback finishes once, after it started');
+    this.inflightWrites.remove(item.entry);
+    item.entry = undefined;
     if (item.mode === 'writer') this.writerWrites--;
-    this.writebackBytes -= item.data.length;
-    this.startedBytes -= item.data.length;
+    this.writebackBytes -= item.length;
+    this.startedBytes -= item.length;
     if (err !== null) {
       // The blocks stay in memory (reads stay right); the journal still holds them for recovery.
       this.writebackFailure ??= err;
@@ -306,13 +324,10 @@ export class LayerFiles {
       if (blocks !== undefined) {
         const bs = this.blockSize();
         const first = item.position / bs;
-        for (let i = 0; i < item.data.length / bs; i++) {
-          const held = blocks.get(first + i);
-          // A later write of the block may be queued: only its own bytes leave memory.
-          if (held !== undefined && held.buffer === item.data.buffer && held.byteOffset === item.data.byteOffset + i * bs) blocks.delete(first + i);
-        }
-        if (blocks.size === 0) this.pending.delete(item.layerId);
+        // A later write of a block may be queued: only this writeback's own blocks leave memory.
+        for (let i = 0; i < item.length / bs; i++) if (blocks.get(first + i) === item) blocks.delete(first + i);
       }
+      item.data = undefined;
     }
     this.release(item.layerId);
     this.pump();
@@ -355,18 +370,25 @@ export class LayerFiles {
   /** Lay blocks still waiting for writeback over bytes just read from the file. */
   private overlay(layerId: number, target: Buffer, targetOffset: number, length: number, position: number): void {
     const blocks = this.pending.get(layerId);
-    if (blocks === undefined) return;
+    if (blocks === undefined || blocks.size === 0) return;
     const bs = this.blockSize();
     const first = Math.floor(position / bs);
     const last = Math.floor((position + length - 1) / bs);
     if (last - first + 1 > blocks.size) {
-      for (const [block, data] of blocks) if (block >= first && block <= last) this.copyBlock(data, block, target, targetOffset, length, position);
+      for (const [block, item] of blocks) if (block >= first && block <= last) this.copyBlock(this.blockBytes(item, block), block, target, targetOffset, length, position);
     } else {
       for (let block = first; block <= last; block++) {
-        const data = blocks.get(block);
-        if (data !== undefined) this.copyBlock(data, block, target, targetOffset, length, position);
+        const item = blocks.get(block);
+        if (item !== undefined) this.copyBlock(this.blockBytes(item, block), block, target, targetOffset, length, position);
       }
     }
+  }
+
+  /** The bytes of one block of a writeback not yet in the file. */
+  private blockBytes(item: Writeback, block: number): Buffer {
+    const bs = this.blockSize();
+    const at = block * bs - item.position;
+    return bytesOf(item).subarray(at, at + bs);
   }
 
   private copyBlock(data: Buffer, block: number, target: Buffer, targetOffset: number, length: number, position: number): void {
@@ -398,7 +420,7 @@ export class LayerFiles {
     this.pending.delete(layerId);
     for (let i = this.queue.length - 1; i >= 0; i--) {
       if (this.queue[i].layerId === layerId) {
-        this.writebackBytes -= this.queue[i].data.length;
+        this.writebackBytes -= this.queue[i].length;
         this.queue.splice(i, 1);
       }
     }

@@ -31,6 +31,7 @@ import { fingerprintImage, verifyImage } from './base-image.js';
 import { BlockDeviceError, type Extent, type ExtentContext, type ReadPiece, type ReadResult } from './block-device.js';
 import { assert, StoreError } from './errors.js';
 import { EventType, eventTypeName, type StoreEvent } from './events.js';
+import { InflightList } from './inflight-list.js';
 import { LayerFiles } from './layer-files.js';
 import {
   checkpointEveryEvents,
@@ -179,7 +180,7 @@ interface PendingBlocks {
 
 interface VolumeRuntime {
   barrier: Promise<void> | undefined;
-  readonly inflight: Set<PendingBlocks>;
+  readonly inflight: InflightList<PendingBlocks>;
   /** Writers waiting for writeback room (issued, not yet in `inflight`). */
   waiting: number;
   /** Resolves when nothing is in flight or waiting (created on demand by a barrier). */
@@ -584,7 +585,7 @@ export class Store {
   private runtime(volume: string): VolumeRuntime {
     let rt = this.runtimes.get(volume);
     if (rt === undefined) {
-      rt = { barrier: undefined, inflight: new Set(), waiting: 0, drained: undefined };
+      rt = { barrier: undefined, inflight: new InflightList(), waiting: 0, drained: undefined };
       this.runtimes.set(volume, rt);
     }
     return rt;
@@ -817,16 +818,11 @@ export class Store {
   /** The current content of block `block` of a volume, as the next write must see it. */
   private blockContent(rt: VolumeRuntime, view: View, block: number, target: Buffer, at: number): void {
     const bs = this.blockSizeBytes_;
-    if (rt.inflight.size > 0) {
-      const pending = [...rt.inflight];
-      for (let i = pending.length - 1; i >= 0; i--) {
-        const p = pending[i];
-        if (block >= p.first && block < p.first + p.count) {
-          if (p.payload === undefined) target.fill(0, at, at + bs);
-          else p.payload.copy(target, at, (block - p.first) * bs, (block - p.first + 1) * bs);
-          return;
-        }
-      }
+    const p = rt.inflight.findNewest((w) => block >= w.first && block < w.first + w.count);
+    if (p !== undefined) {
+      if (p.payload === undefined) target.fill(0, at, at + bs);
+      else p.payload.copy(target, at, (block - p.first) * bs, (block - p.first + 1) * bs);
+      return;
     }
     const value = view.index.get(block);
     if (value === 0 || indexIsZero(value)) target.fill(0, at, at + bs);
@@ -894,8 +890,7 @@ export class Store {
   /** Append a Write (payload) or Zero (no payload) event for whole blocks of a volume's top. */
   private async appendBlocks(rt: VolumeRuntime, view: View, first: number, count: number, payload: Buffer | undefined, fua: boolean, origin: string | undefined): Promise<void> {
     const top = view.stack[view.stack.length - 1];
-    const pending: PendingBlocks = { first, count, payload };
-    rt.inflight.add(pending);
+    const entry = rt.inflight.add({ first, count, payload });
     try {
       if (payload === undefined) {
         await this.journal.append(origin === undefined ? [EventType.Zero, top, first, count] : [EventType.Zero, top, first, count, origin], { sync: fua });
@@ -906,7 +901,7 @@ export class Store {
     } catch (err) {
       throw toDeviceError(err);
     } finally {
-      rt.inflight.delete(pending);
+      rt.inflight.remove(entry);
       this.settled(rt);
     }
   }

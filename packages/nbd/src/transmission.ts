@@ -23,7 +23,7 @@
  */
 import { performance } from 'node:perf_hooks';
 import type { Socket } from 'node:net';
-import type { BlockDevice, Extent, ReadResult } from '@cowstack/core';
+import { type BlockDevice, type Extent, InflightList, type ReadResult } from '@cowstack/core';
 import type { ByteQueue } from './byte-queue.js';
 import { errorMessageOf, nbdErrnoFor, posixCodeOf } from './errno-table.js';
 import { extentsToDescriptors } from './extent-descriptors.js';
@@ -115,8 +115,8 @@ export class Transmission {
   private readonly validation: ValidationContext;
   private readonly discardCapBytes: number;
   private inflight = 0;
-  /** WRITE, WRITE_ZEROES and TRIM operations in flight on the device, for FLUSH ordering. */
-  private readonly writes = new Set<Promise<void>>();
+  /** WRITE, WRITE_ZEROES and TRIM operations in flight on the device, for FLUSH ordering (a list, not a Set: see InflightList). */
+  private readonly writes = new InflightList<Promise<void>>();
   private pendingWrite: RequestHeader | undefined;
   private pendingWriteStarted = 0;
   /** The payload of pendingWrite, filled as bytes arrive when it did not come in one piece. */
@@ -380,14 +380,14 @@ export class Transmission {
       this.fail(header, started, error);
       return;
     }
-    this.writes.add(op);
+    const entry = this.writes.add(op);
     op.then(
       () => {
-        this.writes.delete(op);
+        this.writes.remove(entry);
         this.replyOk(header, started);
       },
       (error) => {
-        this.writes.delete(op);
+        this.writes.remove(entry);
         this.fail(header, started, error);
       },
     );
@@ -413,7 +413,7 @@ export class Transmission {
       this.startSimple(header, started, flush);
       return;
     }
-    const earlier = Promise.allSettled(Array.from(this.writes));
+    const earlier = Promise.allSettled(Array.from(this.writes.values()));
     this.startSimple(header, started, () => earlier.then(flush));
   }
 

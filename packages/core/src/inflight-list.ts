@@ -61,7 +61,7 @@ export class InflightList<T> {
     this.count--;
   }
 
-  /** The values, oldest first. */
+  /** The values, oldest first. Removing the entry the walk is at ends the walk: to remove while walking, walk a copy (`Array.from`). */
   *values(): IterableIterator<T> {
     for (let node = this.head; node !== undefined; node = node.next) yield node.value;
   }

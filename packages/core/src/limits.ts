@@ -27,6 +27,11 @@ export const recoveryBatchBytes = 1024 * 1024;
 export const maxWriteBytes = 64 * 1024 * 1024;
 /** A checkpoint is written after this many events since the last one... */
 export const checkpointEveryEvents = 200_000;
+/**
+ * ...or this many bytes of write payload since the last one (the payload log then holds about two
+ * such intervals, plus the spares: four segments, so a steady writer fills recycled segments only)...
+ */
+export const checkpointEveryPayloadBytes = 1024 * 1024 * 1024;
 /** ...or after this long with any events since the last one. */
 export const checkpointEveryMs = 60_000;
 /** Checkpoints kept; write payloads are kept back to the oldest, so an older one can be used. */

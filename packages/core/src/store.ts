@@ -18,8 +18,8 @@
  * concurrent writes to different parts of one block all survive. Operations that change a volume's
  * stack (snapshot, delete, commit, flatten) raise a barrier: writes issued meanwhile wait for it.
  *
- * Checkpoints: on close and every `checkpointEveryEvents` events or `checkpointEveryMs`, the data files
- * are fdatasynced and the projection is stored with the seq it reflects; payloads older than the
+ * Checkpoints: on close and every `checkpointEveryEvents` events, `checkpointEveryPayloadBytes` bytes of
+ * write data or `checkpointEveryMs`, the data files are fdatasynced and the projection is stored with the seq it reflects; payloads older than the
  * oldest kept checkpoint are then dropped from the journal (their data is durable in the layer files).
  */
 import { chmodSync, closeSync, existsSync, fstatSync, mkdirSync, openSync, readdirSync, readSync } from 'node:fs';
@@ -35,6 +35,7 @@ import { InflightList } from './inflight-list.js';
 import { LayerFiles } from './layer-files.js';
 import {
   checkpointEveryEvents,
+  checkpointEveryPayloadBytes,
   checkpointEveryMs,
   checkpointsKept,
   asyncReadMinBytes,
@@ -79,6 +80,8 @@ export interface CreateOptions {
   readonly onProgress?: ProgressCallback;
   /** How much write-payload history to keep (default: what recovery needs). */
   readonly retain?: RetentionPolicy;
+  /** See OpenOptions. */
+  readonly checkpointEveryPayloadBytes?: number;
 }
 
 export interface OpenOptions {
@@ -89,6 +92,12 @@ export interface OpenOptions {
    * journaled content back.
    */
   readonly reapplyRetained?: boolean;
+  /**
+   * Checkpoint after this many bytes of write data since the last checkpoint (default
+   * checkpointEveryPayloadBytes). With the default retention this bounds the payload log: it keeps
+   * the writes since the older of the two newest checkpoints.
+   */
+  readonly checkpointEveryPayloadBytes?: number;
 }
 
 /** Long work reports (phase, done, total) in units the phase names (bytes, blocks, events). */
@@ -238,6 +247,8 @@ export class Store {
   private nextLayerId: number;
   private failure: Error | undefined;
   private eventsSinceCheckpoint = 0;
+  private payloadBytesSinceCheckpoint = 0;
+  private readonly checkpointEveryPayloadBytes: number;
   private checkpointRunning: Promise<number> | undefined;
   private lastCheckpointSeq: number;
   private readonly checkpointTimer: NodeJS.Timeout;
@@ -246,8 +257,9 @@ export class Store {
   private closing = false;
   private retention: RetentionPolicy;
 
-  private constructor(dir: string, journal: Journal<StoreEvent>, state: Projection, files: LayerFiles, report: OpenReport, retention: RetentionPolicy) {
+  private constructor(dir: string, journal: Journal<StoreEvent>, state: Projection, files: LayerFiles, report: OpenReport, retention: RetentionPolicy, checkpointEveryPayloadBytes: number) {
     this.dir = dir;
+    this.checkpointEveryPayloadBytes = checkpointEveryPayloadBytes;
     this.journal = journal;
     this.state = state;
     this.files = files;
@@ -301,7 +313,7 @@ export class Store {
       journal.append([EventType.LayerCreated, baseId, sizeBytes, kind, base.kind !== 'import', kind === 'external' ? source : null], { sync: true }),
     ]);
     await journal.close();
-    const store = await Store.open(dir);
+    const store = await Store.open(dir, { checkpointEveryPayloadBytes: options.checkpointEveryPayloadBytes });
     if (options.retain !== undefined) await store.setRetention(options.retain);
     if (base.kind === 'import') {
       await store.importInto(baseId, base.path, options.onProgress);
@@ -319,6 +331,10 @@ export class Store {
    */
   static async open(dirArg: string, options: OpenOptions = {}): Promise<Store> {
     const dir = resolve(dirArg);
+    const checkpointBytes = options.checkpointEveryPayloadBytes ?? checkpointEveryPayloadBytes;
+    if (!Number.isSafeInteger(checkpointBytes) || checkpointBytes < 1) {
+      throw new StoreError('EINVAL', `checkpointEveryPayloadBytes must be a positive integer, not ${checkpointBytes}`);
+    }
     let journal: Journal<StoreEvent> | undefined;
     let files: LayerFiles | undefined;
     try {
@@ -397,7 +413,7 @@ export class Store {
         tailCut,
       };
       const retention = (await journal.getMeta<RetentionPolicy>(retentionMetaKey)) ?? { kind: 'checkpoint' };
-      const store = new Store(dir, journal, state, files, report, retention);
+      const store = new Store(dir, journal, state, files, report, retention, checkpointBytes);
       if (eventsReplayed > 0) await store.checkpoint();
       return store;
     } catch (err) {
@@ -435,6 +451,7 @@ export class Store {
       const seq = this.state.seq;
       const blob = encodeProjection(this.state);
       this.eventsSinceCheckpoint = 0;
+      this.payloadBytesSinceCheckpoint = 0;
       // The payload log is flushed while writes go on committing: the synced write that stores the
       // checkpoint would otherwise flush all of it and hold every write behind it meanwhile.
       await Promise.all([this.files.syncAll(), this.journal.flushPayloads()]);
@@ -523,6 +540,7 @@ export class Store {
           this.files.writeBehind(event[1], record.payload, event[2] * this.blockSizeBytes_, durable);
         }
         applyEvent(this.state, record.seq, event);
+        this.payloadBytesSinceCheckpoint += record.payloadLength;
       } catch (err) {
         // The event is in the journal but not applied: stop taking writes; reopening repairs it.
         this.failure = new Error(`store ${this.dir}: applying ${eventTypeName(record.meta)} event seq ${record.seq} failed (${(err as Error).message}); reopen the store to recover`, { cause: err });
@@ -534,7 +552,8 @@ export class Store {
       this.state.collected = [];
     }
     this.eventsSinceCheckpoint += records.length;
-    if (this.eventsSinceCheckpoint >= checkpointEveryEvents && this.checkpointRunning === undefined) {
+    const due = this.eventsSinceCheckpoint >= checkpointEveryEvents || this.payloadBytesSinceCheckpoint >= this.checkpointEveryPayloadBytes;
+    if (due && this.checkpointRunning === undefined) {
       setImmediate(() => void this.checkpoint().catch(() => undefined));
     }
   }

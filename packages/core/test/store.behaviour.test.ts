@@ -374,6 +374,46 @@ test('retention: a point whose data is gone is refused up front and changes noth
   }
 });
 
+test('large writes checkpoint every checkpointEveryPayloadBytes, so the payloads kept stay bounded', async () => {
+  const newestCheckpoint = async (store: Store): Promise<number> => (await store.eventLog.checkpointSeqs()).at(-1) ?? 0;
+  // A checkpoint starts in the background after the commit that makes it due: wait for it (up to
+  // 10 s), so the next write cannot slip into it and every checkpoint lands on its mark.
+  const checkpointAt = async (store: Store, seq: number): Promise<number> => {
+    for (let waitedMs = 0; waitedMs < 10_000 && (await newestCheckpoint(store)) < seq; waitedMs += 10) {
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
+    return newestCheckpoint(store);
+  };
+
+  // 24 MiB in 1 MiB writes against a 4 MiB interval: a checkpoint after every fourth write.
+  const dir = tempDir();
+  const store = await Store.create(dir, { sizeBytes: 32 * mib, checkpointEveryPayloadBytes: 4 * mib });
+  const seqs: number[] = [];
+  for (let i = 0; i < 24; i++) {
+    await store.writeVolume('default', i * mib, Buffer.alloc(mib, i + 1), false);
+    seqs.push(store.lastSeq);
+    if (i % 4 === 3) assert.is(await checkpointAt(store, store.lastSeq), store.lastSeq, `a checkpoint after ${i + 1} MiB`);
+    else assert.ok((await newestCheckpoint(store)) < store.lastSeq, `no checkpoint after ${i + 1} MiB`);
+  }
+  assert.equal(await store.eventLog.checkpointSeqs(), [seqs[19], seqs[23]], 'the two newest are kept');
+  assert.is(store.eventLog.payloadsDroppedThroughSeq, seqs[19], 'payloads are dropped through the older one');
+  await store.close();
+  const reopened = await Store.open(dir);
+  for (let i = 0; i < 24; i++) assert.ok(flat(reopened.readVolume('default', i * mib, mib)).equals(Buffer.alloc(mib, i + 1)), `MiB ${i}`);
+  await reopened.close();
+
+  // The default interval (1 GiB) takes no checkpoint for the same writes: the ones above are the option's.
+  const plain = await Store.create(tempDir(), { sizeBytes: 32 * mib });
+  const created = await newestCheckpoint(plain);
+  for (let i = 0; i < 24; i++) await plain.writeVolume('default', i * mib, Buffer.alloc(mib, i + 1), false);
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  assert.is(await newestCheckpoint(plain), created);
+  assert.ok(plain.eventLog.payloadsDroppedThroughSeq <= created);
+  await plain.close();
+
+  await rejects(Store.open(dir, { checkpointEveryPayloadBytes: 0 }), (err: unknown) => code('EINVAL')(err) && /checkpointEveryPayloadBytes/.test((err as Error).message));
+});
+
 test('close() lets the writes already issued land before its checkpoint and refuses new ones', async () => {
   const dir = tempDir();
   const store = await Store.create(dir, { sizeBytes: mib });

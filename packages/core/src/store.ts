@@ -18,9 +18,10 @@
  * concurrent writes to different parts of one block all survive. Operations that change a volume's
  * stack (snapshot, delete, commit, flatten) raise a barrier: writes issued meanwhile wait for it.
  *
- * Checkpoints: on close and every `checkpointEveryEvents` events, `checkpointEveryPayloadBytes` bytes of
- * write data or `checkpointEveryMs`, the data files are fdatasynced and the projection is stored with the seq it reflects; payloads older than the
- * oldest kept checkpoint are then dropped from the journal (their data is durable in the layer files).
+ * Checkpoints: on close and every `checkpointEveryEvents` events, `checkpointEveryPayloadBytes` bytes
+ * of write data or `checkpointEveryMs`, the data files are fdatasynced and the projection is stored
+ * with the seq it reflects; payloads older than the oldest kept checkpoint are then dropped from the
+ * journal (their data is durable in the layer files).
  */
 import { chmodSync, closeSync, existsSync, fstatSync, mkdirSync, openSync, readdirSync, readSync } from 'node:fs';
 import { join, resolve } from 'node:path';
@@ -196,6 +197,15 @@ interface VolumeRuntime {
   drained: { promise: Promise<void>; resolve: () => void } | undefined;
 }
 
+/** The checkpoint interval in payload bytes an option asks for, or the default. */
+function checkCheckpointBytes(optionBytes: number | undefined): number {
+  const bytes = optionBytes ?? checkpointEveryPayloadBytes;
+  if (!Number.isSafeInteger(bytes) || bytes < 1) {
+    throw new StoreError('EINVAL', `checkpointEveryPayloadBytes must be a positive integer, not ${bytes}`);
+  }
+  return bytes;
+}
+
 function toStoreError(err: unknown, dir: string): unknown {
   if (err instanceof JournalError) {
     switch (err.code) {
@@ -285,6 +295,7 @@ export class Store {
     if (!Number.isInteger(blockSizeBytes) || blockSizeBytes < minBlockSizeBytes || blockSizeBytes > maxBlockSizeBytes || (blockSizeBytes & (blockSizeBytes - 1)) !== 0) {
       throw new StoreError('EINVAL', `block size ${blockSizeBytes} is not a power of two from ${minBlockSizeBytes} to ${maxBlockSizeBytes}`);
     }
+    checkCheckpointBytes(options.checkpointEveryPayloadBytes);
     const volume = options.volume ?? 'default';
     checkName('volume', volume);
     const base = options.base ?? { kind: 'zero' };
@@ -331,10 +342,7 @@ export class Store {
    */
   static async open(dirArg: string, options: OpenOptions = {}): Promise<Store> {
     const dir = resolve(dirArg);
-    const checkpointBytes = options.checkpointEveryPayloadBytes ?? checkpointEveryPayloadBytes;
-    if (!Number.isSafeInteger(checkpointBytes) || checkpointBytes < 1) {
-      throw new StoreError('EINVAL', `checkpointEveryPayloadBytes must be a positive integer, not ${checkpointBytes}`);
-    }
+    const checkpointBytes = checkCheckpointBytes(options.checkpointEveryPayloadBytes);
     let journal: Journal<StoreEvent> | undefined;
     let files: LayerFiles | undefined;
     try {

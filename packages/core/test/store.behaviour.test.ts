@@ -411,7 +411,11 @@ test('large writes checkpoint every checkpointEveryPayloadBytes, so the payloads
   assert.ok(plain.eventLog.payloadsDroppedThroughSeq <= created);
   await plain.close();
 
-  await rejects(Store.open(dir, { checkpointEveryPayloadBytes: 0 }), (err: unknown) => code('EINVAL')(err) && /checkpointEveryPayloadBytes/.test((err as Error).message));
+  const badInterval = (err: unknown) => code('EINVAL')(err) && /checkpointEveryPayloadBytes/.test((err as Error).message);
+  await rejects(Store.open(dir, { checkpointEveryPayloadBytes: 0 }), badInterval);
+  const notCreated = tempDir();
+  await rejects(Store.create(notCreated, { sizeBytes: mib, checkpointEveryPayloadBytes: 0.5 }), badInterval);
+  assert.equal(readdirSync(notCreated), [], 'a refused create leaves nothing behind');
 });
 
 test('close() lets the writes already issued land before its checkpoint and refuses new ones', async () => {

@@ -25,13 +25,14 @@ export const maxWritebackBytes = 64 * 1024 * 1024;
 export const recoveryBatchBytes = 1024 * 1024;
 /** Largest single write the engine accepts (the NBD server caps requests lower). */
 export const maxWriteBytes = 64 * 1024 * 1024;
-/** A checkpoint is written after this many events since the last one... */
-export const checkpointEveryEvents = 200_000;
 /**
- * ...or this many bytes of write payload since the last one (the payload log then holds about two
- * such intervals, plus the spares: four segments, so a steady writer fills recycled segments only)...
+ * A checkpoint is written after this many bytes of write payload since the last one (the payload log
+ * then holds about two such intervals, plus the spares: four segments, so a steady writer fills
+ * recycled segments only; recovery re-applies at most about this much)...
  */
 export const checkpointEveryPayloadBytes = 1024 * 1024 * 1024;
+/** ...or this many events (recovery replays them in about half a second)... */
+export const checkpointEveryEvents = 1_000_000;
 /** ...or after this long with any events since the last one. */
 export const checkpointEveryMs = 60_000;
 /** Checkpoints kept; write payloads are kept back to the oldest, so an older one can be used. */

@@ -923,7 +923,9 @@ export class Store {
         await this.journal.append(origin === undefined ? [EventType.Zero, top, first, count] : [EventType.Zero, top, first, count, origin], { sync: fua });
       } else {
         const crcs = blockCrcs(payload, this.blockSizeBytes_);
-        await this.journal.append(origin === undefined ? [EventType.Write, top, first, count, crcs] : [EventType.Write, top, first, count, crcs, origin], { payload, sync: fua });
+        // One block's CRC is the payload's: the journal need not compute it again.
+        const payloadCrc = count === 1 ? crcs.readUInt32LE(0) : undefined;
+        await this.journal.append(origin === undefined ? [EventType.Write, top, first, count, crcs] : [EventType.Write, top, first, count, crcs, origin], { payload, payloadCrc, sync: fua });
       }
     } catch (err) {
       throw toDeviceError(err);

@@ -72,6 +72,11 @@ export interface JournalRecord<M = unknown> {
 export interface AppendOptions {
   /** Bytes stored beside the record (write data). Retention may drop them later; the CRC stays. */
   readonly payload?: Buffer;
+  /**
+   * The payload's CRC32C when the caller has already computed it (a one-block write's block CRC), so
+   * the journal need not read the bytes again. Replay checks the payload against it like any other.
+   */
+  readonly payloadCrc?: number;
   /** Make this record (and everything before it) durable before the promise resolves. */
   readonly sync?: boolean;
 }
@@ -445,7 +450,7 @@ export class Journal<M = unknown> {
       if (payload.length > maxPayloadBytes) {
         return Promise.reject(new JournalError('EINVAL', `payload of ${payload.length} bytes is over maxPayloadBytes (${maxPayloadBytes})`));
       }
-      payloadCrc = crc32c(payload);
+      payloadCrc = options?.payloadCrc ?? crc32c(payload);
     }
     let encoded: EncodedRecord;
     try {

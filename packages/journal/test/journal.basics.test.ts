@@ -1,13 +1,14 @@
 import { readFileSync, writeFileSync } from 'node:fs';
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
+import { crc32c } from '@node-rs/crc32';
 import { Level } from 'level';
 import { pack } from 'msgpackr';
 import { lastValueFrom, take, tap, toArray } from 'rxjs';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { rejects } from 'node:assert/strict';
-import { Journal, JournalError } from '../src/index.js';
+import { Journal, JournalCorruptionError, JournalError } from '../src/index.js';
 import { replayChunkValues } from '../src/limits.js';
 import { replayAll, tempDir } from './helpers.js';
 
@@ -23,6 +24,21 @@ test('appends in one turn share one batch and resolve with consecutive seqs', as
   assert.equal(records[1].payload?.toString(), 'xyz');
   assert.equal(records[1].payloadLength, 3);
   assert.is(records[0].payload, undefined);
+  await journal.close();
+});
+
+test('a payload CRC given by the caller is stored as is, and replay checks the payload against it', async () => {
+  const dir = tempDir();
+  const journal = await Journal.open(dir, { create: true });
+  const payload = Buffer.from('block');
+  await journal.append('right', { payload, payloadCrc: crc32c(payload) });
+  await journal.append('wrong', { payload, payloadCrc: crc32c(payload) ^ 1 });
+  const records: number[] = [];
+  await rejects(
+    lastValueFrom(journal.replay().pipe(tap((r) => records.push(r.seq)))),
+    (err: unknown) => err instanceof JournalCorruptionError && err.seq === 2 && err.kind === 'payload-crc',
+  );
+  assert.equal(records, [1], 'the record with the right CRC replays; the wrong one is named');
   await journal.close();
 });
 

@@ -33,17 +33,18 @@ export interface FileRead {
   readonly targetOffset: number;
 }
 
-/** One batch as the worker gets it: parallel arrays, one entry per operation. */
+/**
+ * One batch as the worker gets it. The operations travel as one array, four numbers per
+ * operation (descriptor, file position, length, where its bytes start in `memory`), built with `push`:
+ * a packed array is cloned as a dense one, where an array made with `new Array(n)` is holey and
+ * crosses as a sparse one, index by index (measured in BENCHMARKS.md).
+ */
 interface BatchMessage {
   readonly id: number;
   readonly kind: 'read' | 'write';
   /** Write: the bytes of every write, back to back (transferred). Read: the shared target memory. */
   readonly memory: ArrayBuffer | SharedArrayBuffer;
-  readonly fds: number[];
-  readonly positions: number[];
-  readonly lengths: number[];
-  /** Where each operation's bytes start in `memory`. */
-  readonly offsets: number[];
+  readonly ops: number[];
 }
 
 /** What the worker answers: bytes done per operation, and the index, code and message of each failure. */
@@ -63,25 +64,30 @@ export type BatchDone = (errorOf: (index: number) => NodeJS.ErrnoException | nul
 function workerMain(): void {
   const { parentPort } = require('node:worker_threads') as typeof import('node:worker_threads');
   const { readSync, writeSync } = require('node:fs') as typeof import('node:fs');
+  const fields = 4; // numbers per operation in BatchMessage.ops
   parentPort!.on('message', (batch: BatchMessage) => {
     const memory = Buffer.from(batch.memory);
-    const counts: number[] = new Array(batch.fds.length).fill(0);
+    const ops = batch.ops;
+    const counts: number[] = [];
     const errors: BatchReply['errors'] = [];
-    for (let i = 0; i < batch.fds.length; i++) {
-      const length = batch.lengths[i];
-      const at = batch.offsets[i];
+    for (let i = 0; i < ops.length / fields; i++) {
+      const fd = ops[i * fields];
+      const position = ops[i * fields + 1];
+      const length = ops[i * fields + 2];
+      const at = ops[i * fields + 3];
       try {
         let done = 0;
         while (done < length) {
           const n =
             batch.kind === 'write'
-              ? writeSync(batch.fds[i], memory, at + done, length - done, batch.positions[i] + done)
-              : readSync(batch.fds[i], memory, at + done, length - done, batch.positions[i] + done);
+              ? writeSync(fd, memory, at + done, length - done, position + done)
+              : readSync(fd, memory, at + done, length - done, position + done);
           if (n === 0) break;
           done += n;
         }
-        counts[i] = done;
+        counts.push(done);
       } catch (err) {
+        counts.push(0);
         errors.push([i, (err as NodeJS.ErrnoException).code, (err as Error).message]);
       }
     }
@@ -102,21 +108,14 @@ export class FileWorker {
     for (const w of writes) total += w.data.length;
     // A buffer of its own (never the shared allocation pool): it is transferred to the worker.
     const bytes = Buffer.allocUnsafeSlow(total);
-    const fds = new Array<number>(writes.length);
-    const positions = new Array<number>(writes.length);
-    const lengths = new Array<number>(writes.length);
-    const offsets = new Array<number>(writes.length);
+    const ops: number[] = [];
     let at = 0;
-    for (let i = 0; i < writes.length; i++) {
-      const w = writes[i];
-      fds[i] = w.fd;
-      positions[i] = w.position;
-      lengths[i] = w.data.length;
-      offsets[i] = at;
+    for (const w of writes) {
+      ops.push(w.fd, w.position, w.data.length, at);
       at += w.data.copy(bytes, at);
     }
     const memory = bytes.buffer as ArrayBuffer;
-    this.send({ kind: 'write', memory, fds, positions, lengths, offsets }, done, [memory]);
+    this.send({ kind: 'write', memory, ops }, done, [memory]);
   }
 
   /** Read a batch into shared memory; `done` is called once every read has finished. */
@@ -124,19 +123,12 @@ export class FileWorker {
     assert(reads.length > 0, 'a file-worker batch holds at least one operation');
     const memory = reads[0].target.buffer;
     assert(memory instanceof SharedArrayBuffer, 'file-worker reads go into shared memory');
-    for (const r of reads) assert(r.target.buffer === memory, 'the reads of one batch share one target');
-    this.send(
-      {
-        kind: 'read',
-        memory,
-        fds: reads.map((r) => r.fd),
-        positions: reads.map((r) => r.position),
-        lengths: reads.map((r) => r.length),
-        offsets: reads.map((r) => r.target.byteOffset + r.targetOffset),
-      },
-      done,
-      [],
-    );
+    const ops: number[] = [];
+    for (const r of reads) {
+      assert(r.target.buffer === memory, 'the reads of one batch share one target');
+      ops.push(r.fd, r.position, r.length, r.target.byteOffset + r.targetOffset);
+    }
+    this.send({ kind: 'read', memory, ops }, done, []);
   }
 
   private send(message: Omit<BatchMessage, 'id'>, done: BatchDone, transfer: ArrayBuffer[]): void {

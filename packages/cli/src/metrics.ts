@@ -1,7 +1,7 @@
 /**
  * Prometheus metrics for `serve --metrics ADDR:PORT` (prom-client): NBD requests, bytes and latency
- * per command, connections, journal appends and group-commit batch sizes, replay progress at startup,
- * and the layer tree's size. Served at http://ADDR:PORT/metrics.
+ * per command, connections, journal appends and group-commit batch sizes, checkpoints (by reason) and
+ * their duration, replay progress at startup, and the layer tree's size. Served at http://ADDR:PORT/metrics.
  */
 import { createServer, type Server } from 'node:http';
 import type { Store } from '@cowstack/core';
@@ -33,6 +33,13 @@ export class Metrics {
     buckets: [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1],
     registers: [this.registry],
   });
+  private readonly checkpoints = new Counter({ name: 'cowstack_checkpoints_total', help: 'Checkpoints written, by what started them', labelNames: ['reason'], registers: [this.registry] });
+  private readonly checkpointSeconds = new Histogram({
+    name: 'cowstack_checkpoint_duration_seconds',
+    help: 'Time to write a checkpoint: flush the layer files and the payload log, store the state, drop old payloads',
+    buckets: [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+    registers: [this.registry],
+  });
   readonly replayEvents = new Gauge({ name: 'cowstack_replay_events', help: 'Events replayed while opening the store', registers: [this.registry] });
   readonly replayTotal = new Gauge({ name: 'cowstack_replay_events_total_to_replay', help: 'Events to replay while opening the store', registers: [this.registry] });
   private server: Server | undefined;
@@ -55,6 +62,10 @@ export class Metrics {
       this.batches.inc({ sync: String(b.sync) });
       if (b.records > 0) this.batchRecords.observe(b.records);
       this.batchSeconds.observe(b.durationMs / 1000);
+    });
+    store.checkpoints$.subscribe((c) => {
+      this.checkpoints.inc({ reason: c.reason });
+      this.checkpointSeconds.observe(c.durationMs / 1000);
     });
     const tree = (name: string, help: string, count: () => number): void => {
       new Gauge({

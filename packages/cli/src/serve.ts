@@ -23,6 +23,8 @@ export interface ServeOptions {
   readonly tls?: TlsOptions;
   /** Set this retention policy before serving. */
   readonly retain?: RetentionPolicy;
+  /** Checkpoint after this many bytes of write data (the store's checkpointEveryPayloadBytes). */
+  readonly checkpointEveryBytes?: number;
   readonly verbose: boolean;
   readonly log: (line: string) => void;
   /** Resolves when the server should stop (a signal). */
@@ -65,6 +67,7 @@ export async function serve(dir: string, options: ServeOptions): Promise<void> {
       metrics?.replayTotal.set(total);
       options.onProgress?.(phase, done, total);
     },
+    checkpointEveryPayloadBytes: options.checkpointEveryBytes,
   });
   if (options.retain !== undefined) await store.setRetention(options.retain);
   const report = store.openReport;
@@ -72,6 +75,7 @@ export async function serve(dir: string, options: ServeOptions): Promise<void> {
     options.log(`recovered: replayed ${report.eventsReplayed} events after checkpoint seq ${report.checkpointSeq}, re-applied ${report.writesReapplied} writes in ${report.durationMs.toFixed(0)} ms`);
   }
   metrics?.attach(store);
+  if (options.verbose) store.checkpoints$.subscribe((c) => options.log(`checkpoint at seq ${c.seq} (${c.reason}) in ${c.durationMs.toFixed(0)} ms`));
   const provider = new StoreExports(store);
   const servers: NbdServer[] = [];
   const tlsMode = options.tls?.mode ?? 'off';

@@ -349,6 +349,8 @@ test('serve --metrics: the metric families exist and move with requests, journal
       cowstack_journal_batches_total: 'counter',
       cowstack_journal_batch_records: 'histogram',
       cowstack_journal_batch_duration_seconds: 'histogram',
+      cowstack_checkpoints_total: 'counter',
+      cowstack_checkpoint_duration_seconds: 'histogram',
       cowstack_replay_events: 'gauge',
       cowstack_volumes: 'gauge',
       cowstack_layers: 'gauge',
@@ -389,12 +391,56 @@ test('serve --metrics: the metric families exist and move with requests, journal
     assert.is(get('cowstack_layers'), 4);
     assert.is(get('cowstack_snapshots'), 1);
     assert.is(get('cowstack_journal_last_seq'), lastSeq + 32 + 2);
+    assert.is(get('cowstack_checkpoint_duration_seconds_count'), 0, 'a few small writes take no checkpoint');
     assert.ok(get('cowstack_process_resident_memory_bytes') > 0, 'process metrics are exported');
 
     const other = await fetch(url.replace('/metrics', '/other'));
     assert.is(other.status, 404);
   } finally {
     await stopAll([server]);
+  }
+});
+
+test('serve --checkpoint-every: a checkpoint after each interval of write data, in the metrics and the -v log', async () => {
+  const dir = tempDir('online');
+  const store = join(dir, 'store');
+  await cowOk(['init', store, '--size', '32M']);
+  const writes = 16;
+  const server = await Server.start(store, ['--metrics', '127.0.0.1:0', '--checkpoint-every', '4M', '-v']);
+  try {
+    const url = server.metricsUrl;
+    // 16 MiB of write data against a 4 MiB interval, in 1 MiB writes: each fourth write makes a
+    // checkpoint due, and the next 4 MiB wait until it is written (one coming due while another is
+    // being written would wait for the next commit).
+    const count = async (): Promise<Map<string, number>> => samples(await (await fetch(url)).text());
+    for (let round = 1; round <= writes / 4; round++) {
+      await qemuIo(
+        server.uri('default'),
+        Array.from({ length: 4 }, (_, j) => `write -P ${(round - 1) * 4 + j + 1} ${((round - 1) * 4 + j) * MiB} 1M`),
+      );
+      await waitFor(`checkpoint ${round}`, async () => ((await count()).get('cowstack_checkpoints_total{reason="bytes"}') ?? 0) >= round);
+    }
+    const metrics = await count();
+    const taken = metrics.get('cowstack_checkpoints_total{reason="bytes"}');
+    assert.is(taken, writes / 4, 'one checkpoint per 4 MiB');
+    assert.is(metrics.get('cowstack_checkpoint_duration_seconds_count'), taken, 'one duration per checkpoint');
+    assert.ok(metrics.get('cowstack_checkpoint_duration_seconds_sum')! > 0);
+    const logged = [...server.stderr.matchAll(/checkpoint at seq (\d+) \(bytes\) in \d+ ms/g)].map((m) => Number(m[1]));
+    assert.is(logged.length, taken, `each checkpoint is logged:\n${server.stderr}`);
+    assert.ok(logged.every((seq, i) => i === 0 || seq === logged[i - 1] + 4), `four write events apart: ${logged.join(', ')}`);
+    // The journal keeps the two newest checkpoints, both taken for write data.
+    const { checkpointSeqs } = await cowJson<{ checkpointSeqs: number[] }>(['journal', 'stats', store]);
+    assert.equal(checkpointSeqs, logged.slice(-2));
+  } finally {
+    await stopAll([server]);
+  }
+  const expected = Buffer.alloc(32 * MiB);
+  for (let i = 0; i < writes; i++) expected.fill(i + 1, i * MiB, (i + 1) * MiB);
+  const again = await Server.start(store);
+  try {
+    assertSameBytes(await readExport(again.uri('default')), expected, 'the volume after the checkpoints and a restart');
+  } finally {
+    await stopAll([again]);
   }
 });
 

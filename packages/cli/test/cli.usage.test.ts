@@ -106,6 +106,8 @@ test('usage errors exit 2 with a message and a pointer to --help', async () => {
     { args: ['serve', store, '--port', 'http'], message: '"http" is not a whole number' },
     { args: ['serve', store, '--port', '99999'], message: '99999 is not a TCP port (0 to 65535)' },
     { args: ['serve', store, '--max-connections', '0'], message: '0 is not allowed here: give 1 or more' },
+    { args: ['serve', store, '--checkpoint-every', '0'], message: '"0" is not a whole, positive number of bytes' },
+    { args: ['serve', store, '--checkpoint-every', 'often'], message: '"often" is not a size' },
     { args: ['serve', store, '--socket', 's', '--socket-mode', 'rw'], message: '"rw" is not an octal mode' },
     { args: ['serve', store, '--socket', 's', '--socket-mode', '999'], message: '"999" is not an octal mode' },
     { args: ['serve', store, '--metrics', 'localhost'], message: '"localhost" is not ADDR:PORT' },

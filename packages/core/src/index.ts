@@ -30,6 +30,7 @@ export { decodeProjection, diffProjections, encodeProjection } from './projectio
 export { blockCrcs, parseSnapshotRef, Store } from './store.js';
 export type {
   BaseSpec,
+  CheckpointWritten,
   CreateOptions,
   DiffExtent,
   LayerInfo,

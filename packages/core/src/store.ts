@@ -27,7 +27,7 @@ import { chmodSync, closeSync, existsSync, fstatSync, mkdirSync, openSync, readd
 import { join, resolve } from 'node:path';
 import { crc32c } from '@node-rs/crc32';
 import { type CorruptionKind, Journal, JournalCorruptionError, JournalError, type JournalRecord, JournalTornTailError } from '@cowstack/journal';
-import { filter, lastValueFrom, scan, tap } from 'rxjs';
+import { filter, lastValueFrom, type Observable, scan, Subject, tap } from 'rxjs';
 import { fingerprintImage, verifyImage } from './base-image.js';
 import { BlockDeviceError, type Extent, type ExtentContext, type ReadPiece, type ReadResult } from './block-device.js';
 import { assert, StoreError } from './errors.js';
@@ -99,6 +99,14 @@ export interface OpenOptions {
    * the writes since the older of the two newest checkpoints.
    */
   readonly checkpointEveryPayloadBytes?: number;
+}
+
+/** A checkpoint written: the seq it reflects, and how long it took from start to the stored state. */
+export interface CheckpointWritten {
+  readonly seq: number;
+  readonly durationMs: number;
+  /** Why it was taken: the event or write-data interval, the timer, or a caller (close, recovery). */
+  readonly reason: 'events' | 'bytes' | 'timer' | 'request';
 }
 
 /** Long work reports (phase, done, total) in units the phase names (bytes, blocks, events). */
@@ -260,6 +268,7 @@ export class Store {
   private payloadBytesSinceCheckpoint = 0;
   private readonly checkpointEveryPayloadBytes: number;
   private checkpointRunning: Promise<number> | undefined;
+  private readonly checkpointsWritten = new Subject<CheckpointWritten>();
   private lastCheckpointSeq: number;
   private readonly checkpointTimer: NodeJS.Timeout;
   private closed = false;
@@ -280,7 +289,7 @@ export class Store {
     this.lastCheckpointSeq = report.checkpointWritten ? state.seq : report.checkpointSeq;
     journal.onCommit = (records, durable) => this.applyCommitted(records, durable);
     this.checkpointTimer = setInterval(() => {
-      if (this.eventsSinceCheckpoint > 0) void this.checkpoint().catch(() => undefined);
+      if (this.eventsSinceCheckpoint > 0) void this.checkpoint('timer').catch(() => undefined);
     }, checkpointEveryMs);
     this.checkpointTimer.unref();
   }
@@ -445,17 +454,24 @@ export class Store {
     if (this.failure === undefined && this.state.seq > this.lastCheckpointSeq) await this.checkpoint();
     else if (this.checkpointRunning !== undefined) await this.checkpointRunning.catch(() => undefined);
     this.closed = true;
+    this.checkpointsWritten.complete();
     this.files.closeAll();
     await this.journal.close();
+  }
+
+  /** Every checkpoint this store writes from now on (completes when the store closes). */
+  get checkpoints$(): Observable<CheckpointWritten> {
+    return this.checkpointsWritten.asObservable();
   }
 
   /**
    * Store the projection as a checkpoint: fdatasync the layer files, then store the state with the seq
    * it reflects, keep the newest `checkpointsKept`, and drop payloads the oldest kept one covers.
    */
-  checkpoint(): Promise<number> {
-    if (this.checkpointRunning !== undefined) return this.checkpointRunning.catch(() => undefined).then(() => this.checkpoint());
+  checkpoint(reason: CheckpointWritten['reason'] = 'request'): Promise<number> {
+    if (this.checkpointRunning !== undefined) return this.checkpointRunning.catch(() => undefined).then(() => this.checkpoint(reason));
     const run = (async (): Promise<number> => {
+      const started = performance.now();
       const seq = this.state.seq;
       const blob = encodeProjection(this.state);
       this.eventsSinceCheckpoint = 0;
@@ -468,6 +484,7 @@ export class Store {
       await this.journal.pruneCheckpoints(checkpointsKept);
       const kept = await this.journal.checkpointSeqs();
       if (kept.length > 0) await this.journal.dropPayloads(await this.payloadDropPoint(kept[0]));
+      this.checkpointsWritten.next({ seq, durationMs: performance.now() - started, reason });
       return seq;
     })();
     this.checkpointRunning = run;
@@ -560,9 +577,9 @@ export class Store {
       this.state.collected = [];
     }
     this.eventsSinceCheckpoint += records.length;
-    const due = this.eventsSinceCheckpoint >= checkpointEveryEvents || this.payloadBytesSinceCheckpoint >= this.checkpointEveryPayloadBytes;
-    if (due && this.checkpointRunning === undefined) {
-      setImmediate(() => void this.checkpoint().catch(() => undefined));
+    const due = this.eventsSinceCheckpoint >= checkpointEveryEvents ? 'events' : this.payloadBytesSinceCheckpoint >= this.checkpointEveryPayloadBytes ? 'bytes' : undefined;
+    if (due !== undefined && this.checkpointRunning === undefined) {
+      setImmediate(() => void this.checkpoint(due).catch(() => undefined));
     }
   }
 

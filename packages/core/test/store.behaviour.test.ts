@@ -11,7 +11,7 @@ import { Level } from 'level';
 import { pack } from 'msgpackr';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { BlockDeviceError, checkStore, EventType, parseRetention, pointInTimeView, recoverStore, Store, StoreError, type StoreEvent, StoreExports } from '../src/index.js';
+import { BlockDeviceError, type CheckpointWritten, checkStore, EventType, parseRetention, pointInTimeView, recoverStore, Store, StoreError, type StoreEvent, StoreExports } from '../src/index.js';
 import { maxWritebackBytes } from '../src/limits.js';
 import { flat, tempDir } from './helpers.js';
 
@@ -388,6 +388,8 @@ test('large writes checkpoint every checkpointEveryPayloadBytes, so the payloads
   // 24 MiB in 1 MiB writes against a 4 MiB interval: a checkpoint after every fourth write.
   const dir = tempDir();
   const store = await Store.create(dir, { sizeBytes: 32 * mib, checkpointEveryPayloadBytes: 4 * mib });
+  const written: CheckpointWritten[] = [];
+  store.checkpoints$.subscribe((c) => written.push(c));
   const seqs: number[] = [];
   for (let i = 0; i < 24; i++) {
     await store.writeVolume('default', i * mib, Buffer.alloc(mib, i + 1), false);
@@ -397,7 +399,11 @@ test('large writes checkpoint every checkpointEveryPayloadBytes, so the payloads
   }
   assert.equal(await store.eventLog.checkpointSeqs(), [seqs[19], seqs[23]], 'the two newest are kept');
   assert.is(store.eventLog.payloadsDroppedThroughSeq, seqs[19], 'payloads are dropped through the older one');
+  assert.equal(written.map((c) => [c.seq, c.reason]), [3, 7, 11, 15, 19, 23].map((i) => [seqs[i], 'bytes']), 'checkpoints$ reports each, for write data');
+  assert.ok(written.every((c) => c.durationMs > 0));
+  await store.writeVolume('default', 0, Buffer.alloc(mib, 1), false);
   await store.close();
+  assert.equal(written.at(-1)?.reason, 'request', 'close takes one more');
   const reopened = await Store.open(dir);
   for (let i = 0; i < 24; i++) assert.ok(flat(reopened.readVolume('default', i * mib, mib)).equals(Buffer.alloc(mib, i + 1)), `MiB ${i}`);
   await reopened.close();

@@ -76,8 +76,9 @@ export function registerStoreCommands(root: Command): void {
       .addOption(new Option('--tls-psk <file>', 'pre-shared keys instead: psktool format, one username:hexkey line per client').conflicts('tlsCertificates'))
       .option('--tls-verify-peer', 'with --tls-certificates: require a client certificate signed by ca-cert.pem')
       .option('--retain <policy>', 'set the journal\'s write-history retention first (see `cowstack retain`)', retentionArg)
-      .option('-v, --verbose', 'log every connection and protocol event')
-      .action(async (dirArg: string, opts: { socket?: string; socketMode: number; port?: number; bind: string; metrics?: { host: string; port: number }; maxConnections?: number; tls: 'off' | 'on' | 'require'; tlsCertificates?: string; tlsPsk?: string; tlsVerifyPeer?: boolean; retain?: RetentionPolicy; verbose?: boolean }, command: Command) => {
+      .option('--checkpoint-every <size>', `write a checkpoint after this much write data (default ${formatSize(limits.checkpointEveryPayloadBytes)}): the journal keeps the writes of about two intervals, and crash recovery re-applies at most one`, sizeArg)
+      .option('-v, --verbose', 'log every connection, protocol event and checkpoint')
+      .action(async (dirArg: string, opts: { socket?: string; socketMode: number; port?: number; bind: string; metrics?: { host: string; port: number }; maxConnections?: number; tls: 'off' | 'on' | 'require'; tlsCertificates?: string; tlsPsk?: string; tlsVerifyPeer?: boolean; retain?: RetentionPolicy; checkpointEvery?: number; verbose?: boolean }, command: Command) => {
         const dir = resolve(dirArg);
         const tls = tlsOptions(command, opts);
         const stopSignal = new Promise<string>((resolveSignal) => {
@@ -102,6 +103,7 @@ export function registerStoreCommands(root: Command): void {
             maxConnections: opts.maxConnections,
             tls,
             retain: opts.retain,
+            checkpointEveryBytes: opts.checkpointEvery,
             verbose: opts.verbose === true,
             log: (line) => process.stderr.write(`cowstack: ${line}\n`),
             stopSignal,

@@ -9,7 +9,9 @@
  * Jobs (fio --ioengine=nbd, one connection): 4k randread qd16, 1M seqread qd8, 4k randwrite qd16, 1M
  * seqwrite qd8; plus durable 4k writes with FUA and 64 in flight (bench/durable-writes.py, because
  * fio's nbd engine cannot send FUA). Reads run before writes on every server; each write job runs on
- * a server of its own over a fresh copy. Each cell is the median of REPEATS runs of RUNTIME seconds. Results print as a table and go to bench/results/compare.json.
+ * a server of its own over a fresh copy. Each cell is the median of REPEATS runs of RUNTIME seconds;
+ * the servers take turns, one run each per round, so all of them meet the machine's drift alike.
+ * Results print as a table and go to bench/results/compare.json (with every run, not only medians).
  *
  * Environment: BENCH_DATA_MIB (1024), BENCH_RUNTIME_S (8), BENCH_REPEATS (3), BENCH_ONLY (comma list
  * of server names), BENCH_DIR (work directory, default .bench-data in the repository).
@@ -174,7 +176,13 @@ function median(cells: Cell[]): Cell {
   return sorted[Math.floor(sorted.length / 2)];
 }
 
-export async function compare(): Promise<Record<string, Record<string, Cell>>> {
+/** Per server and job: the median cell, and every run in order (run r of each server in round r). */
+export interface Compared {
+  readonly medians: Record<string, Record<string, Cell>>;
+  readonly runs: Record<string, Record<string, Cell[]>>;
+}
+
+export async function compare(): Promise<Compared> {
   mkdirSync(work, { recursive: true });
   const raw = join(work, 'data.raw');
   console.error(`bench: preparing ${dataMiB} MiB of data in ${work} (reused between runs)`);
@@ -209,16 +217,17 @@ export async function compare(): Promise<Record<string, Record<string, Cell>>> {
     })),
   ].filter((s) => only === undefined || only.includes(s.name));
 
-  const results: Record<string, Record<string, Cell>> = {};
-  for (const server of servers) {
-    results[server.name] = {};
-    const samples = new Map<string, Cell[]>(jobs.map((j) => [j.name, []]));
-    // Reads first (on the untouched data, one server start per repeat for all read jobs); then each
-    // write job on its own server over a fresh copy, so no job pays for the writeback of the one
-    // before it (a 1M seqwrite leaves gigabytes of dirty pages that slow the next job's fsyncs).
-    const phases: Job[][] = [jobs.filter((j) => j.kind === 'read'), ...jobs.filter((j) => j.kind !== 'read').map((j) => [j])];
-    for (const phase of phases) {
-      for (let r = 0; r < repeats; r++) {
+  // Reads first (on the untouched data, one server start per repeat for all read jobs); then each
+  // write job on its own server over a fresh copy, so no job pays for the writeback of the one
+  // before it (a 1M seqwrite leaves gigabytes of dirty pages that slow the next job's fsyncs).
+  // Within a phase the servers take turns, one run each per round: this shared machine's speed
+  // drifts by ±20% over minutes, and every server then meets the same drift; run one server's
+  // repeats back to back and a ratio between two servers measured minutes apart carries the drift.
+  const phases: Job[][] = [jobs.filter((j) => j.kind === 'read'), ...jobs.filter((j) => j.kind !== 'read').map((j) => [j])];
+  const samples = new Map<string, Map<string, Cell[]>>(servers.map((s) => [s.name, new Map(jobs.map((j) => [j.name, []]))]));
+  for (const phase of phases) {
+    for (let r = 0; r < repeats; r++) {
+      for (const server of servers) {
         const socket = join(work, 'bench.sock');
         rmSync(socket, { force: true });
         const proc = server.start(socket);
@@ -227,7 +236,7 @@ export async function compare(): Promise<Record<string, Record<string, Cell>>> {
           const uri = `nbd+unix:///?socket=${socket}`;
           for (const job of phase) {
             const cell = job.kind === 'durable' ? runDurable(uri) : runFio(uri, job, join(work, 'fio.json'));
-            samples.get(job.name)!.push(cell);
+            samples.get(server.name)!.get(job.name)!.push(cell);
             console.error(`bench: ${server.name.padEnd(18)} ${job.name.padEnd(18)} run ${r + 1}: ${Math.round(cell.iops)} IOPS, ${cell.mibPerSecond.toFixed(1)} MiB/s, p99 ${cell.p99Ms.toFixed(2)} ms`);
           }
         } finally {
@@ -235,13 +244,18 @@ export async function compare(): Promise<Record<string, Record<string, Cell>>> {
         }
       }
     }
-    for (const [job, cells] of samples) results[server.name][job] = median(cells);
+  }
+  const medians: Record<string, Record<string, Cell>> = {};
+  const runs: Record<string, Record<string, Cell[]>> = {};
+  for (const server of servers) {
+    medians[server.name] = Object.fromEntries([...samples.get(server.name)!].map(([job, cells]) => [job, median(cells)]));
+    runs[server.name] = Object.fromEntries(samples.get(server.name)!);
   }
   rmSync(scratch, { recursive: true, force: true });
-  return results;
+  return { medians, runs };
 }
 
-export function formatCompare(results: Record<string, Record<string, Cell>>): string {
+export function formatCompare({ medians: results, runs }: Compared): string {
   const names = Object.keys(results);
   const lines: string[] = [];
   lines.push(`| job | ${names.join(' | ')} |`);
@@ -267,12 +281,30 @@ export function formatCompare(results: Record<string, Record<string, Cell>>): st
       }
     }
   }
+  const base = 'cowstack depth 1';
+  const deeper = ours.filter((n) => n !== base);
+  if (results[base] !== undefined && deeper.length > 0) {
+    // Depth against depth 1: the ratio of the medians, and the runs of each round side by side.
+    lines.push('');
+    lines.push(`| job | ${deeper.map((n) => `${n.replace('cowstack ', '')} ÷ depth 1 (per round)`).join(' | ')} |`);
+    lines.push(`| --- |${deeper.map(() => ' ---: |').join('')}`);
+    for (const job of jobs) {
+      const cells = deeper.map((n) => {
+        const mine = results[n][job.name];
+        const one = results[base][job.name];
+        if (mine === undefined || one === undefined) return '-';
+        const rounds = runs[n][job.name].map((c, r) => `${((100 * c.iops) / runs[base][job.name][r].iops).toFixed(0)}%`);
+        return `${((100 * mine.iops) / one.iops).toFixed(1)}% (${rounds.join(', ')})`;
+      });
+      lines.push(`| ${job.name} | ${cells.join(' | ')} |`);
+    }
+  }
   return lines.join('\n');
 }
 
 if (import.meta.filename === process.argv[1]) {
-  const results = await compare();
+  const compared = await compare();
   mkdirSync(join(root, 'bench/results'), { recursive: true });
-  writeFileSync(join(root, 'bench/results/compare.json'), `${JSON.stringify({ date: new Date().toISOString(), dataMiB, runtimeS, repeats, results }, null, 2)}\n`);
-  console.log(formatCompare(results));
+  writeFileSync(join(root, 'bench/results/compare.json'), `${JSON.stringify({ date: new Date().toISOString(), dataMiB, runtimeS, repeats, results: compared.medians, runs: compared.runs }, null, 2)}\n`);
+  console.log(formatCompare(compared));
 }

@@ -6,10 +6,14 @@
  * (measured in BENCHMARKS.md). Layer files use one worker for writes behind and one for large reads.
  *
  * Writes: the batch's bytes are copied into one fresh ArrayBuffer that is transferred (not cloned).
- * Reads: the caller's target is shared memory (a SharedArrayBuffer); the worker reads straight into
- * it and answers how many bytes each read got (fewer at the end of a file). A worker runs batches in
- * the order they were sent and each batch in order, so two writes of the same bytes never race
- * inside it.
+ * Reads: the caller's target memory (an ArrayBuffer of its own) is transferred to the worker, which
+ * reads straight into it and transfers it back with its answer: how many bytes each read got (fewer
+ * at the end of a file). Nothing the worker was sent stays in its thread once answered. (Reads went
+ * into SharedArrayBuffers at first: the worker's wrapper of each one kept its memory alive until the
+ * worker's own garbage collector ran, which in a thread that allocates next to nothing is almost
+ * never; reads of ever-new lengths then held hundreds of MiB, see BENCHMARKS.md.) A worker runs
+ * batches in the order they were sent and each batch in order, so two writes of the same bytes
+ * never race inside it.
  *
  * Descriptors are shared by the process: the caller keeps a descriptor open until the batch using it
  * is answered. The worker is referenced (keeps the process alive) only while a batch is out; it is
@@ -28,7 +32,7 @@ export interface FileRead {
   readonly fd: number;
   readonly position: number;
   readonly length: number;
-  /** Where the bytes go: a Buffer on a SharedArrayBuffer. */
+  /** Where the bytes go: a Buffer on an ArrayBuffer of its own (detached while the batch is out). */
   readonly target: Buffer;
   readonly targetOffset: number;
 }
@@ -42,20 +46,25 @@ export interface FileRead {
 interface BatchMessage {
   readonly id: number;
   readonly kind: 'read' | 'write';
-  /** Write: the bytes of every write, back to back (transferred). Read: the shared target memory. */
-  readonly memory: ArrayBuffer | SharedArrayBuffer;
+  /** Write: the bytes of every write, back to back. Read: the target memory. Transferred either way. */
+  readonly memory: ArrayBuffer;
   readonly ops: number[];
 }
 
 /** What the worker answers: bytes done per operation, and the index, code and message of each failure. */
 interface BatchReply {
   readonly id: number;
+  /** A read batch's target memory, transferred back. */
+  readonly memory: ArrayBuffer | undefined;
   readonly counts: number[];
   readonly errors: Array<[index: number, code: string | undefined, message: string]>;
 }
 
-/** Called once per batch: each operation's error (null if none) and bytes done, by index. */
-export type BatchDone = (errorOf: (index: number) => NodeJS.ErrnoException | null, countOf: (index: number) => number) => void;
+/**
+ * Called once per batch: each operation's error (null if none) and bytes done, by index; for a read
+ * batch also its target memory, back from the worker (undefined if the worker died with it).
+ */
+export type BatchDone = (errorOf: (index: number) => NodeJS.ErrnoException | null, countOf: (index: number) => number, memory: ArrayBuffer | undefined) => void;
 
 /**
  * The worker's whole program. It runs as a script in its own thread, so it uses `require` and
@@ -91,7 +100,8 @@ function workerMain(): void {
         errors.push([i, (err as NodeJS.ErrnoException).code, (err as Error).message]);
       }
     }
-    parentPort!.postMessage({ id: batch.id, counts, errors } satisfies BatchReply);
+    const back = batch.kind === 'read' ? batch.memory : undefined;
+    parentPort!.postMessage({ id: batch.id, memory: back, counts, errors } satisfies BatchReply, back !== undefined ? [back] : []);
   });
 }
 
@@ -118,17 +128,21 @@ export class FileWorker {
     this.send({ kind: 'write', memory, ops }, done, [memory]);
   }
 
-  /** Read a batch into shared memory; `done` is called once every read has finished. */
+  /**
+   * Read a batch; `done` is called once every read has finished, with the target memory back. The
+   * targets share one ArrayBuffer, which is transferred to the worker meanwhile: every view of it,
+   * the targets too, is empty until it comes back as a new ArrayBuffer with the same bytes.
+   */
   read(reads: readonly FileRead[], done: BatchDone): void {
     assert(reads.length > 0, 'a file-worker batch holds at least one operation');
     const memory = reads[0].target.buffer;
-    assert(memory instanceof SharedArrayBuffer, 'file-worker reads go into shared memory');
+    assert(!(memory instanceof SharedArrayBuffer), 'file-worker reads go into memory of their own, transferred');
     const ops: number[] = [];
     for (const r of reads) {
       assert(r.target.buffer === memory, 'the reads of one batch share one target');
       ops.push(r.fd, r.position, r.length, r.target.byteOffset + r.targetOffset);
     }
-    this.send({ kind: 'read', memory, ops }, done, []);
+    this.send({ kind: 'read', memory, ops }, done, [memory]);
   }
 
   private send(message: Omit<BatchMessage, 'id'>, done: BatchDone, transfer: ArrayBuffer[]): void {
@@ -171,6 +185,7 @@ export class FileWorker {
     done(
       (index) => errors.get(index) ?? null,
       (index) => reply.counts[index],
+      reply.memory,
     );
   }
 
@@ -178,7 +193,7 @@ export class FileWorker {
   private failAll(err: Error): void {
     const waiting = [...this.waiting.values()];
     this.waiting.clear();
-    for (const done of waiting) done(() => err, () => 0);
+    for (const done of waiting) done(() => err, () => 0, undefined);
   }
 
   /** Stop the worker, once the batches already sent are answered. */

@@ -5,15 +5,17 @@
  * smaller ones), and at a gigabyte a second of 1 MiB reads the garbage collector took a fifth of the
  * event loop (measured in BENCHMARKS.md).
  *
- * Buffers of asyncReadMinBytes and more, the reads that go to the reader thread, live in shared
- * memory (a SharedArrayBuffer) so that thread can read straight into them (see layer-files.ts).
+ * Every buffer has an ArrayBuffer of its own: a large read transfers it to the reader thread, which
+ * reads straight into it and transfers it back as a new ArrayBuffer (see file-worker.ts); `returned`
+ * then makes that one the lent buffer.
  *
  * Only buffers this pool lent are taken back (a WeakSet of their ArrayBuffers, so a buffer nobody
  * returns is simply collected), each at most once, and only whole: the pool never hands out memory
  * that a caller may still hold. What is kept is bounded by maxFreeReadBuffersPerLength and
  * maxFreeReadBufferBytes.
  */
-import { asyncReadMinBytes, maxFreeReadBufferBytes, maxFreeReadBuffersPerLength } from './limits.js';
+import { assert } from './errors.js';
+import { maxFreeReadBufferBytes, maxFreeReadBuffersPerLength } from './limits.js';
 
 export class ReadBuffers {
   private readonly free = new Map<number, Buffer[]>();
@@ -29,10 +31,19 @@ export class ReadBuffers {
       this.freeBytes -= length;
       buffer = reused;
     } else {
-      buffer = length >= asyncReadMinBytes ? Buffer.from(new SharedArrayBuffer(length)) : Buffer.allocUnsafeSlow(length);
+      buffer = Buffer.allocUnsafeSlow(length);
     }
     this.lent.add(buffer.buffer);
     return buffer;
+  }
+
+  /**
+   * A lent buffer's memory came back from a transfer as a new ArrayBuffer (`buffer` views all of it):
+   * it is lent in the old one's place (which is empty now, and forgotten with it).
+   */
+  returned(buffer: Buffer): void {
+    assert(buffer.byteOffset === 0 && buffer.length === buffer.buffer.byteLength, 'a returned buffer is all of its memory');
+    this.lent.add(buffer.buffer);
   }
 
   /** The caller is done with `buffer` and every view of it; ignored unless this pool lent it. */

@@ -842,7 +842,20 @@ export class Store {
     });
     const result: ReadResult = hasHole ? pieces : out!;
     if (!async) return result;
-    return runs.length === 0 ? Promise.resolve(result) : this.files.readMany(runs).then(() => result);
+    if (runs.length === 0) return Promise.resolve(result);
+    // The reader thread gets the buffer's memory and sends it back as a new ArrayBuffer: the result
+    // is made again of views of that one, at the same places.
+    const data = pieces.map((piece) => (piece.data === undefined ? undefined : { byteOffset: piece.data.byteOffset, length: piece.length }));
+    const whole = { byteOffset: out!.byteOffset, length: out!.length };
+    return this.files.readMany(runs).then((memory): ReadResult => {
+      const back = Buffer.from(memory, whole.byteOffset, whole.length);
+      this.readBuffers.returned(back);
+      if (!hasHole) return back;
+      return pieces.map((piece, i) => {
+        const place = data[i];
+        return place === undefined ? piece : { length: piece.length, data: Buffer.from(memory, place.byteOffset, place.length) };
+      });
+    });
   }
 
   /** A read's result is no longer used by anyone: its buffer may serve the next read. */

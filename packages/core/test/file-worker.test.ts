@@ -1,7 +1,7 @@
 /**
  * The file worker thread: batches land in order, each operation's error and byte count come back by
- * its index, reads fill shared memory, and the thread neither keeps the process alive when idle nor
- * outlives close.
+ * its index, reads fill memory that goes to the thread and comes back (so the thread keeps none of
+ * it), and the thread neither keeps the process alive when idle nor outlives close.
  */
 import { closeSync, openSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -11,11 +11,12 @@ import { type FileRead, FileWorker, type FileWrite } from '../src/file-worker.js
 import { tempDir } from './helpers.js';
 
 type Outcome = Array<{ error: NodeJS.ErrnoException | null; count: number }>;
+type ReadOutcome = { outcome: Outcome; memory: ArrayBuffer | undefined };
 
 const writeBatch = (worker: FileWorker, writes: FileWrite[]) =>
   new Promise<Outcome>((resolve) => worker.write(writes, (errorOf, countOf) => resolve(writes.map((_, i) => ({ error: errorOf(i), count: countOf(i) })))));
 const readBatch = (worker: FileWorker, reads: FileRead[]) =>
-  new Promise<Outcome>((resolve) => worker.read(reads, (errorOf, countOf) => resolve(reads.map((_, i) => ({ error: errorOf(i), count: countOf(i) })))));
+  new Promise<ReadOutcome>((resolve) => worker.read(reads, (errorOf, countOf, memory) => resolve({ outcome: reads.map((_, i) => ({ error: errorOf(i), count: countOf(i) })), memory })));
 
 test('write batches land in the order they were sent; a failed write is named by its index', async () => {
   const path = join(tempDir(), 'layer.data');
@@ -57,20 +58,25 @@ test('the written buffers stay usable: the worker gets a copy', async () => {
   closeSync(fd);
 });
 
-test('reads fill shared memory from several files and report short reads and errors by index', async () => {
+test('reads fill memory that comes back from the thread, from several files, and report short reads and errors by index', async () => {
   const dir = tempDir();
   writeFileSync(join(dir, 'a'), Buffer.alloc(8192, 0xaa));
   writeFileSync(join(dir, 'b'), Buffer.alloc(6000, 0xbb));
   const a = openSync(join(dir, 'a'), 'r');
   const b = openSync(join(dir, 'b'), 'r');
-  const target = Buffer.from(new SharedArrayBuffer(3 * 4096 + 100)).subarray(100);
-  target.fill(0);
+  const sent = Buffer.allocUnsafeSlow(3 * 4096 + 100);
+  sent.fill(0);
+  const target = sent.subarray(100);
   const worker = new FileWorker();
-  const outcome = await readBatch(worker, [
+  const reading = readBatch(worker, [
     { fd: a, position: 4096, length: 4096, target, targetOffset: 0 },
     { fd: b, position: 4096, length: 4096, target, targetOffset: 4096 },
     { fd: 1_000_000, position: 0, length: 4096, target, targetOffset: 8192 },
   ]);
+  assert.is(sent.buffer.byteLength, 0, 'the memory went to the thread: the caller\'s views are empty meanwhile');
+  const { outcome, memory } = await reading;
+  assert.ok(memory !== undefined && memory !== sent.buffer && memory.byteLength === 3 * 4096 + 100, 'and came back whole, as a new ArrayBuffer');
+  const back = Buffer.from(memory, 100);
   assert.equal(
     outcome.map((o) => [o.error?.code ?? null, o.count]),
     [
@@ -79,9 +85,10 @@ test('reads fill shared memory from several files and report short reads and err
       ['EBADF', 0],
     ],
   );
-  assert.ok(target.subarray(0, 4096).equals(Buffer.alloc(4096, 0xaa)), 'the first read landed at its offset');
-  assert.ok(target.subarray(4096, 4096 + 1904).equals(Buffer.alloc(1904, 0xbb)), 'the short read got what the file has');
-  assert.ok(target.subarray(4096 + 1904).equals(Buffer.alloc(4096 * 2 - 1904)), 'and nothing else was touched');
+  assert.ok(back.subarray(0, 4096).equals(Buffer.alloc(4096, 0xaa)), 'the first read landed at its offset');
+  assert.ok(back.subarray(4096, 4096 + 1904).equals(Buffer.alloc(1904, 0xbb)), 'the short read got what the file has');
+  assert.ok(back.subarray(4096 + 1904).equals(Buffer.alloc(4096 * 2 - 1904)), 'and nothing else was touched');
+  assert.ok(Buffer.from(memory, 0, 100).equals(Buffer.alloc(100)), 'nor the bytes before the target');
   worker.close();
   closeSync(a);
   closeSync(b);

@@ -12,7 +12,7 @@
  *   verifies data on `victim`, reconnecting every 100 operations;
  * - qemu-io writes and reads back patterns (-P, verified by qemu-io) on `victimq`, one run a second.
  * The run stops when `frames` mutated frames have been sent. Then the victims' results are checked,
- * the server gets SIGTERM and must exit 0, `cowstack check` must pass, and its stderr (-v) must hold
+ * the server's RSS must be at most `maxServerRssBytes`, the server gets SIGTERM and must exit 0, `cowstack check` must pass, and its stderr (-v) must hold
  * no "internal error" or "failed unexpectedly" line.
  *
  * Run directly: `node --conditions=source --import tsx test/reliability/fuzz.harness.ts [--full]
@@ -46,10 +46,16 @@ export interface FuzzOptions {
   readonly pointInTimeWeight: number;
   /** Stop early (and fail) after this many failing sessions. */
   readonly maxFailures: number;
+  /**
+   * The server's RSS at the end may be at most this. Its heap, LevelDB's cache and the read buffers
+   * kept for reuse settle near 200-240 MiB; a reader thread that held every large read buffer of a
+   * new length reached 519 MiB within the CI run (see RELIABILITY.md).
+   */
+  readonly maxServerRssBytes: number;
   readonly log: (line: string) => void;
 }
 
-export const ciOptions: FuzzOptions = { frames: 100_000, parallel: 6, seed: 7, idleTimeoutMs: 5000, pointInTimeWeight: 1, maxFailures: 25, log: () => {} };
+export const ciOptions: FuzzOptions = { frames: 100_000, parallel: 6, seed: 7, idleTimeoutMs: 5000, pointInTimeWeight: 1, maxFailures: 25, maxServerRssBytes: 320 * 1024 * 1024, log: () => {} };
 export const fullOptions: FuzzOptions = { ...ciOptions, frames: 1_000_000, parallel: 8, seed: 1 };
 
 export interface VictimReport {
@@ -454,6 +460,7 @@ export function fuzzProblems(report: FuzzReport, options: FuzzOptions): string[]
   if (report.mutatedFramesSent < options.frames) out.push(`only ${report.mutatedFramesSent} of ${options.frames} mutated frames sent`);
   if (report.failures > 0) out.push(`${report.failures} failing sessions: ${JSON.stringify(report.failureKinds)}; samples:\n  ${report.failureSamples.join('\n  ')}\n  (bytes in ${report.failureDir})`);
   if (!report.serverAlive) out.push('the server died during fuzzing');
+  if (report.serverRssAfterBytes > options.maxServerRssBytes) out.push(`server RSS ${mib(report.serverRssAfterBytes)} at the end, over ${mib(options.maxServerRssBytes)}`);
   if (report.serverExit !== '0') out.push(`server exit after SIGTERM: ${report.serverExit}`);
   if (report.serverLogProblems.length > 0) out.push(`server log: ${report.serverLogProblems.join(' / ')}`);
   if (report.checkExit !== 0) out.push(`cowstack check exited ${report.checkExit}: ${report.checkOutput}`);

@@ -8,10 +8,12 @@
  * Writes: the batch's bytes are copied into one fresh ArrayBuffer that is transferred (not cloned).
  * Reads: the caller's target memory (an ArrayBuffer of its own) is transferred to the worker, which
  * reads straight into it and transfers it back with its answer: how many bytes each read got (fewer
- * at the end of a file). Nothing the worker was sent stays in its thread once answered. (Reads went
- * into SharedArrayBuffers at first: the worker's wrapper of each one kept its memory alive until the
+ * at the end of a file), so a read's memory does not stay in the thread. (Reads went into
+ * SharedArrayBuffers at first: the worker's handle on each one kept its memory alive until the
  * worker's own garbage collector ran, which in a thread that allocates next to nothing is almost
- * never; reads of ever-new lengths then held hundreds of MiB, see BENCHMARKS.md.) A worker runs
+ * never; reads of ever-new lengths then held hundreds of MiB, see BENCHMARKS.md. A write batch's
+ * memory does stay until then, but V8 counts transferred memory against the worker's heap and
+ * collects it as it grows.) A worker runs
  * batches in the order they were sent and each batch in order, so two writes of the same bytes
  * never race inside it.
  *

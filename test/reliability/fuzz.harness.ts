@@ -49,7 +49,7 @@ export interface FuzzOptions {
   /**
    * The server's RSS at the end may be at most this. Its heap, LevelDB's cache and the read buffers
    * kept for reuse settle near 200-240 MiB; a reader thread that held every large read buffer of a
-   * new length reached 519 MiB within the CI run (see RELIABILITY.md).
+   * new length reached 493-519 MiB within a CI-length run (see RELIABILITY.md).
    */
   readonly maxServerRssBytes: number;
   readonly log: (line: string) => void;

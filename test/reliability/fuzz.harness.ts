@@ -12,8 +12,9 @@
  *   verifies data on `victim`, reconnecting every 100 operations;
  * - qemu-io writes and reads back patterns (-P, verified by qemu-io) on `victimq`, one run a second.
  * The run stops when `frames` mutated frames have been sent. Then the victims' results are checked,
- * the server's RSS must be at most `maxServerRssBytes`, the server gets SIGTERM and must exit 0, `cowstack check` must pass, and its stderr (-v) must hold
- * no "internal error" or "failed unexpectedly" line.
+ * the server's RSS must be at most `maxServerRssBytes`, the server gets SIGTERM and must exit 0,
+ * `cowstack check` must pass, and its stderr (-v) must hold no "internal error" or "failed
+ * unexpectedly" line.
  *
  * Run directly: `node --conditions=source --import tsx test/reliability/fuzz.harness.ts [--full]
  * [--frames N] [--parallel N] [--seed N]`; `--replay SEED:INDEX` regenerates one session and runs it

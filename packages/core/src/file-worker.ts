@@ -13,9 +13,8 @@
  * worker's own garbage collector ran, which in a thread that allocates next to nothing is almost
  * never; reads of ever-new lengths then held hundreds of MiB, see BENCHMARKS.md. A write batch's
  * memory does stay until then, but V8 counts transferred memory against the worker's heap and
- * collects it as it grows.) A worker runs
- * batches in the order they were sent and each batch in order, so two writes of the same bytes
- * never race inside it.
+ * collects it as it grows.) A worker runs batches in the order they were sent and each batch in
+ * order, so two writes of the same bytes never race inside it.
  *
  * Descriptors are shared by the process: the caller keeps a descriptor open until the batch using it
  * is answered. The worker is referenced (keeps the process alive) only while a batch is out; it is

@@ -844,16 +844,15 @@ export class Store {
     if (!async) return result;
     if (runs.length === 0) return Promise.resolve(result);
     // The reader thread gets the buffer's memory and sends it back as a new ArrayBuffer: the result
-    // is made again of views of that one, at the same places.
-    const data = pieces.map((piece) => (piece.data === undefined ? undefined : { byteOffset: piece.data.byteOffset, length: piece.length }));
-    const whole = { byteOffset: out!.byteOffset, length: out!.length };
+    // is made again of views of that one, at the same places (taken now: the transfer empties them).
+    const dataAt = hasHole ? pieces.map((piece) => piece.data?.byteOffset) : undefined;
     return this.files.readMany(runs).then((memory): ReadResult => {
-      const back = Buffer.from(memory, whole.byteOffset, whole.length);
+      const back = Buffer.from(memory);
       this.readBuffers.returned(back);
-      if (!hasHole) return back;
+      if (dataAt === undefined) return back;
       return pieces.map((piece, i) => {
-        const place = data[i];
-        return place === undefined ? piece : { length: piece.length, data: Buffer.from(memory, place.byteOffset, place.length) };
+        const at = dataAt[i];
+        return at === undefined ? piece : { length: piece.length, data: Buffer.from(memory, at, piece.length) };
       });
     });
   }

@@ -96,11 +96,29 @@ function fitting(values: DenseValues, value: number): DenseValues {
   return wider;
 }
 
+/** The largest value each dense type holds (Int32Array: any value, the maps hold 32-bit integers). */
+function limitOf(values: DenseValues): number {
+  return values instanceof Uint8Array ? 0xff : values instanceof Uint16Array ? 0xffff : Infinity;
+}
+
 class DenseChunk {
+  /** The largest value `values` holds without widening; kept with `values` (see `widen`). */
+  limit: number;
+
   constructor(
     public values: DenseValues,
     public shared: boolean,
-  ) {}
+  ) {
+    this.limit = limitOf(values);
+  }
+
+  /** Make `values` wide enough for `value`. */
+  widen(value: number): DenseValues {
+    if (value >= 0 && value <= this.limit) return this.values;
+    this.values = fitting(this.values, value);
+    this.limit = limitOf(this.values);
+    return this.values;
+  }
 }
 
 type Chunk = number | RunChunk | DenseChunk;
@@ -127,6 +145,16 @@ export class ExtentMap {
   }
 
   set(first: number, count: number, value: number): void {
+    if (count === 1) {
+      // The common case (a 4 KiB write, a replayed one-block event): one block of an unshared dense
+      // chunk whose type holds the value is one store.
+      const index = Math.floor(first / chunkBlocks);
+      const chunk = this.chunks.get(index);
+      const offset = first - index * chunkBlocks;
+      if (chunk instanceof DenseChunk && !chunk.shared && value >= 0 && value <= chunk.limit) chunk.values[offset] = value;
+      else if (chunk !== value && (chunk !== undefined || value !== this.defaultValue)) this.setWithin(index, offset, offset + 1, value);
+      return;
+    }
     let block = first;
     const end = first + count;
     while (block < end) {
@@ -155,7 +183,7 @@ export class ExtentMap {
     }
     if (chunk instanceof DenseChunk) {
       const dense = chunk.shared ? new DenseChunk(chunk.values.slice(), false) : chunk;
-      const values = (dense.values = fitting(dense.values, value));
+      const values = dense.widen(value);
       // A loop for short ranges: TypedArray fill is a call into the runtime, which costs more than the
       // store for the one block a 4 KiB write sets (measured in BENCHMARKS.md).
       if (hi - lo <= shortFillBlocks) for (let i = lo; i < hi; i++) values[i] = value;

@@ -27,7 +27,7 @@ import { chmodSync, closeSync, existsSync, fstatSync, mkdirSync, openSync, readd
 import { join, resolve } from 'node:path';
 import { crc32c } from '@node-rs/crc32';
 import { type CorruptionKind, Journal, JournalCorruptionError, JournalError, type JournalRecord, JournalTornTailError } from '@cowstack/journal';
-import { filter, lastValueFrom, type Observable, scan, Subject, tap } from 'rxjs';
+import { lastValueFrom, type Observable, scan, Subject } from 'rxjs';
 import { fingerprintImage, verifyImage } from './base-image.js';
 import { BlockDeviceError, type Extent, type ExtentContext, type ReadPiece, type ReadResult } from './block-device.js';
 import { assert, StoreError } from './errors.js';
@@ -376,22 +376,26 @@ export class Store {
         const checkpointed = state.seq;
         // Salvage re-applies every retained write; the reducer only sees events after the checkpoint.
         const from = options.reapplyRetained === true ? Math.min(checkpointed + 1, Math.max(openJournal.firstSeq, openJournal.payloadsDroppedThroughSeq + 1)) : checkpointed + 1;
+        // A frame's records at a time: one RxJS notification per record cost more than applying it.
         await lastValueFrom(
-          openJournal.replay(from, undefined, { pause: () => layerFiles.settle() }).pipe(
-            tap((record) => {
-              // After the checkpoint every write is re-applied (a missing payload is damage);
-              // before it (salvage only) those whose payloads are still kept.
-              if (record.meta[0] === EventType.Write && (record.seq > checkpointed || record.payload !== undefined)) {
-                reapplyWrite(state, layerFiles, record);
-                writesReapplied++;
+          openJournal.replayFrames(from, undefined, { pause: () => layerFiles.settle() }).pipe(
+            scan((s, records) => {
+              for (const record of records) {
+                // After the checkpoint every write is re-applied (a missing payload is damage);
+                // before it (salvage only) those whose payloads are still kept. Record by record, as
+                // the write must meet the layers of the records before it, not of the whole frame.
+                if (record.meta[0] === EventType.Write && (record.seq > checkpointed || record.payload !== undefined)) {
+                  reapplyWrite(s, layerFiles, record);
+                  writesReapplied++;
+                }
+                if (record.seq > checkpointed) {
+                  applyEvent(s, record.seq, record.meta);
+                  eventsReplayed++;
+                  if (onProgress !== undefined && (eventsReplayed & 0xffff) === 0) onProgress('replay', eventsReplayed, total);
+                }
               }
-            }),
-            filter((record) => record.seq > checkpointed),
-            tap(() => {
-              eventsReplayed++;
-              if (onProgress !== undefined && (eventsReplayed & 0xffff) === 0) onProgress('replay', eventsReplayed, total);
-            }),
-            scan((s, record) => applyEvent(s, record.seq, record.meta), state),
+              return s;
+            }, state),
           ),
           { defaultValue: state },
         );

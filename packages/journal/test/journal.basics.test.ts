@@ -12,6 +12,8 @@ import { Journal, JournalCorruptionError, JournalError } from '../src/index.js';
 import { replayChunkValues } from '../src/limits.js';
 import { replayAll, tempDir } from './helpers.js';
 
+const range = (from: number, to: number): number[] => Array.from({ length: to - from + 1 }, (_, i) => from + i);
+
 test('appends in one turn share one batch and resolve with consecutive seqs', async () => {
   const journal = await Journal.open(tempDir(), { create: true });
   const batches: number[] = [];
@@ -123,6 +125,23 @@ test('replay honours from/to, stops reading when unsubscribed, and returns nothi
   assert.equal(await replayAll(journal, 101), []);
   const firstThree = await lastValueFrom(journal.replay().pipe(take(3), toArray()));
   assert.equal(firstThree.map((r) => r.seq), [1, 2, 3]);
+  await journal.close();
+});
+
+test('replayFrames gives the records of replay, one array per frame, honouring from/to and unsubscribing', async () => {
+  const journal = await Journal.open<number>(tempDir(), { create: true });
+  for (let round = 0; round < 10; round++) await Promise.all(Array.from({ length: 10 }, (_, i) => journal.append(round * 10 + i + 1, { payload: Buffer.alloc(8, i) })));
+  const frames = await lastValueFrom(journal.replayFrames(15, 42).pipe(toArray()));
+  // Each round of ten appends is one batch and one frame; the range cuts the first and the last.
+  assert.equal(frames.map((f) => f.map((r) => r.seq)), [[15, 16, 17, 18, 19, 20], range(21, 30), range(31, 40), [41, 42]]);
+  assert.equal(frames.flat(), await replayAll(journal, 15, 42));
+  assert.equal(
+    frames.flat().map((r) => r.payload),
+    frames.flat().map((r) => Buffer.alloc(8, (r.seq - 1) % 10)),
+  );
+  const firstTwo = await lastValueFrom(journal.replayFrames().pipe(take(2), toArray()));
+  assert.equal(firstTwo.map((f) => f[0].seq), [1, 11]);
+  assert.equal(await lastValueFrom(journal.replayFrames(101).pipe(toArray())), []);
   await journal.close();
 });
 

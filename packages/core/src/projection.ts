@@ -90,7 +90,11 @@ export class ProjectionError extends Error {
   }
 }
 
-/** The reducer's invariant check; the message is built only on failure (this runs per event). */
+/**
+ * The reducer's invariant check; the message is built only on failure. The checks every write and
+ * zero event makes (its seq, its layer, its blocks) throw directly instead: the closure per call cost
+ * recovery 15% of its reducer time (BENCHMARKS.md).
+ */
 function check(condition: unknown, message: () => string): asserts condition {
   if (!condition) throw new ProjectionError(message());
 }
@@ -110,7 +114,7 @@ export function blockSize(state: Projection): number {
 
 function getLayer(state: Projection, id: number): Layer {
   const layer = state.layers.get(id);
-  check(layer !== undefined, () => `layer ${id} does not exist`);
+  if (layer === undefined) throw new ProjectionError(`layer ${id} does not exist`);
   return layer;
 }
 
@@ -233,10 +237,9 @@ function collect(state: Projection, layerId: number): void {
 }
 
 function checkBlocks(layer: Layer, first: number, count: number): void {
-  check(
-    Number.isSafeInteger(first) && Number.isSafeInteger(count) && first >= 0 && count > 0 && first + count <= layer.blockCount,
-    () => `blocks ${first}+${count} are outside layer ${layer.id} (${layer.blockCount} blocks)`,
-  );
+  if (!(Number.isSafeInteger(first) && Number.isSafeInteger(count) && first >= 0 && count > 0 && first + count <= layer.blockCount)) {
+    throw new ProjectionError(`blocks ${first}+${count} are outside layer ${layer.id} (${layer.blockCount} blocks)`);
+  }
 }
 
 /** Blocks of a layer changed: the layer's bitmap, and its volume's index if it is a volume top. */
@@ -261,7 +264,7 @@ function setBlocks(state: Projection, layerId: number, first: number, count: num
  * and returns it, so `replay(...).pipe(scan(applyRecord, state))` folds a journal.
  */
 export function applyEvent(state: Projection, seq: number, event: StoreEvent): Projection {
-  check(seq === state.seq + 1, () => `event seq ${seq} does not follow the last applied seq ${state.seq}`);
+  if (seq !== state.seq + 1) throw new ProjectionError(`event seq ${seq} does not follow the last applied seq ${state.seq}`);
   switch (event[0]) {
     case EventType.StoreCreated:
       check(state.config === undefined, () => 'the store was already created');

@@ -101,10 +101,12 @@ class HeadFold {
     const until = this.store.lastSeq;
     if (this.state.seq >= until) return;
     await lastValueFrom(
-      this.store.eventLog.replay(this.state.seq + 1, until, { payloads: false }).pipe(
-        tap((record) => {
-          track(this.prov, record);
-          applyEvent(this.state, record.seq, record.meta);
+      this.store.eventLog.replayFrames(this.state.seq + 1, until, { payloads: false }).pipe(
+        tap((records) => {
+          for (const record of records) {
+            track(this.prov, record);
+            applyEvent(this.state, record.seq, record.meta);
+          }
         }),
       ),
       { defaultValue: undefined },
@@ -182,11 +184,13 @@ async function fold(store: Store, untilSeq: number, captureAt?: { seq: number; v
     if (captureAt !== undefined && capture === undefined && state.seq >= captureAt.seq) capture = captureVolume(state, prov, captureAt.volume) ?? capture;
   };
   await lastValueFrom(
-    journal.replay(1, untilSeq, { payloads: false }).pipe(
-      tap((record) => {
-        if (captureAt !== undefined && record.seq > captureAt.seq && capture === undefined) take();
-        track(prov, record);
-        applyEvent(state, record.seq, record.meta);
+    journal.replayFrames(1, untilSeq, { payloads: false }).pipe(
+      tap((records) => {
+        for (const record of records) {
+          if (captureAt !== undefined && record.seq > captureAt.seq && capture === undefined) take();
+          track(prov, record);
+          applyEvent(state, record.seq, record.meta);
+        }
       }),
     ),
     { defaultValue: undefined },
@@ -213,9 +217,9 @@ export async function resolvePoint(store: Store, volume: string, spec: string): 
     if (Number.isNaN(timeMs)) throw new StoreError('EINVAL', `${JSON.stringify(timeText)} is not an ISO-8601 time`);
     let seq = 0;
     await lastValueFrom(
-      journal.replay(journal.firstSeq, undefined, { payloads: false }).pipe(
-        tap((r) => {
-          if (r.timeMs <= timeMs) seq = r.seq;
+      journal.replayFrames(journal.firstSeq, undefined, { payloads: false }).pipe(
+        tap((records) => {
+          for (const r of records) if (r.timeMs <= timeMs) seq = r.seq;
         }),
       ),
       { defaultValue: undefined },
@@ -228,10 +232,12 @@ export async function resolvePoint(store: Store, volume: string, spec: string): 
   const owner = spec.includes('@') && !spec.startsWith('snap:') ? spec.slice(0, spec.indexOf('@')) : volume;
   let frozenAt = 0;
   await lastValueFrom(
-    journal.replay(journal.firstSeq, undefined, { payloads: false }).pipe(
-      tap((r) => {
-        const e = r.meta;
-        if ((e[0] === EventType.Frozen && e[1] === owner && e[4] === name) || (e[0] === EventType.SnapshotNamed && e[1] === owner && e[2] === name)) frozenAt = r.seq;
+    journal.replayFrames(journal.firstSeq, undefined, { payloads: false }).pipe(
+      tap((records) => {
+        for (const r of records) {
+          const e = r.meta;
+          if ((e[0] === EventType.Frozen && e[1] === owner && e[4] === name) || (e[0] === EventType.SnapshotNamed && e[1] === owner && e[2] === name)) frozenAt = r.seq;
+        }
       }),
     ),
     { defaultValue: undefined },

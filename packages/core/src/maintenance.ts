@@ -16,7 +16,7 @@
 import { crc32c } from '@node-rs/crc32';
 import { join, resolve } from 'node:path';
 import { Journal, type JournalRecord } from '@cowstack/journal';
-import { lastValueFrom, scan, tap } from 'rxjs';
+import { lastValueFrom, scan } from 'rxjs';
 import { StoreError } from './errors.js';
 import { EventType, type StoreEvent } from './events.js';
 import { applyEvent, BlockState, emptyProjection, volumesUsing } from './projection.js';
@@ -147,13 +147,19 @@ export async function checkStore(dir: string, options: { onProgress?: ProgressCa
       const lastWrite = new Map<number, Map<number, [seq: number, crc: number]>>();
       const total = journal.lastSeq;
       const replayed = await lastValueFrom(
-        journal.replay(1, undefined, { payloads: false }).pipe(
-          tap((record: JournalRecord<StoreEvent>) => {
-            trackWrites(lastWrite, record);
-            eventsChecked++;
-            if ((eventsChecked & 0xffff) === 0) options.onProgress?.('check-journal', eventsChecked, total);
-          }),
-          scan((state, record) => applyEvent(state, record.seq, record.meta), { ...emptyProjection(), deferViews: true }),
+        journal.replayFrames(1, undefined, { payloads: false }).pipe(
+          scan(
+            (state, records) => {
+              for (const record of records) {
+                trackWrites(lastWrite, record);
+                applyEvent(state, record.seq, record.meta);
+                eventsChecked++;
+                if ((eventsChecked & 0xffff) === 0) options.onProgress?.('check-journal', eventsChecked, total);
+              }
+              return state;
+            },
+            { ...emptyProjection(), deferViews: true },
+          ),
         ),
       );
       for (const difference of diffProjections(replayed, store.projection)) {

@@ -715,8 +715,9 @@ export class Journal<M = unknown> {
   }
 
   /**
-   * Records from `fromSeq` to `toSeq` (inclusive) in seq order. Errors with JournalCorruptionError on
-   * the first bad record and with ERETAINED when `fromSeq` was dropped by retention.
+   * Records from `fromSeq` to `toSeq` (inclusive) in seq order, starting at the first record
+   * retention kept when `fromSeq` is before it. Errors with JournalCorruptionError on the first bad
+   * record.
    */
   replay(fromSeq: number = this.retention.firstSeq, toSeq: number = maxSeq, options: ReplayOptions = {}): Observable<JournalRecord<M>> {
     return this.observeReplay<JournalRecord<M>>(fromSeq, toSeq, options, (subscriber, records, stopped) => {

@@ -29,12 +29,11 @@ export interface FileWrite {
   readonly data: Buffer;
 }
 
+/** One read of a batch: `length` bytes at `position` of `fd`, into the batch's target at `targetOffset`. */
 export interface FileRead {
   readonly fd: number;
   readonly position: number;
   readonly length: number;
-  /** Where the bytes go: a Buffer on an ArrayBuffer of its own (detached while the batch is out). */
-  readonly target: Buffer;
   readonly targetOffset: number;
 }
 
@@ -130,19 +129,17 @@ export class FileWorker {
   }
 
   /**
-   * Read a batch; `done` is called once every read has finished, with the target memory back. The
-   * targets share one ArrayBuffer, which is transferred to the worker meanwhile: every view of it,
-   * the targets too, is empty until it comes back as a new ArrayBuffer with the same bytes.
+   * Read a batch into `target` (a Buffer on an ArrayBuffer of its own); `done` is called once every
+   * read has finished, with the target's memory back. That memory is transferred to the worker
+   * meanwhile: every view of it, `target` too, is empty until it comes back as a new ArrayBuffer
+   * with the same bytes.
    */
-  read(reads: readonly FileRead[], done: BatchDone): void {
+  read(target: Buffer, reads: readonly FileRead[], done: BatchDone): void {
     assert(reads.length > 0, 'a file-worker batch holds at least one operation');
-    const memory = reads[0].target.buffer;
+    const memory = target.buffer;
     assert(!(memory instanceof SharedArrayBuffer), 'file-worker reads go into memory of their own, transferred');
     const ops: number[] = [];
-    for (const r of reads) {
-      assert(r.target.buffer === memory, 'the reads of one batch share one target');
-      ops.push(r.fd, r.position, r.length, r.target.byteOffset + r.targetOffset);
-    }
+    for (const r of reads) ops.push(r.fd, r.position, r.length, target.byteOffset + r.targetOffset);
     this.send({ kind: 'read', memory, ops }, done, [memory]);
   }
 

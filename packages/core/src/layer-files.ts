@@ -121,36 +121,37 @@ export class LayerFiles {
   }
 
   /**
-   * Several reads (the runs of one large request, each in some layer) in the reader thread, all in
-   * one batch. The targets must share one ArrayBuffer of their own (ReadBuffers lends such buffers):
-   * it goes to the reader thread and comes back as a new ArrayBuffer, which the promise gives, with
-   * the bytes read. Until then every view of the old one, the targets too, is empty.
+   * Several reads (the runs of one large request, each in some layer) into one `target`, in the
+   * reader thread, all in one batch. The target must be a Buffer on an ArrayBuffer of its own
+   * (ReadBuffers lends such buffers): its memory goes to the reader thread and comes back as a new
+   * ArrayBuffer. The promise gives the target again as a view of that one, with the bytes read;
+   * until then every view of the old memory, `target` too, is empty.
    */
-  readMany(reads: ReadonlyArray<{ layerId: number; target: Buffer; targetOffset: number; length: number; position: number }>): Promise<ArrayBuffer> {
+  readMany(target: Buffer, reads: ReadonlyArray<{ layerId: number; targetOffset: number; length: number; position: number }>): Promise<Buffer> {
     // Blocks held now may reach the file (and leave memory) while the read is in flight, after it
     // read the old bytes: keep them to lay over the result.
     const held = reads.map((r) => this.heldBlocks(r.layerId, r.position, r.length));
-    // Where each target lies in the memory, taken before the transfer empties the views.
-    const places = reads.map((r) => ({ byteOffset: r.target.byteOffset, length: r.target.length }));
-    const ops = reads.map((r) => ({ fd: this.fd(r.layerId), position: r.position, length: r.length, target: r.target, targetOffset: r.targetOffset }));
+    // Where the target lies in its memory, taken before the transfer empties it.
+    const { byteOffset, length } = target;
+    const ops = reads.map((r) => ({ fd: this.fd(r.layerId), position: r.position, length: r.length, targetOffset: r.targetOffset }));
     for (const r of reads) this.busy.set(r.layerId, (this.busy.get(r.layerId) ?? 0) + 1);
-    return new Promise<ArrayBuffer>((resolve, reject) => {
-      this.reader.read(ops, (errorOf, countOf, memory) => {
+    return new Promise<Buffer>((resolve, reject) => {
+      this.reader.read(target, ops, (errorOf, countOf, memory) => {
+        const back = memory === undefined ? undefined : Buffer.from(memory, byteOffset, length);
         let failure: unknown;
         for (let i = 0; i < reads.length; i++) {
           const r = reads[i];
           try {
             const err = errorOf(i);
             if (err !== null) throw err;
-            assert(memory !== undefined, 'a read batch answered without an error brings its memory back');
-            const target = Buffer.from(memory, places[i].byteOffset, places[i].length);
-            this.complete(r.layerId, target, r.targetOffset, r.length, r.position, countOf(i), held[i]);
+            assert(back !== undefined, 'a read batch answered without an error brings its memory back');
+            this.complete(r.layerId, back, r.targetOffset, r.length, r.position, countOf(i), held[i]);
           } catch (err) {
             failure ??= err;
           }
           this.release(r.layerId);
         }
-        if (failure === undefined) resolve(memory!);
+        if (failure === undefined) resolve(back!);
         else reject(failure instanceof BlockDeviceError ? failure : new BlockDeviceError('EIO', (failure as Error).message, { cause: failure }));
       });
     });

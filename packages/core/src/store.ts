@@ -824,7 +824,7 @@ export class Store {
     }
     let out: Buffer | undefined;
     const pieces: ReadPiece[] = [];
-    const runs: Array<{ layerId: number; target: Buffer; targetOffset: number; length: number; position: number }> = [];
+    const runs: Array<{ layerId: number; targetOffset: number; length: number; position: number }> = [];
     let hasHole = false;
     view.index.forEachRun(first, last - first + 1, (start, count, value) => {
       const from = Math.max(start * bs, offset);
@@ -838,7 +838,7 @@ export class Store {
       }
       out ??= this.readBuffers.take(length);
       const layer = view.stack[indexPosition(value)];
-      if (async) runs.push({ layerId: layer, target: out, targetOffset: from - offset, length: to - from, position: from });
+      if (async) runs.push({ layerId: layer, targetOffset: from - offset, length: to - from, position: from });
       else this.files.read(layer, out, from - offset, to - from, from);
       const prev = pieces[pieces.length - 1];
       if (prev !== undefined && prev.data !== undefined) pieces[pieces.length - 1] = { length: prev.length + to - from, data: out.subarray(from - offset - prev.length, to - offset) };
@@ -849,14 +849,13 @@ export class Store {
     if (runs.length === 0) return Promise.resolve(result);
     // The reader thread gets the buffer's memory and sends it back as a new ArrayBuffer: the result
     // is made again of views of that one, at the same places (taken now: the transfer empties them).
-    const dataAt = hasHole ? pieces.map((piece) => piece.data?.byteOffset) : undefined;
-    return this.files.readMany(runs).then((memory): ReadResult => {
-      const back = Buffer.from(memory);
+    const dataAt = hasHole ? pieces.map((piece) => (piece.data === undefined ? undefined : piece.data.byteOffset - out!.byteOffset)) : undefined;
+    return this.files.readMany(out!, runs).then((back): ReadResult => {
       this.readBuffers.returned(back);
       if (dataAt === undefined) return back;
       return pieces.map((piece, i) => {
         const at = dataAt[i];
-        return at === undefined ? piece : { length: piece.length, data: Buffer.from(memory, at, piece.length) };
+        return at === undefined ? piece : { length: piece.length, data: back.subarray(at, at + piece.length) };
       });
     });
   }

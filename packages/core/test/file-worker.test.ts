@@ -15,8 +15,8 @@ type ReadOutcome = { outcome: Outcome; memory: ArrayBuffer | undefined };
 
 const writeBatch = (worker: FileWorker, writes: FileWrite[]) =>
   new Promise<Outcome>((resolve) => worker.write(writes, (errorOf, countOf) => resolve(writes.map((_, i) => ({ error: errorOf(i), count: countOf(i) })))));
-const readBatch = (worker: FileWorker, reads: FileRead[]) =>
-  new Promise<ReadOutcome>((resolve) => worker.read(reads, (errorOf, countOf, memory) => resolve({ outcome: reads.map((_, i) => ({ error: errorOf(i), count: countOf(i) })), memory })));
+const readBatch = (worker: FileWorker, target: Buffer, reads: FileRead[]) =>
+  new Promise<ReadOutcome>((resolve) => worker.read(target, reads, (errorOf, countOf, memory) => resolve({ outcome: reads.map((_, i) => ({ error: errorOf(i), count: countOf(i) })), memory })));
 
 test('write batches land in the order they were sent; a failed write is named by its index', async () => {
   const path = join(tempDir(), 'layer.data');
@@ -68,10 +68,10 @@ test('reads fill memory that comes back from the thread, from several files, and
   sent.fill(0);
   const target = sent.subarray(100);
   const worker = new FileWorker();
-  const reading = readBatch(worker, [
-    { fd: a, position: 4096, length: 4096, target, targetOffset: 0 },
-    { fd: b, position: 4096, length: 4096, target, targetOffset: 4096 },
-    { fd: 1_000_000, position: 0, length: 4096, target, targetOffset: 8192 },
+  const reading = readBatch(worker, target, [
+    { fd: a, position: 4096, length: 4096, targetOffset: 0 },
+    { fd: b, position: 4096, length: 4096, targetOffset: 4096 },
+    { fd: 1_000_000, position: 0, length: 4096, targetOffset: 8192 },
   ]);
   assert.is(sent.buffer.byteLength, 0, 'the memory went to the thread: the caller\'s views are empty meanwhile');
   const { outcome, memory } = await reading;

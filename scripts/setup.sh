@@ -21,6 +21,7 @@ wanted=(
   "qemu-storage-daemon:qemu-system-common"
   "mkfs.ext4:e2fsprogs"
   "fusermount3:fuse3"
+  "fincore:util-linux"
 )
 missing=()
 for pair in "${wanted[@]}"; do

@@ -17,6 +17,9 @@
  * behind the same way, from a loop that stays off the event loop between frames: `settle` starts its
  * queued writes a writer batch at a time and holds it back while the backlog is full.
  *
+ * A writable layer's file is read with readahead off, a frozen one's with it on (`refreshAdvice`,
+ * file-advice.ts): small writes into page-cache folios that readahead made large cost ten times more.
+ *
  * A layer removed while reads or writebacks are in flight keeps its descriptor until they finish, so
  * a reused descriptor number can never be read or written by mistake. Durability comes from the
  * journal; `syncAll` (before a checkpoint) drains the writebacks and fdatasyncs the files.
@@ -26,6 +29,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { BlockDeviceError } from './block-device.js';
 import { assert } from './errors.js';
+import { adviseFileAccess } from './file-advice.js';
 import { FileWorker } from './file-worker.js';
 import { type InflightEntry, InflightList } from './inflight-list.js';
 import { asyncWriteMinBytes, maxWritebackBytes, recoveryBatchBytes, writebackConcurrency } from './limits.js';
@@ -55,6 +59,8 @@ function bytesOf(item: Writeback): Buffer {
 
 export class LayerFiles {
   private readonly fds = new Map<number, number>();
+  /** Layers whose open file is advised for random access (see refreshAdvice). */
+  private readonly randomAccess = new Set<number>();
   private readonly dirty = new Set<number>();
   /** Async reads in flight per layer. */
   private readonly busy = new Map<number, number>();
@@ -88,6 +94,8 @@ export class LayerFiles {
     private readonly blockSize: () => number,
     /** The external image path of a layer, or undefined for a store-held layer. */
     private readonly externalPath: (layerId: number) => string | undefined,
+    /** Whether a layer takes writes now (a volume's top), so its file is read without readahead. */
+    private readonly writable: (layerId: number) => boolean,
   ) {}
 
   pathOf(layerId: number): string {
@@ -100,8 +108,25 @@ export class LayerFiles {
       const external = this.externalPath(layerId);
       fd = external !== undefined ? openSync(external, 'r') : openSync(join(this.dir, `${layerId}.data`), constants.O_RDWR | constants.O_CREAT, 0o600);
       this.fds.set(layerId, fd);
+      this.advise(layerId, fd);
     }
     return fd;
+  }
+
+  /**
+   * Give every open file the advice its layer's state asks for now. The store calls it when layers
+   * freeze or thaw (snapshot, commit) and once a replay has settled them.
+   */
+  refreshAdvice(): void {
+    for (const [layerId, fd] of this.fds) this.advise(layerId, fd);
+  }
+
+  private advise(layerId: number, fd: number): void {
+    const random = this.externalPath(layerId) === undefined && this.writable(layerId);
+    if (random === this.randomAccess.has(layerId)) return;
+    adviseFileAccess(fd, random ? 'random' : 'normal');
+    if (random) this.randomAccess.add(layerId);
+    else this.randomAccess.delete(layerId);
   }
 
   /**
@@ -444,6 +469,7 @@ export class LayerFiles {
     const fd = this.fds.get(layerId);
     if (fd !== undefined) {
       this.fds.delete(layerId);
+      this.randomAccess.delete(layerId);
       this.dirty.delete(layerId);
       if (this.busy.has(layerId)) this.closing.set(layerId, fd);
       else closeSync(fd);

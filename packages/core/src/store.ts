@@ -359,7 +359,12 @@ export class Store {
       journal = await Journal.open<StoreEvent>(join(dir, 'journal'));
       const openJournal = journal;
       let current: Projection | undefined;
-      files = new LayerFiles(join(dir, 'layers'), () => current?.config?.blockSizeBytes ?? 0, (id) => current?.layers.get(id)?.source?.path);
+      files = new LayerFiles(
+        join(dir, 'layers'),
+        () => current?.config?.blockSizeBytes ?? 0,
+        (id) => current?.layers.get(id)?.source?.path,
+        (id) => current?.layers.get(id)?.frozen === false,
+      );
       const layerFiles = files;
       let tailCut: OpenReport['tailCut'];
       // Load the checkpoint and replay the rest; a torn tail (an OS crash cut unsynced payloads short)
@@ -421,6 +426,8 @@ export class Store {
       for (const layer of state.layers.values()) if (layer.source !== null && layer.kind === 'external') verifyImage(layer.source);
       for (const id of state.collected) files.remove(id);
       state.collected = [];
+      // Replay opened files of layers that later froze or thawed: advise them as they are now.
+      files.refreshAdvice();
       const orphanFilesRemoved = removeOrphans(join(dir, 'layers'), state, files);
       const report: OpenReport = {
         checkpointSeq,
@@ -560,6 +567,7 @@ export class Store {
 
   private applyCommitted(records: ReadonlyArray<JournalRecord<StoreEvent>>, durable: boolean): void {
     if (this.failure !== undefined) throw this.failure;
+    let layersFrozeOrThawed = false;
     for (const record of records) {
       try {
         const event = record.meta;
@@ -567,6 +575,8 @@ export class Store {
           assert(record.payload !== undefined, `write event ${record.seq} committed without its payload`);
           // After a durable batch the event loop has time to spare: the next batch waits for the disk too.
           this.files.writeBehind(event[1], record.payload, event[2] * this.blockSizeBytes_, durable);
+        } else if (event[0] === EventType.Frozen || event[0] === EventType.Committed) {
+          layersFrozeOrThawed = true;
         }
         applyEvent(this.state, record.seq, event);
         this.payloadBytesSinceCheckpoint += record.payloadLength;
@@ -580,6 +590,7 @@ export class Store {
       for (const id of this.state.collected) this.files.remove(id);
       this.state.collected = [];
     }
+    if (layersFrozeOrThawed) this.files.refreshAdvice();
     this.eventsSinceCheckpoint += records.length;
     const due = this.eventsSinceCheckpoint >= checkpointEveryEvents ? 'events' : this.payloadBytesSinceCheckpoint >= this.checkpointEveryPayloadBytes ? 'bytes' : undefined;
     if (due !== undefined && this.checkpointRunning === undefined) {

@@ -27,7 +27,8 @@ export * as limits from './limits.js';
 export { applyEvent, emptyProjection, ProjectionError } from './projection.js';
 export type { Projection } from './projection.js';
 export { decodeProjection, diffProjections, encodeProjection } from './projection-codec.js';
-export { blockCrcs, parseSnapshotRef, Store } from './store.js';
+export { blockCrcs } from './block-crcs.js';
+export { parseSnapshotRef, Store } from './store.js';
 export type {
   BaseSpec,
   CheckpointWritten,

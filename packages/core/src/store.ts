@@ -25,11 +25,11 @@
  */
 import { chmodSync, closeSync, existsSync, fstatSync, mkdirSync, openSync, readdirSync, readSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { crc32c } from '@node-rs/crc32';
 import { type CorruptionKind, Journal, JournalCorruptionError, JournalError, type JournalRecord, JournalTornTailError } from '@cowstack/journal';
 import { lastValueFrom, type Observable, scan, Subject } from 'rxjs';
 import { fingerprintImage, verifyImage } from './base-image.js';
 import { BlockDeviceError, type Extent, type ExtentContext, type ReadPiece, type ReadResult } from './block-device.js';
+import { blockCrcs, payloadCrcOf } from './block-crcs.js';
 import { assert, StoreError } from './errors.js';
 import { EventType, eventTypeName, type StoreEvent } from './events.js';
 import { InflightList } from './inflight-list.js';
@@ -633,7 +633,8 @@ export class Store {
   private async append(event: StoreEvent, sync = false, payload?: Buffer): Promise<number> {
     if (this.closed || this.closing) throw new StoreError('EIO', `store ${this.dir} is ${this.closed ? 'closed' : 'closing'}`);
     if (this.failure !== undefined) throw new StoreError('EIO', this.failure.message);
-    return this.journal.append(event, { sync, payload });
+    const payloadCrc = event[0] === EventType.Write ? payloadCrcOf(event[4], this.blockSizeBytes_) : undefined;
+    return this.journal.append(event, { sync, payload, payloadCrc });
   }
 
   private allocateLayerId(): number {
@@ -966,8 +967,8 @@ export class Store {
         await this.journal.append(origin === undefined ? [EventType.Zero, top, first, count] : [EventType.Zero, top, first, count, origin], { sync: fua });
       } else {
         const crcs = blockCrcs(payload, this.blockSizeBytes_);
-        // One block's CRC is the payload's: the journal need not compute it again.
-        const payloadCrc = count === 1 ? crcs.readUInt32LE(0) : undefined;
+        // The payload's CRC comes from the block CRCs: the journal need not read the bytes again.
+        const payloadCrc = payloadCrcOf(crcs, this.blockSizeBytes_);
         await this.journal.append(origin === undefined ? [EventType.Write, top, first, count, crcs] : [EventType.Write, top, first, count, crcs, origin], { payload, payloadCrc, sync: fua });
       }
     } catch (err) {
@@ -1428,14 +1429,6 @@ function checkRange(offset: number, length: number, sizeBytes: number, pastEnd: 
   if (offset + length > sizeBytes) {
     throw new BlockDeviceError(pastEnd, `range ${offset}+${length} is past the end of the ${sizeBytes}-byte device`);
   }
-}
-
-/** One CRC32C per block of `payload`, little-endian u32s. */
-export function blockCrcs(payload: Buffer, bs: number): Buffer {
-  const count = payload.length / bs;
-  const out = Buffer.allocUnsafe(4 * count);
-  for (let i = 0; i < count; i++) out.writeUInt32LE(crc32c(payload.subarray(i * bs, (i + 1) * bs)), 4 * i);
-  return out;
 }
 
 /** Load the newest checkpoint that decodes; fall back to older ones (their payloads are kept). */

@@ -27,8 +27,9 @@ export function blockCrcs(payload: Buffer, blockSizeBytes: number): Buffer {
 /** The CRC32C of a whole payload, from the CRCs of its blocks (`blockCrcs`). */
 export function payloadCrcOf(crcs: Buffer, blockSizeBytes: number): number {
   assert(crcs.length >= 4 && crcs.length % 4 === 0, `${crcs.length} bytes of block CRCs`);
-  const [t0, t1, t2, t3] = shiftTables(blockSizeBytes);
   let crc = crcs.readUInt32LE(0);
+  if (crcs.length === 4) return crc;
+  const [t0, t1, t2, t3] = shiftTables(blockSizeBytes);
   for (let at = 4; at < crcs.length; at += 4) crc = t0[crc & 0xff] ^ t1[(crc >>> 8) & 0xff] ^ t2[(crc >>> 16) & 0xff] ^ t3[crc >>> 24] ^ crcs.readUInt32LE(at);
   return crc >>> 0;
 }

@@ -73,8 +73,9 @@ export interface AppendOptions {
   /** Bytes stored beside the record (write data). Retention may drop them later; the CRC stays. */
   readonly payload?: Buffer;
   /**
-   * The payload's CRC32C when the caller has already computed it (a one-block write's block CRC), so
-   * the journal need not read the bytes again. Replay checks the payload against it like any other.
+   * The payload's CRC32C when the caller has it already (the store combines it from a write's block
+   * CRCs), so the journal need not read the bytes again. Replay checks the payload against it like
+   * any other.
    */
   readonly payloadCrc?: number;
   /** Make this record (and everything before it) durable before the promise resolves. */

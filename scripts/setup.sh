@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-step setup on a fresh Debian machine with Node 20: installs the pinned pnpm, the Debian packages
 # cowstack's tests and benchmarks drive (qemu-img/qemu-io, libnbd tools and Python bindings, fio,
-# nbdkit, qemu-storage-daemon, e2fsprogs), the workspace dependencies, and builds every package.
+# nbdkit, qemu-storage-daemon, e2fsprogs, fincore), the workspace dependencies, and builds every
+# package.
 # Safe to run again: it installs only what is missing. Uses sudo when not run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."

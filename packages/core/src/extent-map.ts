@@ -147,12 +147,12 @@ export class ExtentMap {
   set(first: number, count: number, value: number): void {
     if (count === 1) {
       // The common case (a 4 KiB write, a replayed one-block event): one block of an unshared dense
-      // chunk whose type holds the value is one store.
+      // chunk is one store (after widening, which a value its type holds skips).
       const index = Math.floor(first / chunkBlocks);
       const chunk = this.chunks.get(index);
       const offset = first - index * chunkBlocks;
-      if (chunk instanceof DenseChunk && !chunk.shared && value >= 0 && value <= chunk.limit) chunk.values[offset] = value;
-      else if (chunk !== value && (chunk !== undefined || value !== this.defaultValue)) this.setWithin(index, offset, offset + 1, value);
+      if (chunk instanceof DenseChunk && !chunk.shared) chunk.widen(value)[offset] = value;
+      else this.setWithin(index, offset, offset + 1, value);
       return;
     }
     let block = first;

@@ -94,7 +94,10 @@ export class LayerFiles {
     private readonly blockSize: () => number,
     /** The external image path of a layer, or undefined for a store-held layer. */
     private readonly externalPath: (layerId: number) => string | undefined,
-    /** Whether a layer takes writes now (a volume's top), so its file is read without readahead. */
+    /**
+     * Whether a layer takes writes now (a volume's top; never an external image), so its file is read
+     * without readahead.
+     */
     private readonly writable: (layerId: number) => boolean,
   ) {}
 
@@ -122,7 +125,7 @@ export class LayerFiles {
   }
 
   private advise(layerId: number, fd: number): void {
-    const random = this.externalPath(layerId) === undefined && this.writable(layerId);
+    const random = this.writable(layerId);
     if (random === this.randomAccess.has(layerId)) return;
     adviseFileAccess(fd, random ? 'random' : 'normal');
     if (random) this.randomAccess.add(layerId);

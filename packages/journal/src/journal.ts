@@ -25,7 +25,7 @@ import { join } from 'node:path';
 import { crc32c } from '@node-rs/crc32';
 import { Level } from 'level';
 import { Packr } from 'msgpackr';
-import { Observable, Subject, type Subscriber } from 'rxjs';
+import { concatAll, Observable, Subject } from 'rxjs';
 import { type DecodedFrame, decodeFrame, encodeFrame, encodeRecord, type EncodedRecord, hex } from './batch-codec.js';
 import { type Checkpoint, decodeCheckpoint, encodeCheckpoint } from './checkpoint-codec.js';
 import { assert, type CorruptionKind, JournalCorruptionError, JournalError, JournalTornTailError } from './errors.js';
@@ -721,12 +721,7 @@ export class Journal<M = unknown> {
    * record.
    */
   replay(fromSeq: number = this.retention.firstSeq, toSeq: number = maxSeq, options: ReplayOptions = {}): Observable<JournalRecord<M>> {
-    return this.observeReplay<JournalRecord<M>>(fromSeq, toSeq, options, (subscriber, records, stopped) => {
-      for (const record of records) {
-        if (stopped()) return;
-        subscriber.next(record);
-      }
-    });
+    return this.replayFrames(fromSeq, toSeq, options).pipe(concatAll());
   }
 
   /**
@@ -735,23 +730,12 @@ export class Journal<M = unknown> {
    * applying the record (BENCHMARKS.md).
    */
   replayFrames(fromSeq: number = this.retention.firstSeq, toSeq: number = maxSeq, options: ReplayOptions = {}): Observable<ReadonlyArray<JournalRecord<M>>> {
-    return this.observeReplay<ReadonlyArray<JournalRecord<M>>>(fromSeq, toSeq, options, (subscriber, records) => subscriber.next(records));
-  }
-
-  /** An Observable over the replay engine: `deliver` hands each chunk of records to the subscriber. */
-  private observeReplay<T>(
-    fromSeq: number,
-    toSeq: number,
-    options: ReplayOptions,
-    deliver: (subscriber: Subscriber<T>, records: JournalRecord<M>[], stopped: () => boolean) => void,
-  ): Observable<T> {
-    return new Observable<T>((subscriber) => {
+    return new Observable<ReadonlyArray<JournalRecord<M>>>((subscriber) => {
       let stopped = false;
-      const isStopped = (): boolean => stopped;
       const run = async (): Promise<void> => {
-        for await (const chunk of this.replayChunks(fromSeq, toSeq, options, isStopped)) {
+        for await (const records of this.replayChunks(fromSeq, toSeq, options, () => stopped)) {
           if (stopped) return;
-          deliver(subscriber, chunk, isStopped);
+          subscriber.next(records);
         }
       };
       run().then(
@@ -764,7 +748,10 @@ export class Journal<M = unknown> {
     });
   }
 
-  /** The replay engine: yields verified records a chunk of frames at a time. */
+  /**
+   * The replay engine: yields the verified records of one frame at a time, reading LevelDB a chunk of
+   * frames at a time.
+   */
   private async *replayChunks(fromSeq: number, toSeq: number, options: ReplayOptions, isStopped: () => boolean): AsyncGenerator<JournalRecord<M>[]> {
     if (this.closed) throw new JournalError('ECLOSED', `journal ${this.path} is closed`);
     if (!Number.isSafeInteger(fromSeq) || !Number.isSafeInteger(toSeq) || fromSeq < 0) {

@@ -8,7 +8,9 @@
  * written at once; each reserves its seqs when it starts and commits only after the one before it,
  * so nothing commits out of order. A failed batch fails the ones behind it (their frames are taken
  * back) and consumes no seq. A crash can leave a later batch's frames without an earlier one's; both
- * are past the durable mark, so replay reports the hole as a torn tail.
+ * are past the durable mark, so replay reports the hole as a torn tail. An unsynced batch writes its
+ * payloads to the payload log while LevelDB writes its frames, so a crash can also leave the newest
+ * batch's frames without their payloads: a torn tail too (see payload-log.ts).
  *
  * After a batch commits, the `onCommit` hook sees its records in seq order, synchronously, before any
  * member's promise resolves: a consumer that applies records there applies them in exactly journal
@@ -576,7 +578,7 @@ export class Journal<M = unknown> {
     let written = false;
     let failure: JournalError | undefined;
     try {
-      // 1. Payloads go to the payload log first, so no committed frame points past written bytes.
+      // 1. The payloads' place in the payload log, which the frames name.
       const payloads: Buffer[] = [];
       let payloadBytes = 0;
       for (const item of items) {
@@ -585,14 +587,18 @@ export class Journal<M = unknown> {
           payloadBytes += item.payload.length;
         }
       }
-      const placement = payloadBytes > 0 ? this.payloadLog.append(firstSeq, payloads, payloadBytes) : undefined;
-      // 2. A synced batch makes its payloads (and every earlier one, and the seal) durable first.
-      if (sync) await Promise.all([this.payloadLog.sync(), this.seal.sync()]);
+      const reservation = payloadBytes > 0 ? this.payloadLog.reserve(firstSeq, payloadBytes) : undefined;
+      // 2. A synced batch writes its payloads and makes them (and every earlier one, and the seal)
+      // durable before its frames.
+      if (sync) {
+        if (reservation !== undefined) this.payloadLog.write(reservation, payloads);
+        await Promise.all([this.payloadLog.sync(), this.seal.sync()]);
+      }
       // 3. The frames: one LevelDB value per maxBatchValueBytes of records, all in one atomic batch.
       // (A synced batch is alone in flight, so the reserved end cannot move during its flushes.)
       let prev = this.reservedChain;
       let start = 0;
-      let payloadOffset = placement?.offset ?? 0;
+      let payloadOffset = reservation?.offset ?? 0;
       while (start < items.length) {
         let end = start;
         let frameBytes = 0;
@@ -602,7 +608,7 @@ export class Journal<M = unknown> {
           framePayloadBytes += items[end].encoded.payloadLength;
           end++;
         }
-        const framePayloads = placement !== undefined && framePayloadBytes > 0 ? { segment: placement.segment, offset: payloadOffset } : undefined;
+        const framePayloads = reservation !== undefined && framePayloadBytes > 0 ? { segment: reservation.segment, offset: payloadOffset } : undefined;
         const frame = encodeFrame(
           firstSeq + start,
           timeMs,
@@ -626,8 +632,22 @@ export class Journal<M = unknown> {
       batchChain = prev;
       this.reservedSeq = firstSeq + items.length;
       this.reservedChain = prev;
-      await this.writeBatch(ops, sync);
+      // 4. An unsynced batch writes its payloads while LevelDB writes its frames in the threadpool
+      // (measured in BENCHMARKS.md); it commits only after both. A crash in between can leave its
+      // frames without their payloads: a torn tail, as after an OS crash (see payload-log.ts). A
+      // failed payload write fails the batch, whose frames are then taken back like any failed one's.
+      const framesWritten = this.writeBatch(ops, sync);
+      let payloadFailure: unknown;
+      if (!sync && reservation !== undefined) {
+        try {
+          this.payloadLog.write(reservation, payloads);
+        } catch (err) {
+          payloadFailure = new Error(`payload log: ${(err as Error).message}`, { cause: err });
+        }
+      }
+      await framesWritten;
       written = true;
+      if (payloadFailure !== undefined) throw payloadFailure;
     } catch (err) {
       failure = new JournalError('EIO', `journal ${this.path}: batch of ${items.length} records failed: ${(err as Error).message}`, { cause: err });
     }

@@ -6,12 +6,15 @@
  * compaction after that. Appending the bytes once to a sequential file and keeping (segment, offset)
  * in the frame costs one write. Measured in packages/journal/README.md.
  *
- * Ordering: a batch's payloads are written (page cache) before its frames are committed to LevelDB,
- * so a committed frame never points past what was written. For a synced batch, every segment written
- * since the last sync is fdatasynced first, then the frames are written with LevelDB's sync: a durable
- * frame always has durable payloads. After an OS crash, an unsynced frame may survive while its
- * payload bytes did not: replay reports that as a torn tail (see Journal.cutTail), never as silent
- * data. After a process crash (SIGKILL) the page cache keeps everything.
+ * Ordering: a batch `reserve`s its payloads' place first (its frames name it), and `write`s them
+ * (page cache) before it commits: no committed frame points past what was written. For a synced
+ * batch, the write and an fdatasync of every segment written since the last sync come before the
+ * frames are written with LevelDB's sync: a durable frame always has durable payloads. An unsynced
+ * batch writes its payloads while LevelDB writes its frames (measured in BENCHMARKS.md). A crash
+ * in between can leave the frames of the newest batch, never acknowledged, without their payloads,
+ * as can an OS crash for any unsynced frame: replay reports that as a torn tail (see
+ * Journal.cutTail), never as silent data. Every batch before the newest one wrote its payloads
+ * before the next one reserved its place.
  *
  * Retention drops whole segments whose records are all at or below the drop point. Up to
  * payloadSpareSegments of them are kept as spares (`<id>.spare`) and renamed into place as the next
@@ -28,6 +31,7 @@ import { closeSync, constants, fdatasync, fstatSync, fsync, ftruncateSync, mkdir
 import { unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
+import { assert } from './errors.js';
 import { payloadSpareSegments } from './limits.js';
 
 const fdatasyncAsync = promisify(fdatasync);
@@ -49,9 +53,11 @@ function idsNamed(names: readonly string[], pattern: RegExp): number[] {
     .sort((a, b) => a - b);
 }
 
-export interface PayloadPlacement {
+/** Where a batch's payloads go: `totalBytes` from `offset` in segment `segment`. */
+export interface PayloadReservation {
   readonly segment: number;
   readonly offset: number;
+  readonly totalBytes: number;
 }
 
 export class PayloadLog {
@@ -92,12 +98,12 @@ export class PayloadLog {
   }
 
   /**
-   * Append a batch's payloads contiguously (one writev) and return where they start. A batch never
-   * spans segments: a new segment, named by `firstSeq`, starts when the active one would exceed
-   * segmentBytes; it is a spare renamed into place when there is one. The writev runs on the
-   * calling thread: measured against the threadpool in BENCHMARKS.md.
+   * Reserve the place of a batch's payloads, contiguous, for `write`. A batch never spans segments:
+   * a new segment, named by `firstSeq`, starts when the active one would exceed segmentBytes; it is a
+   * spare renamed into place when there is one. The next reservation follows this one, so `write`
+   * must come before it.
    */
-  append(firstSeq: number, payloads: readonly Buffer[], totalBytes: number): PayloadPlacement {
+  reserve(firstSeq: number, totalBytes: number): PayloadReservation {
     if (this.activeFd !== undefined && this.active === firstSeq && this.tailBytes + totalBytes > this.segmentBytes) {
       // The active segment is named by this very seq, so it holds no committed record's payload (a
       // torn tail was cut back to here): rewrite it from the start rather than take a new name.
@@ -114,21 +120,29 @@ export class PayloadLog {
       this.tailBytes = 0;
       this.dirDirty = true;
     }
-    const segment = this.active!;
-    const offset = this.tailBytes;
+    const reservation = { segment: this.active!, offset: this.tailBytes, totalBytes };
+    this.tailBytes += totalBytes;
+    return reservation;
+  }
+
+  /**
+   * Write a batch's payloads where `reserve` placed them (one writev, on the calling thread: measured
+   * against the threadpool in BENCHMARKS.md). On failure the bytes written are garbage no frame
+   * points at, and the next reservation starts after them.
+   */
+  write(reservation: PayloadReservation, payloads: readonly Buffer[]): void {
+    const { segment, offset, totalBytes } = reservation;
+    assert(segment === this.active && this.activeFd !== undefined && offset + totalBytes === this.tailBytes, 'payloads are written where the newest reservation placed them');
     try {
       let written = 0;
       while (written < totalBytes) {
         written += writevSync(this.activeFd, written === 0 ? (payloads as Buffer[]) : remainder(payloads, written), offset + written);
       }
     } catch (err) {
-      // Whatever was written is garbage no frame points at; continue after it.
       this.tailBytes = fstatSync(this.activeFd).size;
       throw err;
     }
-    this.tailBytes += totalBytes;
     this.dirty.add(segment);
-    return { segment, offset };
   }
 
   /**

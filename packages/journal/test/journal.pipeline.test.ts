@@ -1,10 +1,13 @@
 /**
  * Batches in flight together: two unsynced batches are written to LevelDB at once, commit in seq
- * order, and when one fails the one behind it fails too and is taken back, so seqs stay dense. A
- * hole a crash leaves past the durable mark and the seal's committed seq is a torn tail; a hole in
- * committed records is damage. LevelDB's batch write (`_batch`) is wrapped here to slow or fail
- * chosen calls (the only way to make a real LevelDB write fail on demand).
+ * order, and when one fails the one behind it fails too and is taken back, so seqs stay dense. An
+ * unsynced batch writes its payloads while LevelDB writes its frames; a failed payload write fails
+ * the batch, and a crash between the two leaves a torn tail. A hole a crash leaves past the durable
+ * mark and the seal's committed seq is a torn tail; a hole in committed records is damage.
+ * LevelDB's batch write (`_batch`) and the payload log's write are wrapped here to slow, fail or
+ * watch chosen calls (the only way to make a real write fail on demand).
  */
+import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { Level } from 'level';
 import { pack } from 'msgpackr';
@@ -28,6 +31,16 @@ function wrapBatch(journal: Journal<number>, wrap: (original: Batch, call: numbe
   const original = db._batch.bind(db) as Batch;
   let calls = 0;
   db._batch = (ops, options) => wrap((o, opt) => original(o, opt ?? options), ++calls, ops);
+}
+
+type PayloadWrite = (reservation: unknown, payloads: readonly Buffer[]) => void;
+
+/** Replace the payload log's write with `wrap(original, callNumber)`; calls count from 1. */
+function wrapPayloadWrite(journal: Journal<number>, wrap: (original: () => void, call: number) => void): void {
+  const log = (journal as unknown as { payloadLog: { write: PayloadWrite } }).payloadLog;
+  const original = log.write.bind(log);
+  let calls = 0;
+  log.write = (reservation, payloads) => wrap(() => original(reservation, payloads), ++calls);
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
@@ -217,6 +230,75 @@ test('a hole in records the seal says were committed in this boot is damage, nam
   const report = await reopened.verify();
   assert.is(report.ok, false);
   assert.is(report.problems[0].seq, 4);
+  await reopened.close();
+});
+
+test('an unsynced batch writes its payloads while LevelDB writes its frames; a synced one writes them first', async () => {
+  const journal = await Journal.open<number>(tempDir('pipeline'), { create: true });
+  const log: string[] = [];
+  wrapBatch(journal, async (original, call, ops) => {
+    log.push(`frames ${call} start`);
+    await sleep(2);
+    await original(ops);
+    log.push(`frames ${call} end`);
+  });
+  wrapPayloadWrite(journal, (original, call) => {
+    log.push(`payloads ${call}`);
+    original();
+  });
+  const settled: string[] = [];
+  const first = journal.append(1, { payload: payloadOf(1) }).then((seq) => settled.push(`append ${seq}`));
+  await first;
+  await journal.append(2, { payload: payloadOf(2), sync: true });
+  assert.equal(log, ['frames 1 start', 'payloads 1', 'frames 1 end', 'payloads 2', 'frames 2 start', 'frames 2 end']);
+  assert.equal(settled, ['append 1'], 'the unsynced append resolved after both of its writes');
+  assert.equal((await replayAll(journal)).map((r) => [r.seq, Buffer.from(r.payload!).equals(payloadOf(r.meta))]), [
+    [1, true],
+    [2, true],
+  ]);
+  await journal.close();
+});
+
+test('a failed payload write fails its batch, whose frames are taken back; seqs stay dense', async () => {
+  const dir = tempDir('pipeline');
+  const journal = await Journal.open<number>(dir, { create: true });
+  wrapPayloadWrite(journal, (original, call) => {
+    if (call === 3) throw new Error('injected: no space left on device');
+    original();
+  });
+  const results = await appendOverTurns(journal, 40, 1);
+  const failures = results.flatMap((r) => (r.status === 'rejected' ? [(r.reason as Error).message] : []));
+  assert.ok(failures.length > 0 && failures.every((m) => /payload log: injected: no space left on device|the batch before it failed/.test(m)), JSON.stringify(failures));
+  assert.ok(failures.some((m) => /payload log: injected/.test(m)), 'the batch whose payloads failed');
+  assert.ok(results.slice(-5).every((r) => r.status === 'fulfilled'), 'appends go on after the failure');
+  await expectDense(journal, results);
+  await journal.close();
+  const reopened = await Journal.open<number>(dir);
+  await expectDense(reopened, results);
+  await reopened.close();
+});
+
+test('a crash after LevelDB took the frames of a batch but before its payloads were written leaves a torn tail', async () => {
+  const dir = tempDir('pipeline');
+  const child = join(import.meta.dirname, 'fixtures/payload-crash-child.ts');
+  const run = spawnSync(process.execPath, ['--conditions=source', '--import', 'tsx', child, dir, '5'], { encoding: 'utf8' });
+  assert.is(run.signal, 'SIGKILL', run.stderr);
+  assert.is(run.stdout, 'acked 5\n', 'the child died before the batch committed');
+  const reopened = await Journal.open<number>(dir);
+  assert.is(reopened.lastSeq, 7, 'LevelDB kept the frames of the batch that never committed');
+  const err = await replayError(reopened);
+  assert.ok(err instanceof JournalTornTailError, String(err));
+  assert.is(err.seq, 6);
+  assert.is(err.kind, 'payload-missing');
+  assert.is(await reopened.cutTail(6), 2);
+  const records = await replayAll(reopened);
+  assert.equal(
+    records.map((r) => [r.seq, r.meta, r.payload?.length]),
+    [1, 2, 3, 4, 5].map((n) => [n, n, 1000 + n]),
+  );
+  assert.ok((await reopened.verify()).ok);
+  assert.is(await reopened.append(6, { payload: payloadOf(6) }), 6, 'appends go on after the cut');
+  assert.ok(Buffer.from((await replayAll(reopened, 6, 6))[0].payload!).equals(payloadOf(6)));
   await reopened.close();
 });
 

@@ -127,8 +127,9 @@ export class PayloadLog {
 
   /**
    * Write a batch's payloads where `reserve` placed them (one writev, on the calling thread: measured
-   * against the threadpool in BENCHMARKS.md). On failure the bytes written are garbage no frame
-   * points at, and the next reservation starts after them.
+   * against the threadpool in BENCHMARKS.md). On failure the bytes written are garbage no committed
+   * frame points at (the batch fails and its frames are taken back), and the next reservation starts
+   * after them.
    */
   write(reservation: PayloadReservation, payloads: readonly Buffer[]): void {
     const { segment, offset, totalBytes } = reservation;

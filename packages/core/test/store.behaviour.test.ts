@@ -376,25 +376,25 @@ test('retention: a point whose data is gone is refused up front and changes noth
 
 test('large writes checkpoint every checkpointEveryPayloadBytes, so the payloads kept stay bounded', async () => {
   const newestCheckpoint = async (store: Store): Promise<number> => (await store.eventLog.checkpointSeqs()).at(-1) ?? 0;
-  // A checkpoint starts in the background after the commit that makes it due: wait for it (up to
-  // 10 s), so the next write cannot slip into it and every checkpoint lands on its mark.
-  const checkpointAt = async (store: Store, seq: number): Promise<number> => {
-    for (let waitedMs = 0; waitedMs < 10_000 && (await newestCheckpoint(store)) < seq; waitedMs += 10) {
-      await new Promise((resolve) => setTimeout(resolve, 10));
-    }
-    return newestCheckpoint(store);
-  };
-
   // 24 MiB in 1 MiB writes against a 4 MiB interval: a checkpoint after every fourth write.
   const dir = tempDir();
   const store = await Store.create(dir, { sizeBytes: 32 * mib, checkpointEveryPayloadBytes: 4 * mib });
   const written: CheckpointWritten[] = [];
   store.checkpoints$.subscribe((c) => written.push(c));
+  // A checkpoint starts in the background after the commit that makes it due, is stored, and then
+  // prunes older checkpoints and drops payloads before checkpoints$ reports it: wait for that report
+  // (up to 10 s), so the next write cannot slip into it and every checkpoint lands on its mark.
+  const checkpointAt = async (seq: number): Promise<number> => {
+    for (let waitedMs = 0; waitedMs < 10_000 && (written.at(-1)?.seq ?? 0) < seq; waitedMs += 10) {
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
+    return written.at(-1)?.seq ?? 0;
+  };
   const seqs: number[] = [];
   for (let i = 0; i < 24; i++) {
     await store.writeVolume('default', i * mib, Buffer.alloc(mib, i + 1), false);
     seqs.push(store.lastSeq);
-    if (i % 4 === 3) assert.is(await checkpointAt(store, store.lastSeq), store.lastSeq, `a checkpoint after ${i + 1} MiB`);
+    if (i % 4 === 3) assert.is(await checkpointAt(store.lastSeq), store.lastSeq, `a checkpoint after ${i + 1} MiB`);
     else assert.ok((await newestCheckpoint(store)) < store.lastSeq, `no checkpoint after ${i + 1} MiB`);
   }
   assert.equal(await store.eventLog.checkpointSeqs(), [seqs[19], seqs[23]], 'the two newest are kept');

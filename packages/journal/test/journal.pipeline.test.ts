@@ -99,6 +99,20 @@ async function expectDense(journal: Journal<number>, results: PromiseSettledResu
   assert.ok(report.ok, JSON.stringify(report.problems));
 }
 
+/** `expectDense`, then again after closing the journal and opening it anew. */
+async function expectDenseAcrossReopen(journal: Journal<number>, dir: string, results: PromiseSettledResult<number>[]): Promise<void> {
+  await expectDense(journal, results);
+  await journal.close();
+  const reopened = await Journal.open<number>(dir);
+  await expectDense(reopened, results);
+  await reopened.close();
+}
+
+/** The messages of the appends that failed, in append order. */
+function failureMessages(results: PromiseSettledResult<number>[]): string[] {
+  return results.flatMap((r) => (r.status === 'rejected' ? [(r.reason as Error).message] : []));
+}
+
 test('two unsynced batches are written at once and commit in seq order', async () => {
   const journal = await Journal.open<number>(tempDir('pipeline'), { create: true });
   let writing = 0;
@@ -154,15 +168,11 @@ test('a failed batch fails the one in flight behind it, which is taken back; seq
   const journal = await Journal.open<number>(dir, { create: true });
   failThirdWrite(journal, false);
   const results = await appendOverTurns(journal, 60, 1);
-  const failures = results.flatMap((r) => (r.status === 'rejected' ? [(r.reason as Error).message] : []));
+  const failures = failureMessages(results);
   assert.ok(failures.some((m) => /injected write failure/.test(m)), 'the failed batch');
   assert.ok(failures.some((m) => /the batch before it failed/.test(m)), 'the batch in flight behind it');
   assert.ok(failures.every((m) => /injected write failure|the batch before it failed/.test(m)));
-  await expectDense(journal, results);
-  await journal.close();
-  const reopened = await Journal.open<number>(dir);
-  await expectDense(reopened, results);
-  await reopened.close();
+  await expectDenseAcrossReopen(journal, dir, results);
 });
 
 test('when the frames behind a failed batch cannot be taken back, later appends fail, and a reopen cuts them', async () => {
@@ -267,15 +277,11 @@ test('a failed payload write fails its batch, whose frames are taken back; seqs 
     original();
   });
   const results = await appendOverTurns(journal, 40, 1);
-  const failures = results.flatMap((r) => (r.status === 'rejected' ? [(r.reason as Error).message] : []));
+  const failures = failureMessages(results);
   assert.ok(failures.length > 0 && failures.every((m) => /payload log: injected: no space left on device|the batch before it failed/.test(m)), JSON.stringify(failures));
   assert.ok(failures.some((m) => /payload log: injected/.test(m)), 'the batch whose payloads failed');
   assert.ok(results.slice(-5).every((r) => r.status === 'fulfilled'), 'appends go on after the failure');
-  await expectDense(journal, results);
-  await journal.close();
-  const reopened = await Journal.open<number>(dir);
-  await expectDense(reopened, results);
-  await reopened.close();
+  await expectDenseAcrossReopen(journal, dir, results);
 });
 
 test('a crash after LevelDB took the frames of a batch but before its payloads were written leaves a torn tail', async () => {

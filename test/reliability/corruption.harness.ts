@@ -40,6 +40,7 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Level } from '../../packages/journal/node_modules/level/index.js';
+import { salvageTable } from '../../packages/journal/src/level-tables.js';
 import { cowstack, cowstackOk, KiB, MiB, pattern, pythonOk, type Served, startServe, tempDir } from '../harness.js';
 import { Rng } from './torture-lib.js';
 
@@ -593,8 +594,12 @@ function describeBlocks(fx: Fixture, view: string, block: number | undefined, cu
   return `; block ${block} was written by ${touching.map((w) => `W${w.index} (seq ${w.seq}, ${w.volume}, layer ${layerOf(fx, w)}${w.seq >= cut ? ', discarded' : ''})`).join(', ')}; payloads are retained after seq ${fx.checkpoints[0]}`;
 }
 
-/** recover --force where recover refused: the cut is named, and the store keeps exactly the writes before it. */
-async function tryForce(s: Scenario, store: string, fx: Fixture, expectFrom: number | undefined): Promise<void> {
+/**
+ * recover --force where recover refused: the cut is named, and the store keeps exactly the writes
+ * before it. `expectFrom`: the seq the cut must start at; 'reported' takes the cut salvage reports
+ * (where the damage decides it, as in a LevelDB table) and checks the store against that.
+ */
+async function tryForce(s: Scenario, store: string, fx: Fixture, expectFrom: number | 'reported' | undefined): Promise<void> {
   if (!(await hasForce())) {
     s.note('recover --force: not in this build');
     return;
@@ -602,6 +607,11 @@ async function tryForce(s: Scenario, store: string, fx: Fixture, expectFrom: num
   const r = await runRecover(store, true);
   s.note(`recover --force: ${recoverSummary(r)}`);
   if (expectFrom === undefined) return;
+  if (r.code !== 0 && expectFrom === 'reported') {
+    // Where the damage took what salvage needs (every checkpoint, say), a refusal is right if it says so.
+    s.expect(r.code === 1 && saysWhere(r.error) && !/\n\s+at /.test(r.error), `recover --force fails without saying where and what: ${JSON.stringify(r.error)}`);
+    return;
+  }
   if (r.code !== 0) {
     s.expect(false, `recover --force failed: ${r.error}`);
     return;
@@ -609,7 +619,7 @@ async function tryForce(s: Scenario, store: string, fx: Fixture, expectFrom: num
   const salvage = r.report!.salvage as { fromSeq: number; recordsDiscarded: number; reason: string } | undefined;
   s.expect(salvage !== undefined, 'recover --force salvaged without reporting a cut');
   if (salvage === undefined) return;
-  s.expect(salvage.fromSeq === expectFrom, `recover --force cut from seq ${salvage.fromSeq}, expected ${expectFrom}`);
+  if (expectFrom !== 'reported') s.expect(salvage.fromSeq === expectFrom, `recover --force cut from seq ${salvage.fromSeq}, expected ${expectFrom}`);
   s.expect(salvage.recordsDiscarded === fx.lastSeq - salvage.fromSeq + 1, `recover --force discarded ${salvage.recordsDiscarded} records, expected ${fx.lastSeq - salvage.fromSeq + 1} (seqs ${salvage.fromSeq}..${fx.lastSeq})`);
   const postCopy = copyStore(store, 'postcheck');
   const post = await runCheck(postCopy);
@@ -620,7 +630,12 @@ async function tryForce(s: Scenario, store: string, fx: Fixture, expectFrom: num
   // other block must hold exactly the writes before the cut.
   const unrestorable = unrestorableBlocks(fx, salvage.fromSeq, fx.checkpoints[0]);
   const named = new Set(post.problems.filter((p) => p.kind === 'data' && p.layerId !== undefined && p.block !== undefined).map((p) => `${p.layerId}:${p.block}`));
-  const unexpected = post.problems.filter((p) => !(p.kind === 'data' && unrestorable.has(`${p.layerId}:${p.block}`)));
+  // Salvage that resumed the journal after a checkpoint (the frames before it lost) reports it; check
+  // then cannot replay from seq 1 and must say so, and only that.
+  const resumed = (salvage as { tables?: { resumedAfterCheckpoint?: { throughSeq: number } } }).tables?.resumedAfterCheckpoint;
+  const historyGone = (p: { kind: string; message: string }): boolean => resumed !== undefined && p.kind === 'projection' && p.message.includes(`the journal starts at seq ${resumed.throughSeq + 1}`);
+  if (resumed !== undefined) s.expect(post.problems.some(historyGone), `salvage resumed the journal after seq ${resumed.throughSeq}, but check does not say the history before it is gone`);
+  const unexpected = post.problems.filter((p) => !(p.kind === 'data' && unrestorable.has(`${p.layerId}:${p.block}`)) && !historyGone(p));
   s.expect(
     unexpected.length === 0,
     `check after recover --force reports ${unexpected.length} problem(s) that salvage should have repaired (the last kept write's payload was retained when salvage started), e.g. ${unexpected
@@ -881,7 +896,46 @@ export const scenarios: Record<string, ScenarioFn> = {
     const store = copyStore(f.store, 'ldbdetected');
     flipFileByte(join(store, 'journal', found.file), found.at, 0xff);
     s.note(`damage: byte ${found.at} of journal/${found.file} (LevelDB reading the copy says: ${found.message})`);
-    await observe(s, store, f);
+    const { recover } = await observe(s, store, f);
+    s.expect(recover.code === 1 && recover.error.includes(found.file), `recover does not refuse naming ${found.file}: ${recoverSummary(recover)}`);
+    if (recover.code === 1) {
+      await tryForce(s, store, f, 'reported');
+      s.expect(existsSync(join(store, 'journal', 'damaged', found.file)), `recover --force did not set ${found.file} aside in journal/damaged/`);
+    }
+    dropCopy(store);
+    return s.result();
+  },
+
+  async 'LevelDB table: a damaged block of frames the newest checkpoint covers'(fx) {
+    const s = new Scenario('leveldb-table-frames');
+    const f = fx.clean;
+    const store = copyStore(f.store, 'ldbframes');
+    const journalDir = join(store, 'journal');
+    const tables = readdirSync(journalDir).filter((n) => n.endsWith('.ldb'));
+    const file = tables.sort((a, b) => statSync(join(journalDir, b)).size - statSync(join(journalDir, a)).size)[0];
+    const original = file === undefined ? undefined : readFileSync(join(journalDir, file));
+    // The last data block (the table's highest keys, its newest frames): the first byte from the end
+    // whose flip costs exactly one data block.
+    let at: number | undefined;
+    for (let i = (original?.length ?? 0) - 49; original !== undefined && i >= 0 && at === undefined; i -= 16) {
+      const damaged = Buffer.from(original);
+      damaged[i] ^= 0xff;
+      const found = salvageTable(file, damaged);
+      if (found.unreadable === undefined && found.lostBlocks.length === 1) at = i;
+    }
+    if (file === undefined || at === undefined) {
+      s.note('no table with a block of frames in this fixture');
+      dropCopy(store);
+      return s.result('skipped');
+    }
+    flipFileByte(join(journalDir, file), at, 0xff);
+    s.note(`damage: byte ${at} of journal/${file} (its last data block, which holds frames)`);
+    const { recover } = await observe(s, store, f);
+    s.expect(recover.code === 1 && recover.error.includes(file), `recover does not refuse naming ${file}: ${recoverSummary(recover)}`);
+    if (recover.code === 1) {
+      await tryForce(s, store, f, 'reported');
+      s.expect(existsSync(join(journalDir, 'damaged', file)), `recover --force did not set ${file} aside in journal/damaged/`);
+    }
     dropCopy(store);
     return s.result();
   },
@@ -974,7 +1028,12 @@ export async function randomLevelFlip(fx: { clean: Fixture; crashed: Fixture }, 
   s.note(`damage: ${count} byte(s) of journal/${file} (${size} bytes) at ${at.join(', ')}`);
   const { check, recover, wrong, serveError, postCheck } = await observe(s, store, f);
   let outcome: string;
-  if (recover.code !== 0) outcome = 'recover refused';
+  if (recover.code !== 0) {
+    // Salvage must leave the store holding exactly the writes before the cut it reports.
+    const failuresBefore = s.failures.length;
+    await tryForce(s, store, f, 'reported');
+    outcome = s.failures.length === failuresBefore ? 'recover refused, --force salvaged' : 'recover refused, --force failed';
+  }
   else if (serveError !== undefined) outcome = 'serve refused';
   else if (!check.ok || !(postCheck?.ok ?? true) || hasWarning(recover)) outcome = wrong.size > 0 ? 'flagged (wrong data served, reported)' : 'flagged';
   else outcome = 'harmless (no effect found)';

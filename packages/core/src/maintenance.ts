@@ -15,10 +15,11 @@
  */
 import { crc32c } from '@node-rs/crc32';
 import { join, resolve } from 'node:path';
-import { Journal, type JournalRecord } from '@cowstack/journal';
+import { Journal, JournalError, type JournalRecord, type TableSalvageReport } from '@cowstack/journal';
 import { lastValueFrom, scan } from 'rxjs';
 import { StoreError } from './errors.js';
 import { EventType, type StoreEvent } from './events.js';
+import { lockJournal } from './journal-lock.js';
 import { applyEvent, BlockState, emptyProjection, volumesUsing } from './projection.js';
 import { diffProjections } from './projection-codec.js';
 import { type OpenReport, type ProgressCallback, Store } from './store.js';
@@ -27,37 +28,100 @@ export interface RecoverReport extends OpenReport {
   readonly eventsPerSecond: number;
   /**
    * With --force, after damage: the first damaged seq, why, and how many records from there on were
-   * discarded (everything after the damage is lost; everything before it is kept).
+   * discarded (everything after the damage is lost; everything before it is kept). `tables` says
+   * which damaged LevelDB files were set aside first, when any were.
    */
-  readonly salvage: { readonly fromSeq: number; readonly reason: string; readonly recordsDiscarded: number; readonly writesReapplied: number } | undefined;
+  readonly salvage:
+    | {
+        readonly fromSeq: number;
+        readonly reason: string;
+        readonly recordsDiscarded: number;
+        readonly writesReapplied: number;
+        readonly tables: TableSalvageReport | undefined;
+      }
+    | undefined;
 }
 
 /**
  * Recover a store. With `force`, a store that will not open because its journal is damaged is
- * salvaged: the journal is cut at the first damaged record (the damaged record and every record
- * after it are discarded, acknowledged or not), the store opens from its newest usable checkpoint as
- * usual, and every retained write payload is written to its layer file again, so blocks that
- * discarded events had overwritten get their last kept content back (blocks whose payloads retention
- * already dropped cannot be restored; check names them). Damaged checkpoints need no force: older
- * ones are used automatically.
+ * salvaged:
+ *   - damaged LevelDB files first (see Journal.salvageTables): damaged tables are set aside in
+ *     `journal/damaged/`, the MANIFEST is rebuilt, and what the tables still held is written back.
+ *     If the store then opens, the records lost with them were older than its newest checkpoint and
+ *     nothing more is cut;
+ *   - then the journal is cut at the first damaged record (the damaged record and every record
+ *     after it are discarded, acknowledged or not), the store opens from its newest usable
+ *     checkpoint as usual, and every retained write payload is written to its layer file again, so
+ *     blocks that discarded events had overwritten get their last kept content back (blocks whose
+ *     payloads retention already dropped cannot be restored; check names them).
+ * Damaged checkpoints need no force: older ones are used automatically.
  */
 export async function recoverStore(dir: string, options: { onProgress?: ProgressCallback; force?: boolean } = {}): Promise<RecoverReport> {
   let salvage: RecoverReport['salvage'];
-  let store: Store;
+  let store: Store | undefined;
   try {
     store = await Store.open(dir, { onProgress: options.onProgress });
   } catch (err) {
-    if (options.force !== true || !(err instanceof StoreError) || err.code !== 'ECORRUPT') throw err;
-    const cut = await cutAtDamage(dir);
-    if (cut === undefined) throw err;
-    // Blocks the discarded events had overwritten get their last kept journaled content back: every
-    // retained write is re-applied during the replay, before the new checkpoint drops payloads.
-    store = await Store.open(dir, { onProgress: options.onProgress, reapplyRetained: true });
-    salvage = { ...cut, writesReapplied: store.openReport.writesReapplied };
+    if (!isDamage(err, options.force)) throw err;
+    let failure = err;
+    const tables = await salvageTables(dir);
+    if (tables !== undefined) {
+      store = await Store.open(dir, { onProgress: options.onProgress }).catch((again: unknown) => {
+        if (!isDamage(again, true)) throw again;
+        failure = again;
+        return undefined;
+      });
+      if (store !== undefined) salvage = { fromSeq: store.openReport.lastSeq + 1, reason: describeTableSalvage(tables), recordsDiscarded: 0, writesReapplied: 0, tables };
+    }
+    if (store === undefined) {
+      const cut = await cutAtDamage(dir);
+      if (cut === undefined) {
+        if (tables === undefined) throw failure;
+        throw new StoreError('ECORRUPT', `${(failure as Error).message} (after recover --force set damaged LevelDB files aside: ${describeTableSalvage(tables)})`, { cause: failure });
+      }
+      // Blocks the discarded events had overwritten get their last kept journaled content back: every
+      // retained write is re-applied during the replay, before the new checkpoint drops payloads.
+      store = await Store.open(dir, { onProgress: options.onProgress, reapplyRetained: true });
+      const reason = tables === undefined ? cut.reason : `${describeTableSalvage(tables)}; then ${cut.reason}`;
+      salvage = { ...cut, reason, writesReapplied: store.openReport.writesReapplied, tables };
+    }
   }
   const report = store.openReport;
   await store.close();
   return { ...report, eventsPerSecond: report.durationMs > 0 ? (report.eventsReplayed / report.durationMs) * 1000 : 0, salvage };
+}
+
+function isDamage(err: unknown, force: boolean | undefined): err is StoreError {
+  return force === true && err instanceof StoreError && err.code === 'ECORRUPT';
+}
+
+/** Set damaged LevelDB files aside under the journal's lock (see Journal.salvageTables). */
+async function salvageTables(dir: string): Promise<TableSalvageReport | undefined> {
+  const release = lockJournal(dir);
+  try {
+    return await Journal.salvageTables(join(resolve(dir), 'journal'));
+  } catch (err) {
+    if (err instanceof JournalError) throw new StoreError(err.code === 'ELOCKED' ? 'ELOCKED' : 'EIO', `store ${dir}: ${err.message}`, { cause: err });
+    throw err;
+  } finally {
+    release();
+  }
+}
+
+/** What table salvage did, in one sentence for the report. */
+function describeTableSalvage(tables: TableSalvageReport): string {
+  const parts = tables.tables.map(
+    (t) =>
+      `LevelDB table ${t.file} was damaged (${t.problem.replace(/^LevelDB file \S+ is damaged: /, '')}) and is set aside as journal/${t.movedTo}: ${t.blocksLost} of ${t.dataBlocks} data block(s) lost${t.lost.length > 0 ? ` (${t.lost.join('; ')})` : ''}, ${t.entriesRestored} entr${t.entriesRestored === 1 ? 'y' : 'ies'} written back`,
+  );
+  if (tables.manifestProblem !== undefined) parts.push(`LevelDB's MANIFEST was damaged (${tables.manifestProblem}) and has been rebuilt`);
+  if (tables.formatRewritten) parts.push("the journal's format record was lost and has been written anew");
+  if (tables.retentionRebuilt) parts.push("the journal's retention record was lost and has been rebuilt");
+  const resumed = tables.resumedAfterCheckpoint;
+  if (resumed !== undefined) {
+    parts.push(`records seq ${resumed.fromSeq}..${resumed.throughSeq} were lost, but the checkpoint at seq ${resumed.throughSeq} holds the state they made: the journal resumes after it, its older records dropped`);
+  }
+  return parts.join('; ');
 }
 
 /** Find the first damaged journal record and discard it and everything after it. */
@@ -141,7 +205,7 @@ export async function checkStore(dir: string, options: { onProgress?: ProgressCa
     for (const p of verify.problems) problems.push({ kind: p.kind === 'checkpoint' ? 'checkpoint' : 'journal', seq: p.seq, message: p.message });
     for (const s of store.openReport.checkpointsSkipped) problems.push({ kind: 'checkpoint', seq: s.seq, message: `checkpoint at seq ${s.seq} was not usable: ${s.reason}` });
     if (journal.firstSeq !== 1) {
-      problems.push({ kind: 'projection', message: `the journal starts at seq ${journal.firstSeq}, so the projection cannot be replayed from the start` });
+      problems.push({ kind: 'projection', message: `the journal starts at seq ${journal.firstSeq} (the records before it are gone), so neither the projection nor the data blocks can be checked against the whole history` });
     } else if (verify.ok) {
       // Replay everything from seq 1 with the same reducer, remembering each block's last write.
       const lastWrite = new Map<number, Map<number, [seq: number, crc: number]>>();

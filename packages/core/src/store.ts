@@ -1449,7 +1449,8 @@ async function loadCheckpoint(journal: Journal<StoreEvent>): Promise<{ state: Pr
     }
   }
   if (journal.firstSeq > 1) {
-    throw new StoreError('ECORRUPT', `no usable checkpoint, and the journal no longer starts at seq 1 (${skipped.map((s) => `checkpoint ${s.seq}: ${s.reason}`).join('; ')})`);
+    const why = skipped.length > 0 ? skipped.map((s) => `checkpoint ${s.seq}: ${s.reason}`).join('; ') : 'it holds no checkpoint';
+    throw new StoreError('ECORRUPT', `journal ${journal.path}: no usable checkpoint, and the journal no longer starts at seq 1 (${why}): the state before seq ${journal.firstSeq} is lost`);
   }
   return { state: emptyProjection(), checkpointSeq: 0, skipped };
 }

@@ -9,6 +9,7 @@ export type {
   JournalStats,
   OpenOptions,
   ReplayOptions,
+  TableSalvageReport,
   VerifyProblem,
   VerifyReport,
 } from './journal.js';

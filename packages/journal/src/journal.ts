@@ -39,6 +39,7 @@ import {
   recordRange,
   seqOfKey,
 } from './keys.js';
+import { restorable, type SetAsideTable, setAsideDamagedTables } from './level-salvage.js';
 import { LevelTableDamage, verifyLevelTables } from './level-tables.js';
 import { PayloadLog } from './payload-log.js';
 import { Seal } from './seal.js';
@@ -152,6 +153,23 @@ export interface OpenOptions<M> {
   readonly skipDamagedTail?: boolean;
   /** Size at which a payload log segment is closed (default payloadSegmentBytes); tests use small ones. */
   readonly payloadSegmentBytes?: number;
+}
+
+/** What `Journal.salvageTables` did. */
+export interface TableSalvageReport {
+  /** The damaged tables, each moved into `damaged/`, and how many of its entries were written back. */
+  readonly tables: ReadonlyArray<Omit<SetAsideTable, 'entries'> & { readonly entriesRestored: number }>;
+  /** What was wrong with the MANIFEST, when it alone was damaged (LevelDB's repair rewrote it). */
+  readonly manifestProblem: string | undefined;
+  /** The format record was lost with a damaged table and has been written anew. */
+  readonly formatRewritten: boolean;
+  /** The retention record was lost with a damaged table and has been rebuilt from the frames. */
+  readonly retentionRebuilt: boolean;
+  /**
+   * Frames lost from the journal's end that its newest checkpoint covers: the journal resumes after
+   * that checkpoint (`throughSeq`), its older records dropped as retention would.
+   */
+  readonly resumedAfterCheckpoint: { readonly fromSeq: number; readonly throughSeq: number } | undefined;
 }
 
 interface Retention {
@@ -395,6 +413,91 @@ export class Journal<M = unknown> {
     }
     await db.put(metaKey('retention'), metaPackr.pack(retention), { sync: true });
     return retention;
+  }
+
+  /**
+   * Salvage of damaged LevelDB files (`recover --force`; see level-salvage.ts), with the journal
+   * closed and its lock held by the caller (LevelDB's repair takes no lock of its own). Damaged
+   * tables are moved into `damaged/`, LevelDB's repair rebuilds the MANIFEST from the files left,
+   * and every key the damaged tables still held that the repaired database lacks is written back,
+   * except records and checkpoints below the retained window (retention deleted those). A format or
+   * retention record lost with them is written anew. Records still missing are gaps for the caller's
+   * salvage to name. Undefined when every table and the MANIFEST are sound: nothing is touched then.
+   */
+  static async salvageTables(path: string): Promise<TableSalvageReport | undefined> {
+    if (!existsSync(path)) throw new JournalError('ENOENT', `no journal at ${path}`);
+    const setAside = setAsideDamagedTables(path);
+    if (setAside === undefined) return undefined;
+    try {
+      await (Level as unknown as { repair(location: string): Promise<void> }).repair(path);
+    } catch (err) {
+      throw new JournalError('EIO', `journal ${path}: LevelDB's repair failed: ${(err as Error).message}`, { cause: err });
+    }
+    const db: Db = new Level<Buffer, Buffer>(path, { keyEncoding: 'buffer', valueEncoding: 'buffer', createIfMissing: false });
+    try {
+      await db.open();
+    } catch (err) {
+      throw new JournalError('EIO', `journal ${path}: cannot open it after LevelDB's repair: ${(err as { cause?: Error }).cause?.message ?? (err as Error).message}`, { cause: err });
+    }
+    try {
+      const retention = await Journal.readRetention(path, db).catch(() => undefined);
+      const candidates = restorable(setAside).filter((e) => retention === undefined || !(e.key.length === 9 && (e.key[0] === recordRange.gte[0] || e.key[0] === checkpointRange.gte[0]) && seqOfKey(e.key) < retention.firstSeq));
+      const present = candidates.length === 0 ? [] : await db.getMany(candidates.map((e) => e.key));
+      const restore = candidates.filter((_, i) => present[i] === undefined);
+      if (restore.length > 0) await db.batch(restore.map((e) => ({ type: 'put' as const, key: e.key, value: e.value })), { sync: true });
+      // A database this salvage found damaged was a journal: a format record lost with it comes back.
+      const formatRewritten = (await db.keys({ limit: 1 }).all()).length > 0 && (await db.get(metaKey('format'))) === undefined;
+      if (formatRewritten) await db.put(metaKey('format'), metaPackr.pack({ format: formatName, version: journalFormatVersion, createdMs: Date.now() }), { sync: true });
+      const journalKeys = (await db.keys({ ...recordRange, limit: 1 }).all()).length + (await db.keys({ ...checkpointRange, limit: 1 }).all()).length;
+      const retentionRebuilt = journalKeys > 0 && (await db.get(metaKey('retention'))) === undefined;
+      if (retentionRebuilt) await Journal.rebuildRetention(db);
+      const resumed = await Journal.resumeAfterCheckpoint(db);
+      const restored = new Set(restore.map((e) => e.key.toString('latin1')));
+      return {
+        resumedAfterCheckpoint: resumed,
+        tables: setAside.tables.map(({ entries, ...table }) => ({ ...table, entriesRestored: entries.filter((e) => restored.has(e.key.toString('latin1'))).length })),
+        manifestProblem: setAside.manifestProblem,
+        formatRewritten,
+        retentionRebuilt,
+      };
+    } finally {
+      await db.close();
+    }
+  }
+
+  /**
+   * Salvage: frames lost from the journal's end that its newest sound checkpoint covers (the
+   * checkpoint names a seq past the last frame). That checkpoint holds the whole state at its seq, so
+   * the journal resumes after it, as if retention had dropped every record through it: the frames
+   * before it are deleted and the chain starts afresh. Returns the lost seqs, or undefined.
+   */
+  private static async resumeAfterCheckpoint(db: Db): Promise<{ fromSeq: number; throughSeq: number } | undefined> {
+    const [lastKey, lastValue] = await Journal.lastEntry(db, recordRange);
+    let nextSeq = (await Journal.readRetention('', db).catch(() => undefined))?.firstSeq ?? 1;
+    if (lastKey !== undefined && lastValue !== undefined) {
+      try {
+        const frame = decodeFrame(seqOfKey(lastKey), lastValue, undefined, false);
+        nextSeq = frame.firstSeq + frame.count;
+      } catch (err) {
+        if (err instanceof JournalCorruptionError) return undefined;
+        throw err;
+      }
+    }
+    for (const [key, value] of await db.iterator({ ...checkpointRange, reverse: true }).all()) {
+      const seq = seqOfKey(key);
+      try {
+        decodeCheckpoint(seq, value);
+      } catch (err) {
+        if (err instanceof JournalCorruptionError) continue;
+        throw err;
+      }
+      if (seq < nextSeq) return undefined;
+      const frames = await db.keys({ ...recordRange }).all();
+      const retention: Retention = { firstSeq: seq + 1, chainBefore: 0, payloadsThrough: seq };
+      await db.batch([...frames.map((k) => ({ type: 'del' as const, key: k })), { type: 'put' as const, key: metaKey('retention'), value: metaPackr.pack(retention) }], { sync: true });
+      return { fromSeq: nextSeq, throughSeq: seq };
+    }
+    return undefined;
   }
 
   /** One of the journal's own metadata records, decoded; a damaged one is named, not misreported. */

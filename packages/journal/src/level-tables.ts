@@ -179,24 +179,112 @@ export function verifyTable(file: string, buf: Buffer): void {
 
 /** The block handles stored as the values of a block's entries. */
 function blockHandles(file: string, contents: Buffer): Array<{ offset: number; size: number }> {
-  const damage = () => new LevelTableDamage(file, 'an index block cannot be decoded');
+  return blockEntries(file, contents, 'an index block').map(({ value }) => {
+    const c = new Cursor(value, 0, value.length, () => new LevelTableDamage(file, 'an index block cannot be decoded'));
+    return { offset: c.varint(), size: c.varint() };
+  });
+}
+
+/** The entries of a block (keys in full: the block stores each as a suffix of the key before it). */
+function blockEntries(file: string, contents: Buffer, what: string): Array<{ key: Buffer; value: Buffer }> {
+  const damage = () => new LevelTableDamage(file, `${what} cannot be decoded`);
   if (contents.length < 4) throw damage();
   const restarts = contents.readUInt32LE(contents.length - 4);
   const limit = contents.length - 4 * (restarts + 1);
   if (limit < 0) throw damage();
   const c = new Cursor(contents, 0, limit, damage);
-  const handles: Array<{ offset: number; size: number }> = [];
+  const entries: Array<{ key: Buffer; value: Buffer }> = [];
+  let key = Buffer.alloc(0);
   while (!c.done) {
-    c.varint(); // bytes shared with the previous key
+    const shared = c.varint();
     const unshared = c.varint();
     const valueBytes = c.varint();
+    if (shared > key.length) throw damage();
+    const at = c.pos;
     c.skip(unshared);
-    const valueEnd = c.pos + valueBytes;
-    handles.push({ offset: c.varint(), size: c.varint() });
-    if (c.pos > valueEnd) throw damage();
-    c.pos = valueEnd;
+    key = Buffer.concat([key.subarray(0, shared), contents.subarray(at, at + unshared)]);
+    const valueAt = c.pos;
+    c.skip(valueBytes);
+    entries.push({ key, value: contents.subarray(valueAt, valueAt + valueBytes) });
   }
-  return handles;
+  return entries;
+}
+
+/** One entry of a table, its internal key taken apart: the user's key, LevelDB's sequence number, put or delete. */
+export interface TableEntry {
+  readonly key: Buffer;
+  readonly sequence: number;
+  readonly deleted: boolean;
+  readonly value: Buffer;
+}
+
+/** A data block whose checksum fails: its place, and the keys around it (what its entries lay between). */
+export interface LostBlock {
+  readonly offset: number;
+  readonly sizeBytes: number;
+  /** The last key of the readable block before it (undefined for the table's first block). */
+  readonly after: Buffer | undefined;
+  /** The index's separator for it: no key in the block is greater. */
+  readonly through: Buffer;
+}
+
+/** What can still be read from a damaged table. */
+export interface TableSalvage {
+  readonly entries: TableEntry[];
+  readonly dataBlocks: number;
+  readonly lostBlocks: LostBlock[];
+  /** Set when not even the footer and index can be read: then no entry can be found. */
+  readonly unreadable: string | undefined;
+}
+
+/** LevelDB's internal key: the user key, then 8 bytes little-endian of (sequence << 8 | type). */
+function internalKey(file: string, key: Buffer): { key: Buffer; sequence: number; deleted: boolean } {
+  if (key.length < 8 || key[key.length - 8] > 1) throw new LevelTableDamage(file, 'a data block holds a key that is not a LevelDB internal key');
+  return { key: key.subarray(0, key.length - 8), sequence: (key.readUInt32LE(key.length - 8) >>> 8) + key.readUInt32LE(key.length - 4) * 0x100_0000, deleted: key[key.length - 8] === 0 };
+}
+
+/**
+ * Every entry of a table's data blocks that pass their checksums, and which blocks do not (for
+ * salvage: the table itself is set aside, and what it still holds is written back). Needs the footer
+ * and the index block; without them nothing can be found.
+ */
+export function salvageTable(file: string, buf: Buffer): TableSalvage {
+  const entries: TableEntry[] = [];
+  const lostBlocks: LostBlock[] = [];
+  let index: Array<{ key: Buffer; value: Buffer }>;
+  const contents = (handle: { offset: number; size: number }): Buffer => {
+    const end = handle.offset + handle.size;
+    if (end + blockTrailerBytes > buf.length - tableFooterBytes) throw new LevelTableDamage(file, `a block handle (${handle.size} bytes at byte ${handle.offset}) points past the blocks`);
+    if (masked(buf.subarray(handle.offset, end + 1)) !== buf.readUInt32LE(end + 1)) throw new LevelTableDamage(file, `the ${handle.size}-byte block at byte ${handle.offset} fails its checksum`);
+    if (buf[end] > 1) throw new LevelTableDamage(file, `the block at byte ${handle.offset} has unknown compression type ${buf[end]}`);
+    const stored = buf.subarray(handle.offset, end);
+    return buf[end] === 1 ? (uncompressSync(stored) as Buffer) : stored;
+  };
+  try {
+    if (buf.length < tableFooterBytes || !buf.subarray(buf.length - 8).equals(tableMagic)) throw new LevelTableDamage(file, 'its footer is not a LevelDB table footer');
+    const footer = new Cursor(buf, buf.length - tableFooterBytes, buf.length - 8, () => new LevelTableDamage(file, 'its footer cannot be decoded'));
+    footer.varint();
+    footer.varint();
+    index = blockEntries(file, contents({ offset: footer.varint(), size: footer.varint() }), 'an index block');
+  } catch (err) {
+    if (!(err instanceof LevelTableDamage)) throw err;
+    return { entries, dataBlocks: 0, lostBlocks, unreadable: err.message };
+  }
+  let after: Buffer | undefined;
+  for (const { key: separator, value } of index) {
+    let handle = { offset: -1, size: 0 };
+    try {
+      const c = new Cursor(value, 0, value.length, () => new LevelTableDamage(file, 'an index block cannot be decoded'));
+      handle = { offset: c.varint(), size: c.varint() };
+      const block = blockEntries(file, contents(handle), 'a data block').map(({ key, value }) => ({ ...internalKey(file, key), value: Buffer.from(value) }));
+      entries.push(...block);
+      if (block.length > 0) after = block[block.length - 1].key;
+    } catch (err) {
+      if (!(err instanceof LevelTableDamage)) throw err;
+      lostBlocks.push({ offset: handle.offset, sizeBytes: handle.size, after, through: separator.length >= 8 ? separator.subarray(0, separator.length - 8) : separator });
+    }
+  }
+  return { entries, dataBlocks: index.length, lostBlocks, unreadable: undefined };
 }
 
 /** Check every table a LevelDB database uses; throws LevelTableDamage naming the first bad one. */

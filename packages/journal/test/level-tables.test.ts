@@ -2,14 +2,19 @@
  * LevelDB table verification: a healthy journal's tables (compressed and not) pass; a flipped byte
  * in a table refuses the open with ECORRUPT naming the file and block, before LevelDB reads it (the
  * LevelDB in classic-level can abort the process on such a block); a missing table is named too.
+ *
+ * Table salvage (Journal.salvageTables, for `recover --force`): a damaged table is set aside in
+ * `damaged/`, the database repaired, and every entry of its readable blocks written back, so exactly
+ * the frames of the damaged block are missing (a gap named by its seq); a table whose index is lost
+ * takes every entry with it; a damaged MANIFEST alone loses nothing.
  */
-import { readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { rejects } from 'node:assert/strict';
 import { Journal, type JournalError } from '../src/index.js';
-import { liveTables, verifyLevelTables } from '../src/level-tables.js';
+import { liveTables, salvageTable, verifyLevelTables } from '../src/level-tables.js';
 import { tempDir } from './helpers.js';
 
 /** A closed journal whose records are in LevelDB tables (reopening flushes the log into one). */
@@ -71,6 +76,100 @@ test('a MANIFEST record that fails its checksum is damage', async () => {
   bytes[10] ^= 0x01;
   writeFileSync(join(dir, manifest), bytes);
   await rejects(() => Journal.open(dir), (err: unknown) => (err as JournalError).code === 'ECORRUPT' && (err as Error).message.includes(`LevelDB file ${manifest} is damaged`));
+});
+
+/** The largest live table, and a byte inside its data block number `n` (found by flipping bytes of a copy). */
+function tableAndBlock(dir: string, n: number): { name: string; original: Buffer; at: number; blocks: number } {
+  const { name } = liveTables(dir).sort((a, b) => b.sizeBytes - a.sizeBytes)[0];
+  const original = readFileSync(join(dir, name));
+  const whole = salvageTable(name, original);
+  assert.is(whole.lostBlocks.length, 0, 'a healthy table loses no block');
+  const offsets: number[] = [];
+  for (let at = 0; at < original.length; at += 256) {
+    const damaged = Buffer.from(original);
+    damaged[at] ^= 0x41;
+    const lost = salvageTable(name, damaged).lostBlocks;
+    if (lost.length !== 1 || offsets.includes(lost[0].offset)) continue;
+    if (offsets.push(lost[0].offset) === n + 1) return { name, original, at, blocks: whole.dataBlocks };
+  }
+  throw new Error(`table ${name} has no data block ${n}`);
+}
+
+test('salvage: a damaged data block costs its frames only; the rest of the table is written back', async () => {
+  const dir = await journalWithTables();
+  const { name, original, at, blocks } = tableAndBlock(dir, 3);
+  assert.ok(blocks > 5, `the table has several data blocks (${blocks})`);
+  const damaged = Buffer.from(original);
+  damaged[at] ^= 0x41;
+  writeFileSync(join(dir, name), damaged);
+  await rejects(() => Journal.open(dir), (err: unknown) => (err as JournalError).code === 'ECORRUPT');
+
+  const report = await Journal.salvageTables(dir);
+  assert.ok(report !== undefined, 'salvage found the damage');
+  assert.is(report.tables.length, 1);
+  const table = report.tables[0];
+  assert.is(table.file, name);
+  assert.is(table.movedTo, join('damaged', name));
+  assert.ok(existsSync(join(dir, 'damaged', name)) && !existsSync(join(dir, name)), 'the damaged table is set aside, not deleted');
+  assert.equal(readFileSync(join(dir, 'damaged', name)), damaged, 'set aside byte for byte');
+  assert.is(table.blocksLost, 1);
+  assert.match(table.problem, `LevelDB file ${name} is damaged`);
+  assert.match(table.lost[0], /keys after frame seq \d+ up to frame seq \d+/);
+  assert.ok(table.entriesRestored > 0, 'the readable blocks were written back');
+  assert.not.ok(report.formatRewritten);
+
+  // Exactly the frames of the lost block are missing: the first is a gap named by its seq.
+  const journal = await Journal.open(dir);
+  assert.is(journal.lastSeq, 2000, 'the frames after the lost block are back');
+  const verify = await journal.verify();
+  const gaps = verify.problems.filter((p) => p.kind === 'gap');
+  assert.is(gaps.length, 1, `one gap: ${verify.problems.map((p) => p.message).join(' | ')}`);
+  const [afterSeq, throughSeq] = [...table.lost[0].matchAll(/frame seq (\d+)/g)].map((m) => Number(m[1]));
+  assert.ok(gaps[0].seq > afterSeq && gaps[0].seq <= throughSeq, `the gap (seq ${gaps[0].seq}) lies in the lost block's range (${table.lost[0]})`);
+  assert.ok(verify.problems.every((p) => p.kind === 'gap' || p.kind === 'chain' || p.seq! >= gaps[0].seq), 'nothing before the gap is damaged');
+  await journal.close();
+  assert.is(await Journal.salvageTables(dir), undefined, 'a second salvage finds nothing to do');
+});
+
+test('salvage: a table whose index is lost is set aside whole, and its records are named as lost', async () => {
+  const dir = await journalWithTables();
+  const { name, sizeBytes } = liveTables(dir).sort((a, b) => b.sizeBytes - a.sizeBytes)[0];
+  const damaged = readFileSync(join(dir, name));
+  damaged[sizeBytes - 1] ^= 0x41; // the footer's magic
+  writeFileSync(join(dir, name), damaged);
+  const report = await Journal.salvageTables(dir);
+  assert.ok(report !== undefined);
+  assert.is(report.tables[0].entriesRestored, 0);
+  assert.match(report.tables[0].lost[0], /every entry: .*footer/);
+  // Every frame was in that table: the journal names them as lost instead of failing on LevelDB,
+  // and salvage's open (skipDamagedTail) reports what the seal says is missing.
+  await rejects(() => Journal.open(dir), (err: unknown) => (err as JournalError).code === 'ECORRUPT' && /records seq 1\.\.2000 were committed/.test((err as Error).message));
+  const journal = await Journal.open(dir, { skipDamagedTail: true });
+  assert.equal(journal.lostTail, { fromSeq: 1, toSeq: 2000 });
+  await journal.close();
+});
+
+test('salvage: a damaged MANIFEST alone is rebuilt and loses nothing', async () => {
+  const dir = await journalWithTables();
+  const manifest = readdirSync(dir).find((n) => n.startsWith('MANIFEST-'))!;
+  const bytes = readFileSync(join(dir, manifest));
+  bytes[10] ^= 0x01;
+  writeFileSync(join(dir, manifest), bytes);
+  const report = await Journal.salvageTables(dir);
+  assert.ok(report !== undefined);
+  assert.is(report.tables.length, 0);
+  assert.match(report.manifestProblem ?? '', `LevelDB file ${manifest} is damaged`);
+  const journal = await Journal.open(dir);
+  assert.is(journal.lastSeq, 2000);
+  assert.ok((await journal.verify()).ok);
+  await journal.close();
+});
+
+test('salvage of a sound journal touches nothing', async () => {
+  const dir = await journalWithTables();
+  const before = readdirSync(dir).sort();
+  assert.is(await Journal.salvageTables(dir), undefined);
+  assert.equal(readdirSync(dir).sort(), before);
 });
 
 test.run();

@@ -5,12 +5,13 @@
  * a second serve refuse with a clear message naming the serving pid. `journal tail --follow` prints
  * events as the server commits them, misses none under load, and stops on SIGINT or when the server
  * stops. A stale serve.json and an over-long store path are handled. `serve --metrics` exposes the
- * metric families, and they move with the load.
+ * metric families, and they move with the load. recover --force does not touch a damaged journal
+ * another process holds.
  */
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import type { ChildProcess } from 'node:child_process';
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import {
   assertNoStack,
@@ -227,6 +228,44 @@ test('a serve.json left by a killed server does not misname who holds the store'
   }
   const after = await cowJson<{ volumes: unknown[] }>(['ls', store]);
   assert.is(after.volumes.length, 1, 'with the lock released the store opens despite the stale serve.json');
+});
+
+test('recover --force leaves a damaged LevelDB table alone while another process holds the store, and sets it aside once free', async () => {
+  const dir = tempDir('online');
+  const store = join(dir, 'store');
+  await cowOk(['init', store, '--size', '4M']);
+  const server = await Server.start(store);
+  await qemuIo(server.uri('default'), ['write -P 0x5a 0 1M']);
+  assert.is(await server.stop(), 0);
+  await cowOk(['recover', store]); // LevelDB turns its log into a table on open
+  const journalDir = join(store, 'journal');
+  const table = readdirSync(journalDir).filter((n) => n.endsWith('.ldb')).sort((a, b) => statSync(join(journalDir, b)).size - statSync(join(journalDir, a)).size)[0];
+  assert.ok(table !== undefined, 'the journal has a table');
+  const bytes = readFileSync(join(journalDir, table));
+  bytes[0] ^= 0xff;
+  writeFileSync(join(journalDir, table), bytes);
+
+  const holder = startPython(lockHolder, [join(journalDir, 'LOCK')]);
+  let held = '';
+  holder.stdout!.setEncoding('utf8').on('data', (t: string) => (held += t));
+  const holderDone = finish(holder, 'lock holder');
+  try {
+    await waitFor('the lock to be held', () => held.includes('locked'));
+    const refused = await cow(['recover', store, '--force']);
+    assert.is(refused.code, 1);
+    assert.is(refused.stderr, `cowstack: error: store ${store} is in use by another process; stop it before running recover\n`);
+    assert.ok(existsSync(join(journalDir, table)) && !existsSync(join(journalDir, 'damaged')), 'nothing was moved');
+    assert.equal(readFileSync(join(journalDir, table)), bytes, 'the table is untouched');
+  } finally {
+    holder.stdin!.end();
+    await holderDone;
+  }
+  const salvaged = await cow(['recover', store, '--force', '--json']);
+  assertNoStack(salvaged.stderr, 'recover --force');
+  assert.ok(existsSync(join(journalDir, 'damaged', table)) && !existsSync(join(journalDir, table)), 'the damaged table is set aside');
+  const report = salvaged.code === 0 ? (JSON.parse(salvaged.stdout) as { salvage: { tables: { tables: Array<{ file: string; movedTo: string }> } } }) : undefined;
+  if (report !== undefined) assert.equal(report.salvage.tables.tables.map((t) => [t.file, t.movedTo]), [[table, join('damaged', table)]]);
+  else assert.match(salvaged.stderr, `set damaged LevelDB files aside: LevelDB table ${table} was damaged`);
 });
 
 test('journal tail --follow prints events as the server commits them and stops on SIGINT', async () => {

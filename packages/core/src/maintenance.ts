@@ -81,8 +81,11 @@ export async function recoverStore(dir: string, options: { onProgress?: Progress
       }
       // Blocks the discarded events had overwritten get their last kept journaled content back: every
       // retained write is re-applied during the replay, before the new checkpoint drops payloads.
-      store = await Store.open(dir, { onProgress: options.onProgress, reapplyRetained: true });
       const reason = tables === undefined ? cut.reason : `${describeTableSalvage(tables)}; then ${cut.reason}`;
+      store = await Store.open(dir, { onProgress: options.onProgress, reapplyRetained: true }).catch((last: unknown) => {
+        if (!(last instanceof StoreError)) throw last;
+        throw new StoreError(last.code, `${last.message} (after recover --force discarded ${cut.recordsDiscarded} journal record(s) from seq ${cut.fromSeq}: ${reason})`, { cause: last });
+      });
       salvage = { ...cut, reason, writesReapplied: store.openReport.writesReapplied, tables };
     }
   }

@@ -41,7 +41,7 @@ import {
 } from './keys.js';
 import { restorable, type SetAsideTable, setAsideDamagedTables } from './level-salvage.js';
 import { LevelTableDamage, verifyLevelTables } from './level-tables.js';
-import { PayloadLog } from './payload-log.js';
+import { PayloadLog, type PayloadReservation } from './payload-log.js';
 import { Seal } from './seal.js';
 import {
   journalFormatVersion,
@@ -694,7 +694,7 @@ export class Journal<M = unknown> {
       // 2. A synced batch writes its payloads and makes them (and every earlier one, and the seal)
       // durable before its frames.
       if (sync) {
-        if (reservation !== undefined) this.payloadLog.write(reservation, payloads);
+        if (reservation !== undefined) this.writePayloads(reservation, payloads);
         await Promise.all([this.payloadLog.sync(), this.seal.sync()]);
       }
       // 3. The frames: one LevelDB value per maxBatchValueBytes of records, all in one atomic batch.
@@ -743,9 +743,9 @@ export class Journal<M = unknown> {
       let payloadFailure: unknown;
       if (!sync && reservation !== undefined) {
         try {
-          this.payloadLog.write(reservation, payloads);
+          this.writePayloads(reservation, payloads);
         } catch (err) {
-          payloadFailure = new Error(`payload log: ${(err as Error).message}`, { cause: err });
+          payloadFailure = err;
         }
       }
       await framesWritten;
@@ -814,6 +814,15 @@ export class Journal<M = unknown> {
       this.batches$.next({ firstSeq, records: items.length, bytes, sync, durationMs: performance.now() - startedMs });
     }
     return true;
+  }
+
+  /** Write a batch's payloads where `reservation` placed them; a failure is named as the payload log's. */
+  private writePayloads(reservation: PayloadReservation, payloads: readonly Buffer[]): void {
+    try {
+      this.payloadLog.write(reservation, payloads);
+    } catch (err) {
+      throw new Error(`payload log: ${(err as Error).message}`, { cause: err });
+    }
   }
 
   /**

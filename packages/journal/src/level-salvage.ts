@@ -46,6 +46,9 @@ export const damagedDirName = 'damaged';
 
 /** A key in words: the journal's key spaces by name and seq (keys.ts), anything else in hex. */
 function describeKey(key: Buffer): string {
+  // The index's separator after a table's last key may be the next key space's one-byte prefix.
+  const spaceEnds: Record<number, string> = { 0x64: 'the last checkpoint', 0x6e: 'the last metadata key', 0x73: 'the last frame' };
+  if (key.length === 1 && spaceEnds[key[0]] !== undefined) return spaceEnds[key[0]];
   if ((key[0] === 0x72 || key[0] === 0x63) && key.length <= 9) {
     // A separator from the index may be a shortened key: the missing bytes read as zeros.
     const full = Buffer.alloc(9);

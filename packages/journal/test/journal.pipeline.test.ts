@@ -284,6 +284,27 @@ test('a failed payload write fails its batch, whose frames are taken back; seqs 
   await expectDenseAcrossReopen(journal, dir, results);
 });
 
+test('a failed payload write fails a synced batch too, named as the payload log\'s', async () => {
+  const dir = tempDir('pipeline');
+  const journal = await Journal.open<number>(dir, { create: true });
+  await journal.append(1, { payload: payloadOf(1), sync: true });
+  wrapPayloadWrite(journal, (original, call) => {
+    if (call === 1) throw new Error('injected: no space left on device');
+    original();
+  });
+  const failed = await journal.append(2, { payload: payloadOf(2), sync: true }).then(
+    () => undefined,
+    (err: unknown) => err as Error,
+  );
+  assert.match(failed?.message ?? 'resolved', /batch of 1 records failed: payload log: injected: no space left on device/);
+  assert.is(await journal.append(3, { payload: payloadOf(3), sync: true }), 2, 'the failed batch consumed no seq');
+  assert.equal((await replayAll(journal)).map((r) => [r.seq, r.meta, Buffer.from(r.payload!).equals(payloadOf(r.meta))]), [
+    [1, 1, true],
+    [2, 3, true],
+  ]);
+  await journal.close();
+});
+
 test('a crash after LevelDB took the frames of a batch but before its payloads were written leaves a torn tail', async () => {
   const dir = tempDir('pipeline');
   const child = join(import.meta.dirname, 'fixtures/payload-crash-child.ts');

@@ -665,6 +665,15 @@ async function tryForce(s: Scenario, store: string, fx: Fixture, expectFrom: num
   s.note(`recover --force: writes lost (reported as seqs ${salvage.fromSeq}..${fx.lastSeq}): ${lost.join(' ')}`);
 }
 
+/** A damaged LevelDB table: recover refuses naming it, and recover --force sets it aside and salvages (or refuses clearly). */
+async function refusedThenSetAside(s: Scenario, store: string, fx: Fixture, table: string): Promise<void> {
+  const { recover } = await observe(s, store, fx);
+  s.expect(recover.code === 1 && recover.error.includes(table), `recover does not refuse naming ${table}: ${recoverSummary(recover)}`);
+  if (recover.code !== 1) return;
+  await tryForce(s, store, fx, 'reported');
+  s.expect(existsSync(join(store, 'journal', 'damaged', table)), `recover --force did not set ${table} aside in journal/damaged/`);
+}
+
 function writeInTail(fx: Fixture, unsynced: boolean, rng: Rng): FixtureWrite {
   const after = fx.checkpoints[fx.checkpoints.length - 1];
   const candidates = fx.writes.filter((w) => w.seq > after && w.unsynced === unsynced);
@@ -899,12 +908,7 @@ export const scenarios: Record<string, ScenarioFn> = {
     const store = copyStore(f.store, 'ldbdetected');
     flipFileByte(join(store, 'journal', found.file), found.at, 0xff);
     s.note(`damage: byte ${found.at} of journal/${found.file} (LevelDB reading the copy says: ${found.message})`);
-    const { recover } = await observe(s, store, f);
-    s.expect(recover.code === 1 && recover.error.includes(found.file), `recover does not refuse naming ${found.file}: ${recoverSummary(recover)}`);
-    if (recover.code === 1) {
-      await tryForce(s, store, f, 'reported');
-      s.expect(existsSync(join(store, 'journal', 'damaged', found.file)), `recover --force did not set ${found.file} aside in journal/damaged/`);
-    }
+    await refusedThenSetAside(s, store, f, found.file);
     dropCopy(store);
     return s.result();
   },
@@ -933,12 +937,7 @@ export const scenarios: Record<string, ScenarioFn> = {
     }
     flipFileByte(join(journalDir, file), at, 0xff);
     s.note(`damage: byte ${at} of journal/${file} (its last data block, which holds frames)`);
-    const { recover } = await observe(s, store, f);
-    s.expect(recover.code === 1 && recover.error.includes(file), `recover does not refuse naming ${file}: ${recoverSummary(recover)}`);
-    if (recover.code === 1) {
-      await tryForce(s, store, f, 'reported');
-      s.expect(existsSync(join(journalDir, 'damaged', file)), `recover --force did not set ${file} aside in journal/damaged/`);
-    }
+    await refusedThenSetAside(s, store, f, file);
     dropCopy(store);
     return s.result();
   },

@@ -441,7 +441,9 @@ export class Journal<M = unknown> {
     }
     try {
       const retention = await Journal.readRetention(path, db).catch(() => undefined);
-      const candidates = restorable(setAside).filter((e) => retention === undefined || !(e.key.length === 9 && (e.key[0] === recordRange.gte[0] || e.key[0] === checkpointRange.gte[0]) && seqOfKey(e.key) < retention.firstSeq));
+      const seqKeyed = (key: Buffer): boolean => key.length === 9 && (key[0] === recordRange.gte[0] || key[0] === checkpointRange.gte[0]);
+      const dropped = (key: Buffer): boolean => retention !== undefined && seqKeyed(key) && seqOfKey(key) < retention.firstSeq;
+      const candidates = restorable(setAside).filter((e) => !dropped(e.key));
       const present = candidates.length === 0 ? [] : await db.getMany(candidates.map((e) => e.key));
       const restore = candidates.filter((_, i) => present[i] === undefined);
       if (restore.length > 0) await db.batch(restore.map((e) => ({ type: 'put' as const, key: e.key, value: e.value })), { sync: true });
@@ -451,7 +453,7 @@ export class Journal<M = unknown> {
       const journalKeys = (await db.keys({ ...recordRange, limit: 1 }).all()).length + (await db.keys({ ...checkpointRange, limit: 1 }).all()).length;
       const retentionRebuilt = journalKeys > 0 && (await db.get(metaKey('retention'))) === undefined;
       if (retentionRebuilt) await Journal.rebuildRetention(db);
-      const resumed = await Journal.resumeAfterCheckpoint(db);
+      const resumed = await Journal.resumeAfterCheckpoint(path, db);
       const restored = new Set(restore.map((e) => e.key.toString('latin1')));
       return {
         resumedAfterCheckpoint: resumed,
@@ -471,9 +473,9 @@ export class Journal<M = unknown> {
    * the journal resumes after it, as if retention had dropped every record through it: the frames
    * before it are deleted and the chain starts afresh. Returns the lost seqs, or undefined.
    */
-  private static async resumeAfterCheckpoint(db: Db): Promise<{ fromSeq: number; throughSeq: number } | undefined> {
+  private static async resumeAfterCheckpoint(path: string, db: Db): Promise<{ fromSeq: number; throughSeq: number } | undefined> {
     const [lastKey, lastValue] = await Journal.lastEntry(db, recordRange);
-    let nextSeq = (await Journal.readRetention('', db).catch(() => undefined))?.firstSeq ?? 1;
+    let nextSeq = (await Journal.readRetention(path, db).catch(() => undefined))?.firstSeq ?? 1;
     if (lastKey !== undefined && lastValue !== undefined) {
       try {
         const frame = decodeFrame(seqOfKey(lastKey), lastValue, undefined, false);

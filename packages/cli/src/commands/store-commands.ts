@@ -126,7 +126,7 @@ export function registerStoreCommands(root: Command): void {
       .command('recover')
       .description('replay the journal after a crash: re-apply journaled writes to the layer files and write a checkpoint')
       .argument('<store>', 'store directory')
-      .option('--force', 'salvage a store whose journal is damaged: cut the journal at the first damaged record (it and every later record are lost) and recover what comes before')
+      .option('--force', 'salvage a store whose journal is damaged: set damaged LevelDB tables aside in journal/damaged/ and write back what they still hold, then cut the journal at the first damaged or missing record (it and every later record are lost) and recover what comes before')
       .option('--json', 'print the report as JSON')
       .action(async (dirArg: string, opts: { force?: boolean; json?: boolean }) => {
         const dir = resolve(dirArg);

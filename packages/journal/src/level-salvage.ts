@@ -14,7 +14,7 @@
  *   3. the journal writes back what the damaged tables still held (`restorable`), and the caller's
  *      usual salvage takes over: a record that is still missing is a gap, named by its seq.
  */
-import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { seqOfKey } from './keys.js';
 import { LevelTableDamage, liveTables, type LostBlock, salvageTable, type TableEntry, verifyTable } from './level-tables.js';
@@ -70,7 +70,7 @@ function manifestProblem(dir: string): string | undefined {
     for (const { name, sizeBytes } of liveTables(dir)) {
       const file = [name, name.replace(/\.ldb$/, '.sst')].find((f) => existsSync(join(dir, f)));
       if (file === undefined) return `LevelDB file ${name} is missing: the MANIFEST names it`;
-      const size = readFileSync(join(dir, file)).length;
+      const size = statSync(join(dir, file)).size;
       if (size !== sizeBytes) return `LevelDB file ${name} holds ${size} bytes; the MANIFEST says ${sizeBytes}`;
     }
     return undefined;

@@ -11,7 +11,7 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import type { ChildProcess } from 'node:child_process';
-import { existsSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import {
   assertNoStack,
@@ -260,12 +260,22 @@ test('recover --force leaves a damaged LevelDB table alone while another process
     holder.stdin!.end();
     await holderDone;
   }
+  // The same salvage on a copy, reported as text.
+  const copy = join(dir, 'copy');
+  cpSync(store, copy, { recursive: true });
   const salvaged = await cow(['recover', store, '--force', '--json']);
   assertNoStack(salvaged.stderr, 'recover --force');
   assert.ok(existsSync(join(journalDir, 'damaged', table)) && !existsSync(join(journalDir, table)), 'the damaged table is set aside');
-  const report = salvaged.code === 0 ? (JSON.parse(salvaged.stdout) as { salvage: { tables: { tables: Array<{ file: string; movedTo: string }> } } }) : undefined;
-  if (report !== undefined) assert.equal(report.salvage.tables.tables.map((t) => [t.file, t.movedTo]), [[table, join('damaged', table)]]);
-  else assert.match(salvaged.stderr, `set damaged LevelDB files aside: LevelDB table ${table} was damaged`);
+  const text = await cow(['recover', copy, '--force']);
+  assert.is(text.code, salvaged.code, 'text and JSON runs end alike');
+  const report = salvaged.code === 0 ? (JSON.parse(salvaged.stdout) as { salvage: { reason: string; tables: { tables: Array<{ file: string; movedTo: string }> } } }) : undefined;
+  if (report !== undefined) {
+    assert.equal(report.salvage.tables.tables.map((t) => [t.file, t.movedTo]), [[table, join('damaged', table)]]);
+    assert.match(text.stdout, `  SALVAGED            `);
+    assert.match(text.stdout, `LevelDB table ${table} was damaged`);
+  } else {
+    for (const r of [salvaged, text]) assert.match(r.stderr, `set damaged LevelDB files aside: LevelDB table ${table} was damaged`);
+  }
 });
 
 test('journal tail --follow prints events as the server commits them and stops on SIGINT', async () => {

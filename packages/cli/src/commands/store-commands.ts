@@ -152,7 +152,11 @@ export function registerStoreCommands(root: Command): void {
                 ]
               : []),
             ...(report.salvage !== undefined
-              ? [`  SALVAGED            discarded ${report.salvage.recordsDiscarded} record(s) from seq ${report.salvage.fromSeq} (${report.salvage.reason}); re-applied ${report.salvage.writesReapplied} kept write(s)`]
+              ? [
+                  report.salvage.recordsDiscarded === 0
+                    ? `  SALVAGED            no record discarded (${report.salvage.reason})`
+                    : `  SALVAGED            discarded ${report.salvage.recordsDiscarded} record(s) from seq ${report.salvage.fromSeq} (${report.salvage.reason}); re-applied ${report.salvage.writesReapplied} kept write(s)`,
+                ]
               : []),
           ].join('\n'),
         );

@@ -42,7 +42,7 @@ export interface SetAside {
 }
 
 /** The directory, inside the database's, where damaged tables are moved (LevelDB ignores it). */
-export const damagedDirName = 'damaged';
+const damagedDirName = 'damaged';
 
 /** A key in words: the journal's key spaces by name and seq (keys.ts), anything else in hex. */
 function describeKey(key: Buffer): string {

@@ -5,7 +5,8 @@
  *
  * Table salvage (Journal.salvageTables, for `recover --force`): a damaged table is set aside in
  * `damaged/`, the database repaired, and every entry of its readable blocks written back, so exactly
- * the frames of the damaged block are missing (a gap named by its seq); a table whose index is lost
+ * the frames of the damaged block are missing (a gap named by its seq); frames lost from the end
+ * that the newest checkpoint covers make the journal resume after it; a table whose index is lost
  * takes every entry with it; a damaged MANIFEST alone loses nothing.
  */
 import { existsSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
@@ -129,6 +130,29 @@ test('salvage: a damaged data block costs its frames only; the rest of the table
   assert.ok(verify.problems.every((p) => p.kind === 'gap' || p.kind === 'chain' || p.seq! >= gaps[0].seq), 'nothing before the gap is damaged');
   await journal.close();
   assert.is(await Journal.salvageTables(dir), undefined, 'a second salvage finds nothing to do');
+});
+
+test('salvage: frames lost from the end that the newest checkpoint covers: the journal resumes after it', async () => {
+  const dir = await journalWithTables();
+  const { blocks } = tableAndBlock(dir, 0);
+  const { name, original, at } = tableAndBlock(dir, blocks - 1);
+  const damaged = Buffer.from(original);
+  damaged[at] ^= 0x41;
+  writeFileSync(join(dir, name), damaged);
+  const report = await Journal.salvageTables(dir);
+  assert.ok(report !== undefined);
+  assert.match(report.tables[0].lost[0], /up to the last frame/);
+  const resumed = report.resumedAfterCheckpoint;
+  assert.ok(resumed !== undefined, 'the checkpoint at seq 2000 covers the lost frames');
+  assert.is(resumed.throughSeq, 2000);
+  assert.ok(resumed.fromSeq > 1 && resumed.fromSeq <= 2000, `the lost frames start inside the journal (${resumed.fromSeq})`);
+  const journal = await Journal.open(dir);
+  assert.is(journal.firstSeq, 2001);
+  assert.is(journal.lastSeq, 2000, 'nothing committed is missing: the seal agrees');
+  assert.equal(await journal.checkpointSeqs(), [2000]);
+  assert.is(await journal.append({ after: 'salvage' }, { payload: Buffer.alloc(512, 9) }), 2001);
+  assert.ok((await journal.verify()).ok, 'the chain starts afresh after the checkpoint');
+  await journal.close();
 });
 
 test('salvage: a table whose index is lost is set aside whole, and its records are named as lost', async () => {

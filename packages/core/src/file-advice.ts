@@ -1,6 +1,6 @@
 /**
  * Page-cache advice for layer files: posix_fadvise(2), which Node's fs does not offer, called in the
- * C library through koffi's foreign-function interface.
+ * C library through koffi's foreign-function interface (libc.ts).
  *
  * Why: on ext4 with large page-cache folios (Linux 6.x), a 4 KiB write into a folio that readahead
  * made large walks every buffer head of the folio. A random 4 KiB overwrite of a file read through
@@ -14,7 +14,7 @@
  * Advice is a hint: where the C library cannot be loaded (not a glibc Linux), none is given, and
  * nothing but the page cache's folio sizes differs.
  */
-import koffi from 'koffi';
+import { libcFunction } from './libc.js';
 import { assert } from './errors.js';
 
 export type FileAccess = 'normal' | 'random';
@@ -24,15 +24,7 @@ const adviceCodes: Record<FileAccess, number> = { normal: 0, random: 1 };
 
 type Fadvise = (fd: number, offset: number, length: number, advice: number) => number;
 
-function loadFadvise(): Fadvise | undefined {
-  try {
-    return koffi.load('libc.so.6').func('int posix_fadvise(int fd, int64_t offset, int64_t len, int advice)') as Fadvise;
-  } catch {
-    return undefined;
-  }
-}
-
-const fadvise = loadFadvise();
+const fadvise = libcFunction<Fadvise>('int posix_fadvise(int fd, int64_t offset, int64_t len, int advice)');
 
 /** Whether this platform takes advice (the tests check it where it must: on Linux). */
 export const fileAdviceAvailable = fadvise !== undefined;

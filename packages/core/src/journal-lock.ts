@@ -4,7 +4,7 @@
  * Salvage of damaged LevelDB files (`recover --force`) moves and rewrites them before anything may
  * open the database (LevelDB could abort reading a damaged table), so it takes the same lock first:
  * a store another process is serving is refused, never rewritten under it. Node's fs has no fcntl;
- * it is called in the C library through koffi, as file-advice.ts does for posix_fadvise.
+ * it is called in the C library through koffi (libc.ts), as file-advice.ts does for posix_fadvise.
  *
  * POSIX record locks belong to the process: LevelDB opening the database in this process while the
  * lock is held succeeds, and closing any descriptor of the file drops it. Hold it only while no
@@ -12,7 +12,7 @@
  */
 import { closeSync, constants, openSync } from 'node:fs';
 import { join } from 'node:path';
-import koffi from 'koffi';
+import { libcErrno, libcFunction } from './libc.js';
 import { StoreError } from './errors.js';
 
 /** Linux's fcntl command and lock type (the same on x86-64 and arm64). */
@@ -25,15 +25,7 @@ const heldElsewhere = new Set([11 /* EAGAIN */, 13 /* EACCES */]);
 
 type Fcntl = (fd: number, cmd: number, ...args: unknown[]) => number;
 
-function loadFcntl(): Fcntl | undefined {
-  try {
-    return koffi.load('libc.so.6').func('int fcntl(int fd, int cmd, ...)') as Fcntl;
-  } catch {
-    return undefined;
-  }
-}
-
-const fcntl = loadFcntl();
+const fcntl = libcFunction<Fcntl>('int fcntl(int fd, int cmd, ...)');
 
 /**
  * Take the lock of the journal in store `dir`; returns its release. Throws ELOCKED when another
@@ -45,7 +37,7 @@ export function lockJournal(dir: string): () => void {
   const flock = Buffer.alloc(flockBytes);
   flock.writeInt16LE(writeLock, 0); // whence SEEK_SET, start 0, length 0: the whole file
   if (fcntl(fd, fSetLock, 'void *', flock) !== 0) {
-    const errno = koffi.errno();
+    const errno = libcErrno();
     closeSync(fd);
     if (heldElsewhere.has(errno)) throw new StoreError('ELOCKED', `store ${dir} is in use by another process (a cowstack serve, or another command, holds it)`);
     throw new StoreError('EIO', `store ${dir}: cannot take the journal's lock (errno ${errno})`);

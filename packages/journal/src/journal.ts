@@ -33,9 +33,11 @@ import { type Checkpoint, decodeCheckpoint, encodeCheckpoint } from './checkpoin
 import { assert, type CorruptionKind, JournalCorruptionError, JournalError, JournalTornTailError } from './errors.js';
 import {
   checkpointKey,
+  checkpointPrefix,
   checkpointRange,
   metaKey,
   recordKey,
+  recordPrefix,
   recordRange,
   seqOfKey,
 } from './keys.js';
@@ -441,7 +443,7 @@ export class Journal<M = unknown> {
     }
     try {
       const retention = await Journal.readRetention(path, db).catch(() => undefined);
-      const seqKeyed = (key: Buffer): boolean => key.length === 9 && (key[0] === recordRange.gte[0] || key[0] === checkpointRange.gte[0]);
+      const seqKeyed = (key: Buffer): boolean => key.length === 9 && (key[0] === recordPrefix || key[0] === checkpointPrefix);
       const dropped = (key: Buffer): boolean => retention !== undefined && seqKeyed(key) && seqOfKey(key) < retention.firstSeq;
       const candidates = restorable(setAside).filter((e) => !dropped(e.key));
       const present = candidates.length === 0 ? [] : await db.getMany(candidates.map((e) => e.key));

@@ -10,9 +10,9 @@
  * Payloads live outside LevelDB, in the payload log (payload-log.ts).
  */
 
-const recordPrefix = 0x72; // 'r'
-const checkpointPrefix = 0x63; // 'c'
-const metaPrefix = 0x6d; // 'm'
+export const recordPrefix = 0x72; // 'r'
+export const checkpointPrefix = 0x63; // 'c'
+export const metaPrefix = 0x6d; // 'm'
 
 function seqKey(prefix: number, seq: number): Buffer {
   const key = Buffer.allocUnsafe(9);

@@ -14,10 +14,10 @@
  *   3. the journal writes back what the damaged tables still held (`restorable`), and the caller's
  *      usual salvage takes over: a record that is still missing is a gap, named by its seq.
  */
-import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync } from 'node:fs';
 import { join } from 'node:path';
-import { seqOfKey } from './keys.js';
-import { LevelTableDamage, liveTables, type LostBlock, salvageTable, type TableEntry, verifyTable } from './level-tables.js';
+import { checkpointPrefix, metaPrefix, recordPrefix, seqOfKey } from './keys.js';
+import { LevelTableDamage, liveTableFiles, type LostBlock, salvageTable, type TableEntry, verifyTable } from './level-tables.js';
 
 /** One damaged table, set aside: what was wrong, where it went, and what it still held. */
 export interface SetAsideTable {
@@ -47,15 +47,15 @@ const damagedDirName = 'damaged';
 /** A key in words: the journal's key spaces by name and seq (keys.ts), anything else in hex. */
 function describeKey(key: Buffer): string {
   // The index's separator after a table's last key may be the next key space's one-byte prefix.
-  const spaceEnds: Record<number, string> = { 0x64: 'the last checkpoint', 0x6e: 'the last metadata key', 0x73: 'the last frame' };
+  const spaceEnds: Record<number, string> = { [checkpointPrefix + 1]: 'the last checkpoint', [metaPrefix + 1]: 'the last metadata key', [recordPrefix + 1]: 'the last frame' };
   if (key.length === 1 && spaceEnds[key[0]] !== undefined) return spaceEnds[key[0]];
-  if ((key[0] === 0x72 || key[0] === 0x63) && key.length <= 9) {
+  if ((key[0] === recordPrefix || key[0] === checkpointPrefix) && key.length <= 9) {
     // A separator from the index may be a shortened key: the missing bytes read as zeros.
     const full = Buffer.alloc(9);
     key.copy(full);
-    return `${key[0] === 0x72 ? 'frame' : 'checkpoint'} seq ${seqOfKey(full)}`;
+    return `${key[0] === recordPrefix ? 'frame' : 'checkpoint'} seq ${seqOfKey(full)}`;
   }
-  if (key[0] === 0x6d) return `metadata '${key.subarray(1).toString('utf8')}'`;
+  if (key[0] === metaPrefix) return `metadata '${key.subarray(1).toString('utf8')}'`;
   return `key 0x${key.toString('hex')}`;
 }
 
@@ -67,12 +67,7 @@ function describeLost(block: LostBlock): string {
 /** What is wrong with the MANIFEST or a table it names, or undefined. */
 function manifestProblem(dir: string): string | undefined {
   try {
-    for (const { name, sizeBytes } of liveTables(dir)) {
-      const file = [name, name.replace(/\.ldb$/, '.sst')].find((f) => existsSync(join(dir, f)));
-      if (file === undefined) return `LevelDB file ${name} is missing: the MANIFEST names it`;
-      const size = statSync(join(dir, file)).size;
-      if (size !== sizeBytes) return `LevelDB file ${name} holds ${size} bytes; the MANIFEST says ${sizeBytes}`;
-    }
+    liveTableFiles(dir);
     return undefined;
   } catch (err) {
     if (err instanceof LevelTableDamage || (err as NodeJS.ErrnoException).code === 'ENOENT') return (err as Error).message;

@@ -20,7 +20,7 @@
  * A MANIFEST whose last record is cut short (a crash while LevelDB appended it) ends there, as it does
  * for LevelDB; a record that fails its checksum is damage.
  */
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { crc32c } from '@node-rs/crc32';
 import { uncompressSync } from 'snappy';
@@ -149,40 +149,52 @@ export function liveTables(dir: string): Array<{ name: string; sizeBytes: number
   return [...live].map(([number, sizeBytes]) => ({ name: `${String(number).padStart(6, '0')}.ldb`, sizeBytes }));
 }
 
-/** Check one table file: footer, then every block against its checksum. */
-export function verifyTable(file: string, buf: Buffer): void {
+interface BlockHandle {
+  readonly offset: number;
+  readonly size: number;
+}
+
+/** The footer's two handles: the metaindex block's and the index block's. */
+function footerHandles(file: string, buf: Buffer): { metaindex: BlockHandle; index: BlockHandle } {
   if (buf.length < tableFooterBytes || !buf.subarray(buf.length - 8).equals(tableMagic)) {
     throw new LevelTableDamage(file, 'its footer is not a LevelDB table footer');
   }
   const footer = new Cursor(buf, buf.length - tableFooterBytes, buf.length - 8, () => new LevelTableDamage(file, 'its footer cannot be decoded'));
   const metaindex = { offset: footer.varint(), size: footer.varint() };
-  const index = { offset: footer.varint(), size: footer.varint() };
-  /** Check a block's checksum and compression type; returns where its contents end. */
-  const check = (handle: { offset: number; size: number }): number => {
-    const end = handle.offset + handle.size;
-    if (end + blockTrailerBytes > buf.length - tableFooterBytes) throw new LevelTableDamage(file, `a block handle (${handle.size} bytes at byte ${handle.offset}) points past the blocks`);
-    if (masked(buf.subarray(handle.offset, end + 1)) !== buf.readUInt32LE(end + 1)) {
-      throw new LevelTableDamage(file, `the ${handle.size}-byte block at byte ${handle.offset} fails its checksum`);
-    }
-    if (buf[end] > 1) throw new LevelTableDamage(file, `the block at byte ${handle.offset} has unknown compression type ${buf[end]}`);
-    return end;
-  };
-  /** A checked block's contents, uncompressed (only index blocks are read, never data blocks). */
-  const contents = (handle: { offset: number; size: number }): Buffer => {
-    const end = check(handle);
-    const stored = buf.subarray(handle.offset, end);
-    return buf[end] === 1 ? (uncompressSync(stored) as Buffer) : stored;
-  };
-  // The index names the data blocks, the metaindex the filter blocks: each gets its checksum checked.
-  for (const handles of [contents(index), contents(metaindex)]) for (const handle of blockHandles(file, handles)) check(handle);
+  return { metaindex, index: { offset: footer.varint(), size: footer.varint() } };
 }
 
-/** The block handles stored as the values of a block's entries. */
-function blockHandles(file: string, contents: Buffer): Array<{ offset: number; size: number }> {
-  return blockEntries(file, contents, 'an index block').map(({ value }) => {
-    const c = new Cursor(value, 0, value.length, () => new LevelTableDamage(file, 'an index block cannot be decoded'));
-    return { offset: c.varint(), size: c.varint() };
-  });
+/** Check a block's checksum and compression type; returns where its contents end. */
+function checkBlock(file: string, buf: Buffer, handle: BlockHandle): number {
+  const end = handle.offset + handle.size;
+  if (end + blockTrailerBytes > buf.length - tableFooterBytes) throw new LevelTableDamage(file, `a block handle (${handle.size} bytes at byte ${handle.offset}) points past the blocks`);
+  if (masked(buf.subarray(handle.offset, end + 1)) !== buf.readUInt32LE(end + 1)) {
+    throw new LevelTableDamage(file, `the ${handle.size}-byte block at byte ${handle.offset} fails its checksum`);
+  }
+  if (buf[end] > 1) throw new LevelTableDamage(file, `the block at byte ${handle.offset} has unknown compression type ${buf[end]}`);
+  return end;
+}
+
+/** A checked block's contents, uncompressed. */
+function blockContents(file: string, buf: Buffer, handle: BlockHandle): Buffer {
+  const end = checkBlock(file, buf, handle);
+  const stored = buf.subarray(handle.offset, end);
+  return buf[end] === 1 ? (uncompressSync(stored) as Buffer) : stored;
+}
+
+/** A block handle stored as an index entry's value. */
+function handleOf(file: string, value: Buffer): BlockHandle {
+  const c = new Cursor(value, 0, value.length, () => new LevelTableDamage(file, 'an index block cannot be decoded'));
+  return { offset: c.varint(), size: c.varint() };
+}
+
+/** Check one table file: footer, then every block against its checksum. */
+export function verifyTable(file: string, buf: Buffer): void {
+  const { metaindex, index } = footerHandles(file, buf);
+  // The index names the data blocks, the metaindex the filter blocks: each gets its checksum checked.
+  for (const handles of [blockContents(file, buf, index), blockContents(file, buf, metaindex)]) {
+    for (const { value } of blockEntries(file, handles, 'an index block')) checkBlock(file, buf, handleOf(file, value));
+  }
 }
 
 /** The entries of a block (keys in full: the block stores each as a suffix of the key before it). */
@@ -252,31 +264,18 @@ export function salvageTable(file: string, buf: Buffer): TableSalvage {
   const entries: TableEntry[] = [];
   const lostBlocks: LostBlock[] = [];
   let index: Array<{ key: Buffer; value: Buffer }>;
-  const contents = (handle: { offset: number; size: number }): Buffer => {
-    const end = handle.offset + handle.size;
-    if (end + blockTrailerBytes > buf.length - tableFooterBytes) throw new LevelTableDamage(file, `a block handle (${handle.size} bytes at byte ${handle.offset}) points past the blocks`);
-    if (masked(buf.subarray(handle.offset, end + 1)) !== buf.readUInt32LE(end + 1)) throw new LevelTableDamage(file, `the ${handle.size}-byte block at byte ${handle.offset} fails its checksum`);
-    if (buf[end] > 1) throw new LevelTableDamage(file, `the block at byte ${handle.offset} has unknown compression type ${buf[end]}`);
-    const stored = buf.subarray(handle.offset, end);
-    return buf[end] === 1 ? (uncompressSync(stored) as Buffer) : stored;
-  };
   try {
-    if (buf.length < tableFooterBytes || !buf.subarray(buf.length - 8).equals(tableMagic)) throw new LevelTableDamage(file, 'its footer is not a LevelDB table footer');
-    const footer = new Cursor(buf, buf.length - tableFooterBytes, buf.length - 8, () => new LevelTableDamage(file, 'its footer cannot be decoded'));
-    footer.varint();
-    footer.varint();
-    index = blockEntries(file, contents({ offset: footer.varint(), size: footer.varint() }), 'an index block');
+    index = blockEntries(file, blockContents(file, buf, footerHandles(file, buf).index), 'an index block');
   } catch (err) {
     if (!(err instanceof LevelTableDamage)) throw err;
     return { entries, dataBlocks: 0, lostBlocks, unreadable: err.message };
   }
   let after: Buffer | undefined;
   for (const { key: separator, value } of index) {
-    let handle = { offset: -1, size: 0 };
+    let handle: BlockHandle = { offset: -1, size: 0 };
     try {
-      const c = new Cursor(value, 0, value.length, () => new LevelTableDamage(file, 'an index block cannot be decoded'));
-      handle = { offset: c.varint(), size: c.varint() };
-      const block = blockEntries(file, contents(handle), 'a data block').map(({ key, value }) => ({ ...internalKey(file, key), value: Buffer.from(value) }));
+      handle = handleOf(file, value);
+      const block = blockEntries(file, blockContents(file, buf, handle), 'a data block').map(({ key, value }) => ({ ...internalKey(file, key), value: Buffer.from(value) }));
       entries.push(...block);
       if (block.length > 0) after = block[block.length - 1].key;
     } catch (err) {
@@ -287,21 +286,22 @@ export function salvageTable(file: string, buf: Buffer): TableSalvage {
   return { entries, dataBlocks: index.length, lostBlocks, unreadable: undefined };
 }
 
+/**
+ * The live tables (the MANIFEST's, as `liveTables`), each with the file that holds it, checked to
+ * exist with the size the MANIFEST gives; throws LevelTableDamage naming the first that does not.
+ */
+export function liveTableFiles(dir: string): Array<{ name: string; file: string }> {
+  return liveTables(dir).map(({ name, sizeBytes }) => {
+    // Tables written by LevelDB before 1.14 end in .sst.
+    const file = [name, name.replace(/\.ldb$/, '.sst')].find((f) => existsSync(join(dir, f)));
+    if (file === undefined) throw new LevelTableDamage(name, 'the MANIFEST names it but it is missing');
+    const size = statSync(join(dir, file)).size;
+    if (size !== sizeBytes) throw new LevelTableDamage(name, `it holds ${size} bytes; the MANIFEST says ${sizeBytes}`);
+    return { name, file };
+  });
+}
+
 /** Check every table a LevelDB database uses; throws LevelTableDamage naming the first bad one. */
 export function verifyLevelTables(dir: string): void {
-  for (const { name, sizeBytes } of liveTables(dir)) {
-    let buf: Buffer | undefined;
-    // Tables written by LevelDB before 1.14 end in .sst.
-    for (const file of [name, name.replace(/\.ldb$/, '.sst')]) {
-      try {
-        buf = readFileSync(join(dir, file));
-        break;
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
-      }
-    }
-    if (buf === undefined) throw new LevelTableDamage(name, 'the MANIFEST names it but it is missing');
-    if (buf.length !== sizeBytes) throw new LevelTableDamage(name, `it holds ${buf.length} bytes; the MANIFEST says ${sizeBytes}`);
-    verifyTable(name, buf);
-  }
+  for (const { name, file } of liveTableFiles(dir)) verifyTable(name, readFileSync(join(dir, file)));
 }

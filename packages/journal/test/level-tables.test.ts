@@ -32,6 +32,15 @@ async function journalWithTables(): Promise<string> {
   return dir;
 }
 
+/** Flip a byte inside the MANIFEST's first record (it then fails its checksum); returns its name. */
+function damageManifest(dir: string): string {
+  const manifest = readdirSync(dir).find((n) => n.startsWith('MANIFEST-'))!;
+  const bytes = readFileSync(join(dir, manifest));
+  bytes[10] ^= 0x01;
+  writeFileSync(join(dir, manifest), bytes);
+  return manifest;
+}
+
 test('the tables of a healthy journal pass, compressed blocks included', async () => {
   const dir = await journalWithTables();
   const tables = liveTables(dir);
@@ -72,10 +81,7 @@ test('a table the MANIFEST names but the directory lacks is named', async () => 
 
 test('a MANIFEST record that fails its checksum is damage', async () => {
   const dir = await journalWithTables();
-  const manifest = readdirSync(dir).find((n) => n.startsWith('MANIFEST-'))!;
-  const bytes = readFileSync(join(dir, manifest));
-  bytes[10] ^= 0x01;
-  writeFileSync(join(dir, manifest), bytes);
+  const manifest = damageManifest(dir);
   await rejects(() => Journal.open(dir), (err: unknown) => (err as JournalError).code === 'ECORRUPT' && (err as Error).message.includes(`LevelDB file ${manifest} is damaged`));
 });
 
@@ -175,10 +181,7 @@ test('salvage: a table whose index is lost is set aside whole, and its records a
 
 test('salvage: a damaged MANIFEST alone is rebuilt and loses nothing', async () => {
   const dir = await journalWithTables();
-  const manifest = readdirSync(dir).find((n) => n.startsWith('MANIFEST-'))!;
-  const bytes = readFileSync(join(dir, manifest));
-  bytes[10] ^= 0x01;
-  writeFileSync(join(dir, manifest), bytes);
+  const manifest = damageManifest(dir);
   const report = await Journal.salvageTables(dir);
   assert.ok(report !== undefined);
   assert.is(report.tables.length, 0);

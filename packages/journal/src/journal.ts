@@ -41,7 +41,7 @@ import {
   recordRange,
   seqOfKey,
 } from './keys.js';
-import { restorable, type SetAsideTable, setAsideDamagedTables } from './level-salvage.js';
+import { entriesRestoredByTable, restorable, type SetAsideTable, setAsideDamagedTables } from './level-salvage.js';
 import { LevelTableDamage, verifyLevelTables } from './level-tables.js';
 import { PayloadLog, type PayloadReservation } from './payload-log.js';
 import { Seal } from './seal.js';
@@ -456,10 +456,10 @@ export class Journal<M = unknown> {
       const retentionRebuilt = journalKeys > 0 && (await db.get(metaKey('retention'))) === undefined;
       if (retentionRebuilt) await Journal.rebuildRetention(db);
       const resumed = await Journal.resumeAfterCheckpoint(path, db);
-      const restored = new Set(restore.map((e) => e.key.toString('latin1')));
+      const restoredByTable = entriesRestoredByTable(setAside, restore);
       return {
         resumedAfterCheckpoint: resumed,
-        tables: setAside.tables.map(({ entries, ...table }) => ({ ...table, entriesRestored: entries.filter((e) => restored.has(e.key.toString('latin1'))).length })),
+        tables: setAside.tables.map(({ entries: _entries, ...table }, i) => ({ ...table, entriesRestored: restoredByTable[i] })),
         manifestProblem: setAside.manifestProblem,
         formatRewritten,
         retentionRebuilt,

@@ -125,3 +125,13 @@ export function restorable(setAside: SetAside): TableEntry[] {
   }
   return [...newest.values()].filter((e) => !e.deleted);
 }
+
+/**
+ * How many entries each set-aside table gave back, in `setAside.tables`' order: an entry written
+ * back (one of `restored`, taken from `restorable`) counts once, for the table it was read from. An
+ * older version of the same key in another table, or in the same one, is not counted.
+ */
+export function entriesRestoredByTable(setAside: SetAside, restored: readonly TableEntry[]): number[] {
+  const written = new Set(restored);
+  return setAside.tables.map((table) => table.entries.filter((entry) => written.has(entry)).length);
+}

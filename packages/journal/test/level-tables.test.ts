@@ -7,7 +7,8 @@
  * `damaged/`, the database repaired, and every entry of its readable blocks written back, so exactly
  * the frames of the damaged block are missing (a gap named by its seq); frames lost from the end
  * that the newest checkpoint covers make the journal resume after it; a table whose index is lost
- * takes every entry with it; a damaged MANIFEST alone loses nothing.
+ * takes every entry with it; a damaged MANIFEST alone loses nothing; each entry written back is
+ * counted once, for the table it came from.
  */
 import { existsSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -15,7 +16,8 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { rejects } from 'node:assert/strict';
 import { Journal, type JournalError } from '../src/index.js';
-import { liveTables, salvageTable, verifyLevelTables } from '../src/level-tables.js';
+import { entriesRestoredByTable, restorable, type SetAside } from '../src/level-salvage.js';
+import { liveTables, salvageTable, type TableEntry, verifyLevelTables } from '../src/level-tables.js';
 import { tempDir } from './helpers.js';
 
 /** A closed journal whose records are in LevelDB tables (reopening flushes the log into one). */
@@ -197,6 +199,22 @@ test('salvage of a sound journal touches nothing', async () => {
   const before = readdirSync(dir).sort();
   assert.is(await Journal.salvageTables(dir), undefined);
   assert.equal(readdirSync(dir).sort(), before);
+});
+
+
+test('salvage counts each entry written back once, for the table it came from', () => {
+  const entry = (key: string, sequence: number, deleted = false): TableEntry => ({ key: Buffer.from(key), sequence, deleted, value: Buffer.from(`${key}@${sequence}`) });
+  // Two set-aside tables: `k` in both (the newer version in the second, an older one twice in the
+  // first), `a` only in the first, `d` deleted last in the second.
+  const first = [entry('a', 3), entry('k', 4), entry('k', 5), entry('d', 6)];
+  const second = [entry('k', 9), entry('d', 10, true)];
+  const table = (entries: TableEntry[]) => ({ file: 'x.ldb', movedTo: 'damaged/x.ldb', problem: 'p', dataBlocks: 2, blocksLost: 1, lost: [], entries });
+  const setAside: SetAside = { tables: [table(first), table(second)], manifestProblem: undefined };
+  const written = restorable(setAside);
+  assert.equal(written.map((e) => `${e.key}@${e.sequence}`).sort(), ['a@3', 'k@9']);
+  assert.equal(entriesRestoredByTable(setAside, written), [1, 1]);
+  // Only what was actually written back counts (a key the repaired database still held is not).
+  assert.equal(entriesRestoredByTable(setAside, written.filter((e) => e.key.toString() === 'k')), [0, 1]);
 });
 
 test.run();

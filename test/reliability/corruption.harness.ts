@@ -616,7 +616,7 @@ async function tryForce(s: Scenario, store: string, fx: Fixture, expectFrom: num
     s.expect(false, `recover --force failed: ${r.error}`);
     return;
   }
-  const salvage = r.report!.salvage as { fromSeq: number; recordsDiscarded: number; reason: string; tables?: unknown } | undefined;
+  const salvage = r.report!.salvage as { fromSeq: number; recordsDiscarded: number; reason: string; tables?: { resumedAfterCheckpoint?: { throughSeq: number } } } | undefined;
   s.expect(salvage !== undefined, 'recover --force salvaged without reporting a cut');
   if (salvage === undefined) return;
   if (expectFrom !== 'reported') s.expect(salvage.fromSeq === expectFrom, `recover --force cut from seq ${salvage.fromSeq}, expected ${expectFrom}`);
@@ -632,7 +632,7 @@ async function tryForce(s: Scenario, store: string, fx: Fixture, expectFrom: num
   const named = new Set(post.problems.filter((p) => p.kind === 'data' && p.layerId !== undefined && p.block !== undefined).map((p) => `${p.layerId}:${p.block}`));
   // Salvage that resumed the journal after a checkpoint (the frames before it lost) reports it; check
   // then cannot replay from seq 1 and must say so, and only that.
-  const resumed = (salvage as { tables?: { resumedAfterCheckpoint?: { throughSeq: number } } }).tables?.resumedAfterCheckpoint;
+  const resumed = salvage.tables?.resumedAfterCheckpoint;
   const historyGone = (p: { kind: string; message: string }): boolean => resumed !== undefined && p.kind === 'projection' && p.message.includes(`the journal starts at seq ${resumed.throughSeq + 1}`);
   if (resumed !== undefined) s.expect(post.problems.some(historyGone), `salvage resumed the journal after seq ${resumed.throughSeq}, but check does not say the history before it is gone`);
   // Records lost with a damaged LevelDB table that the checkpoint the store opened from covers are

@@ -44,10 +44,11 @@ export interface SetAside {
 /** The directory, inside the database's, where damaged tables are moved (LevelDB ignores it). */
 const damagedDirName = 'damaged';
 
+/** The index's separator after a table's last key may be the next key space's one-byte prefix. */
+const spaceEnds: Record<number, string> = { [checkpointPrefix + 1]: 'the last checkpoint', [metaPrefix + 1]: 'the last metadata key', [recordPrefix + 1]: 'the last frame' };
+
 /** A key in words: the journal's key spaces by name and seq (keys.ts), anything else in hex. */
 function describeKey(key: Buffer): string {
-  // The index's separator after a table's last key may be the next key space's one-byte prefix.
-  const spaceEnds: Record<number, string> = { [checkpointPrefix + 1]: 'the last checkpoint', [metaPrefix + 1]: 'the last metadata key', [recordPrefix + 1]: 'the last frame' };
   if (key.length === 1 && spaceEnds[key[0]] !== undefined) return spaceEnds[key[0]];
   if ((key[0] === recordPrefix || key[0] === checkpointPrefix) && key.length <= 9) {
     // A separator from the index may be a shortened key: the missing bytes read as zeros.

@@ -201,7 +201,6 @@ test('salvage of a sound journal touches nothing', async () => {
   assert.equal(readdirSync(dir).sort(), before);
 });
 
-
 test('salvage counts each entry written back once, for the table it came from', () => {
   const entry = (key: string, sequence: number, deleted = false): TableEntry => ({ key: Buffer.from(key), sequence, deleted, value: Buffer.from(`${key}@${sequence}`) });
   // Two set-aside tables: `k` in both (the newer version in the second, an older one twice in the

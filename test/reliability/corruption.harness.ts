@@ -326,14 +326,16 @@ interface CheckOutcome {
   readonly problems: Array<{ kind: string; message: string; seq?: number; layerId?: number; volumes?: string[]; block?: number }>;
   /** stderr (or the JSON error) when check did not produce a report. */
   readonly error: string;
+  /** What opening the store did before the checks (the report's `open`). */
+  readonly open?: { tailCut?: { fromSeq: number; records: number }; sealDamage?: string };
 }
 
 async function runCheck(store: string): Promise<CheckOutcome> {
   const r = await cowstack(['check', store, '--json'], { timeoutMs: 120_000 });
   try {
-    const report = JSON.parse(r.stdout) as { ok?: boolean; problems?: CheckOutcome['problems']; error?: { message: string } };
+    const report = JSON.parse(r.stdout) as { ok?: boolean; problems?: CheckOutcome['problems']; error?: { message: string }; open?: CheckOutcome['open'] };
     if (report.error !== undefined) return { code: r.code, ok: false, problems: [], error: report.error.message };
-    return { code: r.code, ok: report.ok === true, problems: report.problems ?? [], error: r.stderr.trim() };
+    return { code: r.code, ok: report.ok === true, problems: report.problems ?? [], error: r.stderr.trim(), open: report.open ?? undefined };
   } catch {
     return { code: r.code, ok: false, problems: [], error: (r.stderr || r.stdout).trim() };
   }
@@ -343,6 +345,14 @@ interface RecoverOutcome {
   readonly code: number | null;
   readonly report: Record<string, unknown> | undefined;
   readonly error: string;
+}
+
+/** `check`'s text output, on a copy (opening recovers the store). */
+async function checkText(store: string): Promise<string> {
+  const copy = copyStore(store, 'checktext');
+  const r = await cowstack(['check', copy], { timeoutMs: 120_000 });
+  dropCopy(copy);
+  return r.stdout.split(copy).join('S');
 }
 
 async function runRecover(store: string, force = false): Promise<RecoverOutcome> {
@@ -705,8 +715,13 @@ export const scenarios: Record<string, ScenarioFn> = {
     const w = writeInTail(f, true, rng);
     const { file, at } = flipPayload(store, w);
     s.note(`damage: byte ${at} of ${file.slice(store.length + 1)} (payload of W${w.index}, seq ${w.seq}, acknowledged but never synced)`);
-    const { recover } = await observe(s, store, f, { cut: (r) => (r.report?.tailCut as { fromSeq: number } | undefined)?.fromSeq });
+    const text = await checkText(store);
+    const { check, recover } = await observe(s, store, f, { cut: (r) => (r.report?.tailCut as { fromSeq: number } | undefined)?.fromSeq });
     const named = (text: string): boolean => new RegExp(`seq ${w.seq}\\b`).test(text);
+    const checkCut = check.open?.tailCut;
+    if (checkCut !== undefined) {
+      s.expect(new RegExp(`torn tail cut: ${checkCut.records} unsynced record\\(s\\) from seq ${checkCut.fromSeq}\\b`).test(text), `check's text does not say what opening cut (${JSON.stringify(checkCut)}): ${text}`);
+    }
     if (recover.code === 0) {
       const cut = recover.report!.tailCut as { fromSeq: number; records: number } | undefined;
       s.expect(cut !== undefined && cut.fromSeq <= w.seq, `recover neither refused nor reported a cut tail at seq ${w.seq}: ${recoverSummary(recover)}`);
@@ -813,7 +828,10 @@ export const scenarios: Record<string, ScenarioFn> = {
     });
     s.note(`damage: checkpoints ${f.checkpoints.join(', ')} deleted`);
     const { check, recover } = await observe(s, store, f);
-    s.expect(recover.code === 1 && /payload|checkpoint/.test(recover.error) && /seq \d+/.test(recover.error), `recover should refuse, naming the first write whose payload retention dropped: ${recoverSummary(recover)}`);
+    s.expect(
+      recover.code === 1 && /no usable checkpoint \(it holds no checkpoint\), and retention dropped the write payloads through seq \d+/.test(recover.error),
+      `recover should refuse, saying the checkpoints are gone and how far retention dropped payloads: ${recoverSummary(recover)}`,
+    );
     s.expect(!check.ok, `check passes with every checkpoint gone: ${checkSummary(check)}`);
     await tryForce(s, store, f, undefined);
     dropCopy(store);
@@ -977,8 +995,14 @@ export const scenarios: Record<string, ScenarioFn> = {
     }
     flipFileByte(seal, 10, 0x01);
     s.note('damage: byte 10 of journal/payloads/seal (its committed seq) flipped');
-    const { check, recover } = await observe(s, store, f);
-    s.note(`the seal is a witness only: ${recover.code === 0 && check.ok ? 'a damaged one is ignored (and not reported); nothing else changes' : 'reported'}`);
+    const text = await checkText(store);
+    const { check, recover, postCheck } = await observe(s, store, f);
+    // The seal is a witness only: its damage loses nothing, so check stays ok, but every report says
+    // it was damaged and written anew, and once written anew it is whole again.
+    s.expect(check.ok && check.open?.sealDamage === 'it fails its CRC32C', `check does not report the damaged seal and stay ok: ${checkSummary(check)} ${JSON.stringify(check.open)}`);
+    s.expect(/note: seal rewritten: journal\/payloads\/seal was damaged \(it fails its CRC32C\)/.test(text), `check's text does not report the damaged seal: ${text}`);
+    s.expect(recover.code === 0 && recover.report?.sealDamage === 'it fails its CRC32C', `recover does not report the damaged seal: ${recoverSummary(recover)}`);
+    s.expect(postCheck !== undefined && postCheck.ok && postCheck.open?.sealDamage === undefined, `after recover the seal is still reported damaged: ${postCheck === undefined ? 'no check' : JSON.stringify(postCheck.open)}`);
     dropCopy(store);
     return s.result();
   },

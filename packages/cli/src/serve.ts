@@ -10,6 +10,7 @@ import { NbdServer, type NbdAddress, type TlsOptions } from '@cowstack/nbd';
 import { type RetentionPolicy, Store, StoreExports } from '@cowstack/core';
 import { ControlServer, removeServeRecord, writeServeRecord } from './control.js';
 import { Metrics } from './metrics.js';
+import { openNotes } from './open-notes.js';
 
 export interface ServeOptions {
   readonly socket?: string;
@@ -74,6 +75,8 @@ export async function serve(dir: string, options: ServeOptions): Promise<void> {
   if (report.eventsReplayed > 0) {
     options.log(`recovered: replayed ${report.eventsReplayed} events after checkpoint seq ${report.checkpointSeq}, re-applied ${report.writesReapplied} writes in ${report.durationMs.toFixed(0)} ms`);
   }
+  for (const skipped of report.checkpointsSkipped) options.log(`recovered: skipped the damaged checkpoint at seq ${skipped.seq} (${skipped.reason})`);
+  for (const note of openNotes(report)) options.log(`recovered: ${note}`);
   metrics?.attach(store);
   if (options.verbose) store.checkpoints$.subscribe((c) => options.log(`checkpoint at seq ${c.seq} (${c.reason}) in ${c.durationMs.toFixed(0)} ms`));
   const provider = new StoreExports(store);

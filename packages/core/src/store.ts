@@ -131,6 +131,11 @@ export interface OpenReport {
    * it did (`gap`: after any crash; nothing from there on had been acknowledged at all).
    */
   readonly tailCut: { fromSeq: number; records: number; kind: CorruptionKind } | undefined;
+  /**
+   * Why the journal's seal was unreadable, when it was: records LevelDB lost before this open could
+   * not be noticed. The seal has been written anew.
+   */
+  readonly sealDamage: string | undefined;
 }
 
 export interface VolumeInfo {
@@ -439,6 +444,7 @@ export class Store {
         durationMs: performance.now() - started,
         checkpointWritten: eventsReplayed > 0,
         tailCut,
+        sealDamage: journal.damagedSeal,
       };
       const retention = (await journal.getMeta<RetentionPolicy>(retentionMetaKey)) ?? { kind: 'checkpoint' };
       const store = new Store(dir, journal, state, files, report, retention, checkpointBytes);
@@ -1448,9 +1454,17 @@ async function loadCheckpoint(journal: Journal<StoreEvent>): Promise<{ state: Pr
       skipped.push({ seq, reason: (err as Error).message });
     }
   }
+  const why = skipped.length > 0 ? skipped.map((s) => `checkpoint ${s.seq}: ${s.reason}`).join('; ') : 'it holds no checkpoint';
   if (journal.firstSeq > 1) {
-    const why = skipped.length > 0 ? skipped.map((s) => `checkpoint ${s.seq}: ${s.reason}`).join('; ') : 'it holds no checkpoint';
     throw new StoreError('ECORRUPT', `journal ${journal.path}: no usable checkpoint, and the journal no longer starts at seq 1 (${why}): the state before seq ${journal.firstSeq} is lost`);
+  }
+  if (journal.payloadsDroppedThroughSeq > 0) {
+    // Retention drops payloads only behind a checkpoint, so one existed: without it, replay from
+    // seq 1 would meet writes whose data is gone.
+    throw new StoreError(
+      'ECORRUPT',
+      `journal ${journal.path}: no usable checkpoint (${why}), and retention dropped the write payloads through seq ${journal.payloadsDroppedThroughSeq} behind a checkpoint that is gone: replaying from seq 1 cannot rebuild the layer files`,
+    );
   }
   return { state: emptyProjection(), checkpointSeq: 0, skipped };
 }

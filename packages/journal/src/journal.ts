@@ -221,6 +221,8 @@ export class Journal<M = unknown> {
   private retentionRebuilt = false;
   /** The first failed seal write (kept for diagnosis; journal writes go on). */
   private sealFailure: Error | undefined;
+  /** Why the seal could not be read at open, when it was damaged (it has been written anew since). */
+  private sealDamage: string | undefined;
   /** The committed end of the log: the seq after the last committed record, and that record's chained CRC. */
   private nextSeq: number;
   private lastChain: number;
@@ -317,7 +319,8 @@ export class Journal<M = unknown> {
       if (!Number.isSafeInteger(durableSeq) || durableSeq < 0) throw new JournalError('ECORRUPT', `journal ${path}: its durable mark (metadata key 'durable') is damaged`);
       const payloadLog = new PayloadLog(path, options.payloadSegmentBytes ?? payloadSegmentBytes);
       const seal = new Seal(payloadLog.dir);
-      const sealed = seal.read();
+      const reading = seal.read();
+      const sealed = reading.kind === 'ok' ? reading.state : undefined;
       const lastSeq = nextSeq - 1;
       let missingTail: Journal<M>['missingTail'];
       if (sealed !== undefined && (lastSeq < sealed.durableSeq || (lastSeq < sealed.committedSeq && seal.sameBoot(sealed)))) {
@@ -336,6 +339,12 @@ export class Journal<M = unknown> {
       journal.missingTail = missingTail;
       if (sealed !== undefined) journal.knownCommittedSeq = Math.min(lastSeq, seal.sameBoot(sealed) ? Math.max(sealed.committedSeq, sealed.durableSeq) : sealed.durableSeq);
       journal.retentionRebuilt = retentionRebuilt;
+      if (reading.kind === 'damaged') {
+        // Unreadable, the seal witnesses nothing: it says again how far LevelDB's records go, so
+        // that losses from here on are noticed.
+        journal.sealDamage = reading.reason;
+        journal.writeSeal();
+      }
       return journal;
     } catch (err) {
       await db.close().catch(() => undefined);
@@ -839,6 +848,14 @@ export class Journal<M = unknown> {
     } catch (err) {
       this.sealFailure ??= err as Error;
     }
+  }
+
+  /**
+   * Why the seal (`payloads/seal`) was unreadable at open, when it was: records LevelDB lost before
+   * this open went unnoticed. Opening wrote it anew from the records LevelDB holds.
+   */
+  get damagedSeal(): string | undefined {
+    return this.sealDamage;
   }
 
   /** Whether opening (with skipDamagedTail) rebuilt a damaged retention record. */

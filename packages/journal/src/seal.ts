@@ -45,13 +45,20 @@ export class Seal {
     this.fd = openSync(join(payloadDir, 'seal'), constants.O_RDWR | constants.O_CREAT, 0o600);
   }
 
-  /** What the seal says, or undefined when it is missing, short or fails its CRC. */
-  read(): SealState | undefined {
+  /**
+   * What the seal says: its state, `absent` for an empty file (no batch committed since it was
+   * created), or `damaged` with the reason (short, wrong magic or version, failing its CRC).
+   */
+  read(): { kind: 'ok'; state: SealState } | { kind: 'absent' } | { kind: 'damaged'; reason: string } {
     const buf = Buffer.alloc(sealBytes);
-    if (readSync(this.fd, buf, 0, sealBytes, 0) !== sealBytes) return undefined;
-    if (buf.readUInt32LE(0) !== magic || buf[4] !== version || crc32c(buf.subarray(0, sealBytes - 4)) !== buf.readUInt32LE(sealBytes - 4)) return undefined;
+    const got = readSync(this.fd, buf, 0, sealBytes, 0);
+    if (got === 0) return { kind: 'absent' };
+    if (got !== sealBytes) return { kind: 'damaged', reason: `${got} bytes long, not ${sealBytes}` };
+    if (buf.readUInt32LE(0) !== magic) return { kind: 'damaged', reason: 'its magic number is wrong' };
+    if (buf[4] !== version) return { kind: 'damaged', reason: `its version is ${buf[4]}, not ${version}` };
+    if (crc32c(buf.subarray(0, sealBytes - 4)) !== buf.readUInt32LE(sealBytes - 4)) return { kind: 'damaged', reason: 'it fails its CRC32C' };
     const u64 = (at: number): number => buf.readUInt32LE(at) * 0x1_0000_0000 + buf.readUInt32LE(at + 4);
-    return { committedSeq: u64(8), durableSeq: u64(16), bootId: buf.subarray(24, 36).toString('hex') };
+    return { kind: 'ok', state: { committedSeq: u64(8), durableSeq: u64(16), bootId: buf.subarray(24, 36).toString('hex') } };
   }
 
   /** Record how far the journal got (page cache; made durable by the next `sync`). */

@@ -8,6 +8,7 @@
  * watch chosen calls (the only way to make a real write fail on demand).
  */
 import { spawnSync } from 'node:child_process';
+import { readFileSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Level } from 'level';
 import { pack } from 'msgpackr';
@@ -241,6 +242,34 @@ test('a hole in records the seal says were committed in this boot is damage, nam
   assert.is(report.ok, false);
   assert.is(report.problems[0].seq, 4);
   await reopened.close();
+});
+
+test('a damaged seal is reported at open and written anew from what LevelDB holds', async () => {
+  const dir = tempDir('pipeline');
+  const journal = await Journal.open<number>(dir, { create: true });
+  assert.is(journal.damagedSeal, undefined, 'a new journal has no seal yet, which is not damage');
+  for (let i = 1; i <= 3; i++) await journal.append(i, { payload: payloadOf(i), sync: i === 2 });
+  await journal.close();
+  const sealPath = join(dir, 'payloads', 'seal');
+  const bytes = readFileSync(sealPath);
+  bytes[10] ^= 0x01;
+  writeFileSync(sealPath, bytes);
+  const reopened = await Journal.open<number>(dir);
+  assert.is(reopened.damagedSeal, 'it fails its CRC32C');
+  await reopened.close();
+  const seal = new Seal(join(dir, 'payloads'));
+  const reading = seal.read();
+  seal.close();
+  assert.ok(reading.kind === 'ok', `the seal was not written anew: ${JSON.stringify(reading)}`);
+  assert.is(reading.state.committedSeq, 3);
+  assert.is(reading.state.durableSeq, 3, 'closing made every record durable');
+  const again = await Journal.open<number>(dir);
+  assert.is(again.damagedSeal, undefined);
+  await again.close();
+  truncateSync(sealPath, 17);
+  const short = await Journal.open<number>(dir);
+  assert.is(short.damagedSeal, '17 bytes long, not 40');
+  await short.close();
 });
 
 test('an unsynced batch writes its payloads while LevelDB writes its frames; a synced one writes them first', async () => {

@@ -8,6 +8,7 @@ import { x509CredentialsFromDir, type TlsOptions } from '@cowstack/nbd';
 import { type Command, Option } from 'commander';
 import { blockSizeArg, example, hostPortArg, modeArg, portArg, positiveIntArg, ProblemsFound, retentionArg, sizeArg } from '../command-helpers.js';
 import { readServeRecord } from '../control.js';
+import { describeSealDamage, describeTailCut, openNotes } from '../open-notes.js';
 import { Output } from '../output.js';
 import { progress } from '../progress.js';
 import { serve } from '../serve.js';
@@ -146,11 +147,8 @@ export function registerStoreCommands(root: Command): void {
             `  orphan files        ${report.orphanFilesRemoved} removed`,
             `  time                ${(report.durationMs / 1000).toFixed(3)} s (${Math.round(report.eventsPerSecond).toLocaleString('en-US')} events/s)`,
             `  checkpoint written  ${report.checkpointWritten ? `yes, seq ${report.lastSeq}` : 'no (nothing to replay)'}`,
-            ...(report.tailCut !== undefined
-              ? [
-                  `  torn tail cut       ${report.tailCut.records} unsynced record(s) from seq ${report.tailCut.fromSeq} (${report.tailCut.kind === 'gap' ? 'a batch that never reached LevelDB and the one written beside it; none was acknowledged' : 'their data never reached the disk'})`,
-                ]
-              : []),
+            ...(report.tailCut !== undefined ? [`  torn tail cut       ${describeTailCut(report.tailCut)}`] : []),
+            ...(report.sealDamage !== undefined ? [`  seal rewritten      ${describeSealDamage(report.sealDamage)}`] : []),
             ...(report.salvage !== undefined
               ? [
                   report.salvage.recordsDiscarded === 0
@@ -184,7 +182,8 @@ export function registerStoreCommands(root: Command): void {
           const head = report.ok
             ? `check ${dir}: ok (${report.eventsChecked} events, ${report.dataBlocksChecked} data blocks verified in ${(report.durationMs / 1000).toFixed(2)} s)`
             : `check ${dir}: ${report.problems.length} problem${report.problems.length > 1 ? 's' : ''} found`;
-          return [head, ...report.problems.map((p) => `  ${p.kind}: ${p.message}`)].join('\n');
+          const notes = report.open === undefined ? [] : openNotes(report.open);
+          return [head, ...report.problems.map((p) => `  ${p.kind}: ${p.message}`), ...notes.map((n) => `  note: ${n}`)].join('\n');
         });
         if (!report.ok) throw new ProblemsFound();
       }),

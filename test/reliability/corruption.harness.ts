@@ -665,7 +665,7 @@ async function tryForce(s: Scenario, store: string, fx: Fixture, expectFrom: num
     const got = read.views.get(view)!;
     const bad = wrongBlocks(got, expected(fx, view, salvage.fromSeq));
     s.expect(got.eio.length === 0, `after --force, ${view} returns EIO at ${got.eio.map(([o]) => o).slice(0, 4).join(', ')}`);
-    const stack = view === 'default' ? [fx.layers.defaultTop, fx.layers.snap1] : view === 'vm1' ? [fx.layers.vm1Top, fx.layers.snap1] : [fx.layers.snap1];
+    const stack = stackOf(fx, view);
     const excused = bad.filter((b) => stack.some((l) => unrestorable.has(`${l}:${b}`) && named.has(`${l}:${b}`)));
     const unexcused = bad.filter((b) => !excused.includes(b));
     if (excused.length > 0) s.note(`after --force, ${view}: ${excused.length} block(s) hold data of discarded writes and cannot be restored (their last kept payload was dropped by retention); check names each`);
@@ -673,6 +673,11 @@ async function tryForce(s: Scenario, store: string, fx: Fixture, expectFrom: num
   }
   const lost = fx.writes.filter((w) => w.seq >= salvage.fromSeq).map((w) => `W${w.index}`);
   s.note(`recover --force: writes lost (reported as seqs ${salvage.fromSeq}..${fx.lastSeq}): ${lost.join(' ')}`);
+}
+
+/** The layers a view reads, top first. */
+function stackOf(fx: Fixture, view: string): number[] {
+  return view === 'default' ? [fx.layers.defaultTop, fx.layers.snap1] : view === 'vm1' ? [fx.layers.vm1Top, fx.layers.snap1] : [fx.layers.snap1];
 }
 
 /** A damaged LevelDB table: recover refuses naming it, and recover --force sets it aside and salvages (or refuses clearly). */
@@ -716,7 +721,7 @@ export const scenarios: Record<string, ScenarioFn> = {
     const { file, at } = flipPayload(store, w);
     s.note(`damage: byte ${at} of ${file.slice(store.length + 1)} (payload of W${w.index}, seq ${w.seq}, acknowledged but never synced)`);
     const text = await checkText(store);
-    const { check, recover } = await observe(s, store, f, { cut: (r) => (r.report?.tailCut as { fromSeq: number } | undefined)?.fromSeq });
+    const { check, recover, postCheck, wrong } = await observe(s, store, f, { cut: (r) => (r.report?.tailCut as { fromSeq: number } | undefined)?.fromSeq });
     const named = (text: string): boolean => new RegExp(`seq ${w.seq}\\b`).test(text);
     const checkCut = check.open?.tailCut;
     if (checkCut !== undefined) {
@@ -725,6 +730,18 @@ export const scenarios: Record<string, ScenarioFn> = {
     if (recover.code === 0) {
       const cut = recover.report!.tailCut as { fromSeq: number; records: number } | undefined;
       s.expect(cut !== undefined && cut.fromSeq <= w.seq, `recover neither refused nor reported a cut tail at seq ${w.seq}: ${recoverSummary(recover)}`);
+      if (cut !== undefined) {
+        // The cut writes had reached the layer files (the process crashed, the page cache stayed):
+        // their blocks get their last kept content back, except where retention dropped it; check
+        // names those, and only those.
+        const unrestorable = unrestorableBlocks(f, cut.fromSeq, f.checkpoints[0]);
+        const unexpected = (postCheck?.problems ?? []).filter((p) => !(p.kind === 'data' && unrestorable.has(`${p.layerId}:${p.block}`)));
+        s.expect(unexpected.length === 0, `after the cut, check reports ${unexpected.length} problem(s) besides blocks retention left unrestorable: ${unexpected.slice(0, 2).map((p) => `[${p.kind}] ${p.message}`).join(' | ')}`);
+        for (const [view, bad] of wrong) {
+          const unexcused = bad.filter((b) => !stackOf(f, view).some((l) => unrestorable.has(`${l}:${b}`)));
+          s.expect(unexcused.length === 0, `after the cut, ${view} does not hold exactly the writes before seq ${cut.fromSeq}: blocks ${unexcused.slice(0, 8).join(', ')} differ${describeBlocks(f, view, unexcused[0], cut.fromSeq)}`);
+        }
+      }
     } else s.expect(named(recover.error), `recover refuses without naming seq ${w.seq}: ${recover.error}`);
     dropCopy(store);
     return s.result();

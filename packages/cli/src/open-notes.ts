@@ -8,7 +8,8 @@ import type { OpenReport } from '@cowstack/core';
 /** The records a torn tail cut, and why none of them was owed. */
 export function describeTailCut(cut: NonNullable<OpenReport['tailCut']>): string {
   const why = cut.kind === 'gap' ? 'a batch that never reached LevelDB and the one written beside it; none was acknowledged' : 'their data never reached the disk';
-  return `${cut.records} unsynced record(s) from seq ${cut.fromSeq} (${why})`;
+  const restored = cut.blocksRestored > 0 ? `; ${cut.blocksRestored} block(s) they had written got their content from before the checkpoint back` : '';
+  return `${cut.records} unsynced record(s) from seq ${cut.fromSeq} (${why})${restored}`;
 }
 
 /** A damaged seal and what its damage hid. */

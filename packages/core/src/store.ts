@@ -26,7 +26,7 @@
 import { chmodSync, closeSync, existsSync, fstatSync, mkdirSync, openSync, readdirSync, readSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { type CorruptionKind, Journal, JournalCorruptionError, JournalError, type JournalRecord, JournalTornTailError } from '@cowstack/journal';
-import { lastValueFrom, type Observable, scan, Subject } from 'rxjs';
+import { firstValueFrom, lastValueFrom, type Observable, scan, Subject } from 'rxjs';
 import { fingerprintImage, verifyImage } from './base-image.js';
 import { BlockDeviceError, type Extent, type ExtentContext, type ReadPiece, type ReadResult } from './block-device.js';
 import { blockCrcs, payloadCrcOf } from './block-crcs.js';
@@ -129,8 +129,10 @@ export interface OpenReport {
    * payload that never reached the disk (`payload-crc`, `payload-missing`: after an OS crash; nothing
    * in it was acknowledged as durable), or a batch LevelDB never got while the batch written beside
    * it did (`gap`: after any crash; nothing from there on had been acknowledged at all).
+   * `blocksRestored`: blocks the cut writes had already written to a layer file that got their
+   * content from before the checkpoint back (see restoreTornBlocks).
    */
-  readonly tailCut: { fromSeq: number; records: number; kind: CorruptionKind } | undefined;
+  readonly tailCut: { fromSeq: number; records: number; kind: CorruptionKind; blocksRestored: number } | undefined;
   /**
    * Why the journal's seal was unreadable, when it was: records LevelDB lost before this open could
    * not be noticed. The seal has been written anew.
@@ -374,9 +376,12 @@ export class Store {
       let tailCut: OpenReport['tailCut'];
       // Load the checkpoint and replay the rest; a torn tail (an OS crash cut unsynced payloads short)
       // is cut and the load starts again from the checkpoint.
-      const load = async (): Promise<{ state: Projection; checkpointSeq: number; skipped: OpenReport['checkpointsSkipped']; eventsReplayed: number; writesReapplied: number }> => {
+      let blocksRestored = 0;
+      const load = async (torn?: TornBlocks): Promise<{ state: Projection; checkpointSeq: number; skipped: OpenReport['checkpointsSkipped']; eventsReplayed: number; writesReapplied: number }> => {
         const { state, checkpointSeq, skipped } = await loadCheckpoint(openJournal);
         current = state;
+        // Salvage re-applies every retained write anyway.
+        if (torn !== undefined && options.reapplyRetained !== true) blocksRestored = await restoreTornBlocks(openJournal, state, layerFiles, torn);
         // Volume indexes are rebuilt once at the end instead of after every replayed write.
         state.deferViews = true;
         let eventsReplayed = 0;
@@ -420,8 +425,11 @@ export class Store {
         loaded = await load();
       } catch (err) {
         if (!(err instanceof JournalTornTailError)) throw err;
-        tailCut = { fromSeq: err.seq, records: await openJournal.cutTail(err.seq), kind: err.kind };
-        loaded = await load();
+        // The cut records were applied before the crash: their blocks may be in the layer files.
+        const torn = blocksWritten(await openJournal.recordsFrom(err.seq));
+        const records = await openJournal.cutTail(err.seq);
+        loaded = await load(torn);
+        tailCut = { fromSeq: err.seq, records, kind: err.kind, blocksRestored };
       }
       const { state, checkpointSeq, skipped, eventsReplayed, writesReapplied } = loaded;
       if (state.config === undefined) throw new StoreError('ECORRUPT', `store ${dir} has no StoreCreated event`);
@@ -1478,6 +1486,67 @@ function reapplyWrite(state: Projection, files: LayerFiles, record: JournalRecor
     throw new StoreError('ECORRUPT', `write event seq ${record.seq} after the checkpoint has no payload in the journal`);
   }
   files.writeBehind(event[1], record.payload, event[2] * state.config!.blockSizeBytes, false);
+}
+
+/** Blocks of layer files, by layer id. */
+type TornBlocks = Map<number, Set<number>>;
+
+/** The layer blocks the Write events among `records` wrote. */
+function blocksWritten(records: ReadonlyArray<{ meta: StoreEvent }>): TornBlocks {
+  const out: TornBlocks = new Map();
+  for (const { meta } of records) {
+    if (meta[0] !== EventType.Write) continue;
+    let blocks = out.get(meta[1]);
+    if (blocks === undefined) out.set(meta[1], (blocks = new Set()));
+    for (let b = meta[2]; b < meta[2] + meta[3]; b++) blocks.add(b);
+  }
+  return out;
+}
+
+/**
+ * After a torn tail is cut: give the blocks its writes had written their last content from before
+ * the checkpoint back (replay re-applies every write after it). That content is the newest
+ * retained Write of each block at or before the checkpoint; a block whose newest such write
+ * retention dropped keeps what the cut write left, and `check` names it.
+ */
+async function restoreTornBlocks(journal: Journal<StoreEvent>, state: Projection, files: LayerFiles, torn: TornBlocks): Promise<number> {
+  const from = Math.max(journal.firstSeq, journal.payloadsDroppedThroughSeq + 1);
+  if (torn.size === 0 || from > state.seq) return 0;
+  // Layer and block -> the seq of the newest retained write of it, found from the records alone.
+  const newest = new Map<number, Map<number, number>>();
+  await lastValueFrom(
+    journal.replayFrames(from, state.seq, { payloads: false }).pipe(
+      scan((found, records) => {
+        for (const { seq, meta } of records) {
+          if (meta[0] !== EventType.Write) continue;
+          const blocks = torn.get(meta[1]);
+          if (blocks === undefined) continue;
+          for (let b = meta[2]; b < meta[2] + meta[3]; b++) {
+            if (!blocks.has(b)) continue;
+            let layer = found.get(meta[1]);
+            if (layer === undefined) found.set(meta[1], (layer = new Map()));
+            layer.set(b, seq);
+          }
+        }
+        return found;
+      }, newest),
+    ),
+    { defaultValue: newest },
+  );
+  const bs = state.config!.blockSizeBytes;
+  let restored = 0;
+  for (const [layerId, blocks] of newest) {
+    if (!state.layers.has(layerId)) continue;
+    const bySeq = new Map<number, number[]>();
+    for (const [block, seq] of blocks) bySeq.set(seq, [...(bySeq.get(seq) ?? []), block]);
+    for (const [seq, list] of bySeq) {
+      const { meta: event, payload } = await firstValueFrom(journal.replay(seq, seq));
+      assert(payload !== undefined && event[0] === EventType.Write && event[1] === layerId, `write seq ${seq} is retained with its payload`);
+      for (const block of list) files.writeBehind(layerId, payload.subarray((block - event[2]) * bs, (block - event[2] + 1) * bs), block * bs, false);
+      restored += list.length;
+    }
+  }
+  return restored;
 }
 
 /** Delete layer files that belong to no layer (left by a crash between an event and its cleanup). */

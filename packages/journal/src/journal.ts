@@ -1053,18 +1053,7 @@ export class Journal<M = unknown> {
    */
   async discardFrom(seq: number): Promise<number> {
     this.checkOpen();
-    // The frame holding seq, if one does (a missing frame leaves the previous one intact).
-    let from = seq;
-    const key = await this.frameKeyAtOrBefore(seq);
-    const value = key[0] === recordRange.gte[0] ? await this.db.get(key) : undefined;
-    if (value !== undefined) {
-      try {
-        const frame = decodeFrame(seqOfKey(key), value, undefined, false);
-        if (frame.firstSeq + frame.count > seq) from = frame.firstSeq;
-      } catch {
-        from = Math.min(seq, seqOfKey(key));
-      }
-    }
+    const from = await this.discardStart(seq);
     const doomed = await this.db.keys({ gte: recordKey(from), lt: recordRange.lt }).all();
     // What stays: the last frame before `from`.
     const [lastKey, lastValue] = await Journal.lastEntry(this.db, { gte: recordRange.gte, lt: recordKey(from) });
@@ -1096,6 +1085,39 @@ export class Journal<M = unknown> {
     this.writeSeal();
     await this.seal.sync();
     return discarded;
+  }
+
+  /**
+   * The records `discardFrom(seq)` (and so `cutTail(seq)`) would remove, as far as their frames
+   * decode; their payloads are not read. Recovery uses them to find the layer blocks a torn tail had
+   * written before the crash.
+   */
+  async recordsFrom(seq: number): Promise<Array<{ seq: number; meta: M }>> {
+    this.checkOpen();
+    const out: Array<{ seq: number; meta: M }> = [];
+    for await (const [key, value] of this.db.iterator({ gte: recordKey(await this.discardStart(seq)), lt: recordRange.lt })) {
+      let frame: DecodedFrame;
+      try {
+        frame = decodeFrame(seqOfKey(key), value, undefined, false);
+      } catch {
+        continue;
+      }
+      frame.records.forEach(([, , meta], i) => out.push({ seq: frame.firstSeq + i, meta: meta as M }));
+    }
+    return out;
+  }
+
+  /** Where discarding from `seq` starts: the frame holding seq, if one does (a missing frame leaves the previous one intact). */
+  private async discardStart(seq: number): Promise<number> {
+    const key = await this.frameKeyAtOrBefore(seq);
+    const value = key[0] === recordRange.gte[0] ? await this.db.get(key) : undefined;
+    if (value === undefined) return seq;
+    try {
+      const frame = decodeFrame(seqOfKey(key), value, undefined, false);
+      return frame.firstSeq + frame.count > seq ? frame.firstSeq : seq;
+    } catch {
+      return Math.min(seq, seqOfKey(key));
+    }
   }
 
   /**

@@ -246,6 +246,20 @@ test('recovery re-applies large and small overlapping writes in journal order, m
   await reopened.close();
 });
 
+/**
+ * What an OS crash can leave of an open store: a copy taken now, without the last `lostPayloadBytes`
+ * bytes of its newest payload segment. The store is closed after the copy.
+ */
+async function osCrashCopy(dir: string, store: Store, lostPayloadBytes: number): Promise<string> {
+  const crashed = tempDir('os-crash');
+  cpSync(dir, crashed, { recursive: true });
+  await store.close();
+  const segments = join(crashed, 'journal', 'payloads');
+  const last = readdirSync(segments).filter((f) => f.endsWith('.seg')).sort().pop()!;
+  truncateSync(join(segments, last), statSync(join(segments, last)).size - lostPayloadBytes);
+  return crashed;
+}
+
 test('after an OS crash, an unsynced tail whose data never reached disk is cut; flushed data stays', async () => {
   const dir = tempDir();
   const store = await Store.create(dir, { sizeBytes: mib });
@@ -256,12 +270,7 @@ test('after an OS crash, an unsynced tail whose data never reached disk is cut; 
   await store.writeVolume('default', 8192, Buffer.alloc(4096, 3), false);
   await store.writeVolume('default', 0, Buffer.alloc(4096, 4), false);
   // What a power cut can leave: the LevelDB records of the last two writes, but not their data.
-  const crashed = tempDir('os-crash');
-  cpSync(dir, crashed, { recursive: true });
-  await store.close();
-  const segments = join(crashed, 'journal', 'payloads');
-  const last = readdirSync(segments).filter((f) => f.endsWith('.seg')).sort().pop()!;
-  truncateSync(join(segments, last), statSync(join(segments, last)).size - 4096 - 100);
+  const crashed = await osCrashCopy(dir, store, 4096 + 100);
   const reopened = await Store.open(crashed);
   try {
     assert.equal(reopened.openReport.tailCut, { fromSeq: flushedSeq + 1, records: reopened.openReport.tailCut!.records, kind: 'payload-missing', blocksRestored: 0 });
@@ -298,12 +307,7 @@ test('a cut torn tail gives the blocks its writes had already put in the layer f
   for (let i = 0; i < 200 && !fileBlock(layerFile).equals(Buffer.alloc(4096, 3)); i++) await new Promise((r) => setTimeout(r, 10));
   assert.ok(fileBlock(layerFile).equals(Buffer.alloc(4096, 3)), 'precondition: the unsynced write is in the layer file');
   // What an OS crash can leave: the write's LevelDB record and layer data, but not its payload.
-  const crashed = tempDir('os-crash');
-  cpSync(dir, crashed, { recursive: true });
-  await store.close();
-  const segments = join(crashed, 'journal', 'payloads');
-  const last = readdirSync(segments).filter((f) => f.endsWith('.seg')).sort().pop()!;
-  truncateSync(join(segments, last), statSync(join(segments, last)).size - 100);
+  const crashed = await osCrashCopy(dir, store, 100);
   const reopened = await Store.open(crashed);
   try {
     assert.equal(reopened.openReport.tailCut, { fromSeq: tornSeq, records: 1, kind: 'payload-missing', blocksRestored: 2 });

@@ -11,7 +11,9 @@
  * commit hook, in seq order: pwrite the blocks into the layer file (page cache), apply the event to the
  * projection with the reducer → resolve. A crash after the commit and before the pwrite is repaired on
  * the next open, which replays everything after the newest checkpoint and re-applies its writes
- * (applying a write twice is harmless).
+ * (applying a write twice is harmless). A torn tail (unsynced records an OS crash left without their
+ * data) is cut, and the blocks its writes had already put in the layer files get their newest kept
+ * write from before the checkpoint back (restoreTornBlocks).
  *
  * Copy-up and concurrency: writes to one volume may be in flight together. A partial-block write reads
  * the rest of the block from the newest in-flight write covering it, else from the committed view, so

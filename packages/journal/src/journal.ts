@@ -128,6 +128,8 @@ export interface VerifyProblem {
   readonly seq: number;
   readonly kind: string;
   readonly message: string;
+  /** For a gap: the last missing seq (the gap is seq..toSeq). */
+  readonly toSeq?: number;
 }
 
 export interface VerifyReport {
@@ -136,7 +138,7 @@ export interface VerifyReport {
   readonly payloadsChecked: number;
   readonly firstSeq: number;
   readonly lastSeq: number;
-  /** The first bad record (the walk stops there), then every bad checkpoint. */
+  /** Every bad record or gap in seq order (the walk goes on at the next frame), then every bad checkpoint. */
   readonly problems: VerifyProblem[];
 }
 
@@ -1151,15 +1153,22 @@ export class Journal<M = unknown> {
     let recordsChecked = 0;
     let payloadsChecked = 0;
     let lastSeen = this.retention.firstSeq - 1;
-    try {
-      for await (const chunk of this.replayChunks(this.retention.firstSeq, maxSeq, { payloads: true, fullCheck: true }, () => false)) {
-        recordsChecked += chunk.length;
-        for (const r of chunk) if (r.payload !== undefined) payloadsChecked++;
-        lastSeen = chunk[chunk.length - 1].seq;
+    for (let from: number | undefined = this.retention.firstSeq; from !== undefined; ) {
+      try {
+        for await (const chunk of this.replayChunks(from, maxSeq, { payloads: true, fullCheck: true }, () => false)) {
+          recordsChecked += chunk.length;
+          for (const r of chunk) if (r.payload !== undefined) payloadsChecked++;
+          lastSeen = chunk[chunk.length - 1].seq;
+        }
+        from = undefined;
+      } catch (err) {
+        if (!(err instanceof JournalCorruptionError)) throw err;
+        // Go on at the next frame, so that every damaged frame and gap is named, not just the first.
+        const [next] = await this.db.keys({ gt: recordKey(err.seq), lt: recordRange.lt, limit: 1 }).all();
+        from = next === undefined ? undefined : seqOfKey(next);
+        const gapEnd = from === undefined ? Math.max(err.seq, this.lastSeq) : from - 1;
+        problems.push({ seq: err.seq, kind: err.kind, message: err.message, ...(err.kind === 'gap' ? { toSeq: gapEnd } : {}) });
       }
-    } catch (err) {
-      if (!(err instanceof JournalCorruptionError)) throw err;
-      problems.push({ seq: err.seq, kind: err.kind, message: err.message });
     }
     for (const key of await this.db.keys(checkpointRange).all()) {
       const seq = seqOfKey(key);

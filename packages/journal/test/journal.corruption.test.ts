@@ -56,6 +56,31 @@ async function expectDamage(dir: string, seq: number, kind: string): Promise<voi
   }
 }
 
+test('verify goes on past damage: every gap and damaged frame is named, a gap with its range', async () => {
+  const dir = await makeJournal();
+  await tamper(dir, async (db) => {
+    await db.del(key('r', 5));
+    const value = (await db.get(key('r', 13)))!;
+    value[value.length - 3] ^= 0x10;
+    await db.put(key('r', 13), value);
+  });
+  const journal = await Journal.open(dir);
+  try {
+    const report = await journal.verify();
+    assert.equal(
+      report.problems.map((p) => [p.seq, p.kind, p.toSeq]),
+      [
+        [5, 'gap', 8],
+        [16, 'crc', undefined],
+      ],
+      report.problems.map((p) => p.message).join(' | '),
+    );
+    assert.is(report.recordsChecked, 12, 'the frames around the damage are checked');
+  } finally {
+    await journal.close();
+  }
+});
+
 test('a flipped byte inside a record is named by its seq', async () => {
   const dir = await makeJournal();
   await tamper(dir, async (db) => {

@@ -44,7 +44,7 @@ export type {
   WriteSource,
 } from './store.js';
 export { checkStore, recoverStore } from './maintenance.js';
-export type { CheckProblem, CheckProblemKind, CheckReport, RecoverReport } from './maintenance.js';
+export type { AcceptedLoss, CheckProblem, CheckProblemKind, CheckReport, RecoverReport } from './maintenance.js';
 export { blame, changedSince, PointInTimeView, pointInTimeView, resolvePoint } from './history.js';
 export type { BlameExtent } from './history.js';
 export { describeRetention, parseRetention } from './retention.js';

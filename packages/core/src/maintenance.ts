@@ -4,7 +4,9 @@
  * recover: open the store (which loads the newest usable checkpoint, replays every later event,
  * re-applies the data of their writes to the layer files and writes a fresh checkpoint), close it,
  * and report what it did. With force, a journal damaged beyond a torn tail is cut at its first
- * damaged record first (see recoverStore).
+ * damaged record first (see recoverStore), and records lost where a checkpoint holds the state they
+ * made (a gap before it, or the history before a journal salvage resumed) are recorded in the
+ * journal's metadata as accepted losses (see recordLosses).
  *
  * check: after the same recovery, verify three things and name every problem found:
  *   - the journal: chained CRCs, no gaps, payload CRCs (by seq);
@@ -12,6 +14,8 @@
  *     projection the store loaded (checkpoint + tail), layer by layer;
  *   - the data: every block a layer holds as data has the CRC32C its last Write event recorded
  *     (by volume, layer, block and seq).
+ * An accepted loss is a note, not a problem: check replays the records around it, cannot compare the
+ * projection, and verifies only the blocks last written after it (it says how many it could not).
  */
 import { crc32c } from '@node-rs/crc32';
 import { join, resolve } from 'node:path';
@@ -24,8 +28,22 @@ import { applyEvent, BlockState, emptyProjection, volumesUsing } from './project
 import { diffProjections } from './projection-codec.js';
 import { type OpenReport, type ProgressCallback, Store } from './store.js';
 
+/** Records lost where a checkpoint holds the state they made, recorded by `recover --force`. */
+export interface AcceptedLoss {
+  readonly fromSeq: number;
+  readonly toSeq: number;
+  readonly reason: string;
+  /** When recover --force recorded it (ms since the epoch). */
+  readonly recordedMs: number;
+}
+
+/** Journal metadata key of the accepted losses. */
+const acceptedLossesMetaKey = 'accepted-losses';
+
 export interface RecoverReport extends OpenReport {
   readonly eventsPerSecond: number;
+  /** Losses this run recorded (with --force; see AcceptedLoss); check reports them as notes from then on. */
+  readonly lossesRecorded: AcceptedLoss[];
   /**
    * With --force, after damage: the first damaged seq, why, and how many records from there on were
    * discarded (everything after the damage is lost; everything before it is kept). `tables` says
@@ -89,9 +107,42 @@ export async function recoverStore(dir: string, options: { onProgress?: Progress
       salvage = { ...cut, reason, writesReapplied: store.openReport.writesReapplied, tables };
     }
   }
+  let lossesRecorded: AcceptedLoss[];
+  try {
+    lossesRecorded = options.force === true ? await recordLosses(store) : [];
+  } finally {
+    await store.close();
+  }
   const report = store.openReport;
-  await store.close();
-  return { ...report, eventsPerSecond: report.durationMs > 0 ? (report.eventsReplayed / report.durationMs) * 1000 : 0, salvage };
+  return { ...report, eventsPerSecond: report.durationMs > 0 ? (report.eventsReplayed / report.durationMs) * 1000 : 0, salvage, lossesRecorded };
+}
+
+/**
+ * Record the losses an opened store is whole without, each once: gaps at or before the checkpoint
+ * it opened from, and the records before a journal that no longer starts at seq 1 (a salvage
+ * resumed it after a checkpoint). Returns the ones recorded now.
+ */
+async function recordLosses(store: Store): Promise<AcceptedLoss[]> {
+  const journal = store.eventLog;
+  const known = await acceptedLosses(journal);
+  const checkpointSeq = store.openReport.checkpointSeq;
+  const found: Array<Omit<AcceptedLoss, 'recordedMs'>> = [];
+  if (journal.firstSeq > 1) {
+    found.push({ fromSeq: 1, toSeq: journal.firstSeq - 1, reason: `the journal's records before seq ${journal.firstSeq} are gone; its checkpoints hold the state they made` });
+  }
+  for (const p of (await journal.verify()).problems) {
+    if (p.kind === 'gap' && p.toSeq !== undefined && p.toSeq <= checkpointSeq) {
+      found.push({ fromSeq: p.seq, toSeq: p.toSeq, reason: `records seq ${p.seq}..${p.toSeq} are missing; the checkpoint at seq ${checkpointSeq} holds the state they made` });
+    }
+  }
+  const recordedMs = Date.now();
+  const fresh = found.filter((f) => !known.some((k) => k.fromSeq === f.fromSeq && k.toSeq === f.toSeq)).map((f) => ({ ...f, recordedMs }));
+  if (fresh.length > 0) await journal.putMeta(acceptedLossesMetaKey, [...known, ...fresh]);
+  return fresh;
+}
+
+async function acceptedLosses(journal: Journal<StoreEvent>): Promise<AcceptedLoss[]> {
+  return (await journal.getMeta<AcceptedLoss[]>(acceptedLossesMetaKey)) ?? [];
 }
 
 function isDamage(err: unknown, force: boolean | undefined): err is StoreError {
@@ -180,8 +231,12 @@ export interface CheckProblem {
 export interface CheckReport {
   readonly ok: boolean;
   readonly problems: CheckProblem[];
+  /** Accepted losses met, and what they kept check from verifying. */
+  readonly notes: string[];
   readonly eventsChecked: number;
   readonly dataBlocksChecked: number;
+  /** Data blocks last written before an accepted loss: what they should hold is not known. */
+  readonly dataBlocksUnverifiable: number;
   /** What opening (recovery) did before the checks; undefined if the store could not be opened. */
   readonly open: OpenReport | undefined;
   readonly durationMs: number;
@@ -196,48 +251,80 @@ export async function checkStore(dir: string, options: { onProgress?: ProgressCa
   } catch (err) {
     if (err instanceof StoreError && (err.code === 'ECORRUPT' || err.code === 'ECHANGED' || err.code === 'EFORMAT')) {
       problems.push({ kind: 'open', message: err.message });
-      return { ok: false, problems, eventsChecked: 0, dataBlocksChecked: 0, open: undefined, durationMs: performance.now() - started };
+      return { ok: false, problems, notes: [], eventsChecked: 0, dataBlocksChecked: 0, dataBlocksUnverifiable: 0, open: undefined, durationMs: performance.now() - started };
     }
     throw err;
   }
   let eventsChecked = 0;
   let dataBlocksChecked = 0;
+  let dataBlocksUnverifiable = 0;
+  const notes: string[] = [];
   try {
     const journal = store.eventLog;
-    const verify = await journal.verify();
-    for (const p of verify.problems) problems.push({ kind: p.kind === 'checkpoint' ? 'checkpoint' : 'journal', seq: p.seq, message: p.message });
+    const accepted = await acceptedLosses(journal);
+    // The accepted losses met: their records are missing from the journal as recorded.
+    const lost = new Set<AcceptedLoss>();
+    const acceptedFor = (fromSeq: number, toSeq: number): AcceptedLoss | undefined => accepted.find((a) => fromSeq >= a.fromSeq && toSeq <= a.toSeq);
+    let journalWhole = true;
+    for (const p of (await journal.verify()).problems) {
+      const loss = p.kind === 'gap' && p.toSeq !== undefined ? acceptedFor(p.seq, p.toSeq) : undefined;
+      if (loss !== undefined) lost.add(loss);
+      else {
+        problems.push({ kind: p.kind === 'checkpoint' ? 'checkpoint' : 'journal', seq: p.seq, message: p.message });
+        journalWhole = false;
+      }
+    }
     for (const s of store.openReport.checkpointsSkipped) problems.push({ kind: 'checkpoint', seq: s.seq, message: `checkpoint at seq ${s.seq} was not usable: ${s.reason}` });
-    if (journal.firstSeq !== 1) {
+    const history = journal.firstSeq > 1 ? acceptedFor(1, journal.firstSeq - 1) : undefined;
+    if (history !== undefined) lost.add(history);
+    if (journal.firstSeq > 1 && history === undefined) {
       problems.push({ kind: 'projection', message: `the journal starts at seq ${journal.firstSeq} (the records before it are gone), so neither the projection nor the data blocks can be checked against the whole history` });
-    } else if (verify.ok) {
-      // Replay everything from seq 1 with the same reducer, remembering each block's last write.
+    } else if (journalWhole) {
+      // Replay the journal with the same reducer, remembering each block's last write: from seq 1,
+      // or around the accepted losses (whose state the checkpoints hold).
       const lastWrite = new Map<number, Map<number, [seq: number, crc: number]>>();
       const total = journal.lastSeq;
-      const replayed = await lastValueFrom(
-        journal.replayFrames(1, undefined, { payloads: false }).pipe(
-          scan(
-            (state, records) => {
+      const losses = [...lost].sort((a, b) => a.fromSeq - b.fromSeq);
+      let from = journal.firstSeq;
+      const segments: Array<[number, number]> = [];
+      for (const loss of losses) {
+        if (loss.fromSeq > from) segments.push([from, loss.fromSeq - 1]);
+        from = Math.max(from, loss.toSeq + 1);
+      }
+      if (from <= journal.lastSeq) segments.push([from, journal.lastSeq]);
+      let replayed = { ...emptyProjection(), deferViews: true };
+      for (const [first, last] of segments) {
+        replayed = await lastValueFrom(
+          journal.replayFrames(first, last, { payloads: false }).pipe(
+            scan((state, records) => {
               for (const record of records) {
                 trackWrites(lastWrite, record);
-                applyEvent(state, record.seq, record.meta);
+                if (losses.length === 0) applyEvent(state, record.seq, record.meta);
                 eventsChecked++;
                 if ((eventsChecked & 0xffff) === 0) options.onProgress?.('check-journal', eventsChecked, total);
               }
               return state;
-            },
-            { ...emptyProjection(), deferViews: true },
+            }, replayed),
           ),
-        ),
-      );
-      for (const difference of diffProjections(replayed, store.projection)) {
-        problems.push({ kind: 'projection', message: `replaying the journal from seq 1 does not give the loaded projection: ${difference}` });
+          { defaultValue: replayed },
+        );
       }
-      dataBlocksChecked = checkData(store, lastWrite, problems, options.onProgress);
+      if (losses.length === 0) {
+        for (const difference of diffProjections(replayed, store.projection)) {
+          problems.push({ kind: 'projection', message: `replaying the journal from seq 1 does not give the loaded projection: ${difference}` });
+        }
+      }
+      const lostThroughSeq = losses.reduce((m, l) => Math.max(m, l.toSeq), 0);
+      ({ checked: dataBlocksChecked, unverifiable: dataBlocksUnverifiable } = checkData(store, lastWrite, problems, lostThroughSeq, options.onProgress));
+      for (const loss of losses) notes.push(`records seq ${loss.fromSeq}..${loss.toSeq} are lost, accepted by recover --force at ${new Date(loss.recordedMs).toISOString()}: ${loss.reason}`);
+      if (losses.length > 0) {
+        notes.push(`with them lost, the projection was not compared with a replay, and ${dataBlocksUnverifiable} data block(s) last written at or before seq ${lostThroughSeq} could not be verified`);
+      }
     }
   } finally {
     await store.close();
   }
-  return { ok: problems.length === 0, problems, eventsChecked, dataBlocksChecked, open: store.openReport, durationMs: performance.now() - started };
+  return { ok: problems.length === 0, problems, notes, eventsChecked, dataBlocksChecked, dataBlocksUnverifiable, open: store.openReport, durationMs: performance.now() - started };
 }
 
 function trackWrites(lastWrite: Map<number, Map<number, [number, number]>>, record: JournalRecord<StoreEvent>): void {
@@ -259,7 +346,12 @@ function trackWrites(lastWrite: Map<number, Map<number, [number, number]>>, reco
   }
 }
 
-function checkData(store: Store, lastWrite: Map<number, Map<number, [number, number]>>, problems: CheckProblem[], onProgress?: ProgressCallback): number {
+/**
+ * Verify every data block against the CRC its last write recorded. A block last written at or before
+ * `lostThroughSeq` (an accepted loss's end; 0: none) is counted as unverifiable instead: a lost record
+ * may have written it since.
+ */
+function checkData(store: Store, lastWrite: Map<number, Map<number, [number, number]>>, problems: CheckProblem[], lostThroughSeq: number, onProgress?: ProgressCallback): { checked: number; unverifiable: number } {
   const state = store.projection;
   const bs = store.blockSizeBytes;
   let total = 0;
@@ -267,6 +359,7 @@ function checkData(store: Store, lastWrite: Map<number, Map<number, [number, num
     if (layer.kind !== 'external') layer.bitmap.forEachSetRun((_s, n, v) => (total += v === BlockState.Data ? n : 0));
   }
   let done = 0;
+  let unverifiable = 0;
   for (const layer of state.layers.values()) {
     if (layer.kind === 'external') continue;
     const blocks = lastWrite.get(layer.id) ?? new Map<number, [number, number]>();
@@ -287,6 +380,10 @@ function checkData(store: Store, lastWrite: Map<number, Map<number, [number, num
         for (let i = 0; i < count; i++) {
           const block = b + i;
           const expected = blocks.get(block);
+          if (lostThroughSeq > 0 && (expected === undefined || expected[0] <= lostThroughSeq)) {
+            unverifiable++;
+            continue;
+          }
           const volumes = volumesUsing(state, layer.id);
           const where = `${volumes.length > 0 ? `volume ${volumes.join(', ')}, ` : ''}layer ${layer.id}, block ${block} (offset ${block * bs})`;
           if (expected === undefined) {
@@ -310,7 +407,7 @@ function checkData(store: Store, lastWrite: Map<number, Map<number, [number, num
       }
     }
   }
-  return done;
+  return { checked: done - unverifiable, unverifiable };
 }
 
 function hex(n: number): string {

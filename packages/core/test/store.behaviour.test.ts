@@ -353,6 +353,52 @@ test('recover --force salvages a journal damaged in the middle: everything befor
   assert.ok(check.ok, JSON.stringify(check.problems));
 });
 
+test('recover --force records a gap a checkpoint covers; check then notes it and verifies the blocks written after it', async () => {
+  const dir = tempDir();
+  const store = await Store.create(dir, { sizeBytes: mib });
+  await store.writeVolume('default', 0, Buffer.alloc(4096, 1), true);
+  const lostSeq = store.lastSeq + 1;
+  await store.writeVolume('default', 4096, Buffer.alloc(4096, 2), true);
+  await store.writeVolume('default', 8192, Buffer.alloc(4096, 3), true);
+  await store.checkpoint();
+  await store.writeVolume('default', 12288, Buffer.alloc(4096, 4), true);
+  const top = store.volumeInfo('default').topLayerId;
+  await store.close();
+  const db = new Level<Buffer, Buffer>(join(dir, 'journal'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
+  const key = Buffer.alloc(9);
+  key.write('r', 0);
+  key.writeUInt32BE(lostSeq, 5);
+  assert.ok((await db.get(key)) !== undefined, 'the second write has a frame of its own');
+  await db.del(key);
+  await db.close();
+
+  const before = await checkStore(dir);
+  assert.equal(before.problems.map((p) => [p.kind, p.seq]), [['journal', lostSeq]], JSON.stringify(before.problems));
+  assert.is((await recoverStore(dir)).lossesRecorded.length, 0, 'without --force nothing is recorded');
+  const forced = await recoverStore(dir, { force: true });
+  assert.equal(
+    forced.lossesRecorded.map((l) => [l.fromSeq, l.toSeq]),
+    [[lostSeq, lostSeq]],
+  );
+  assert.match(forced.lossesRecorded[0].reason, /the checkpoint at seq \d+ holds the state they made/);
+  assert.is((await recoverStore(dir, { force: true })).lossesRecorded.length, 0, 'a loss is recorded once');
+
+  const after = await checkStore(dir);
+  assert.ok(after.ok, JSON.stringify(after.problems));
+  assert.match(after.notes[0], new RegExp(`records seq ${lostSeq}\\.\\.${lostSeq} are lost, accepted by recover --force at 20`));
+  assert.is(after.dataBlocksChecked, 2, 'the blocks last written after the loss are verified');
+  assert.is(after.dataBlocksUnverifiable, 2, "the lost write's block and the one written before it cannot be");
+  const reopened = await Store.open(dir);
+  assert.ok(flat(reopened.readVolume('default', 0, 16384)).equals(Buffer.concat([1, 2, 3, 4].map((v) => Buffer.alloc(4096, v)))), 'the checkpoint held the lost write');
+  await reopened.close();
+
+  const fd = openSync(join(dir, 'layers', `${top}.data`), 'r+');
+  writeSync(fd, Buffer.from([0xee]), 0, 1, 12288 + 5);
+  closeSync(fd);
+  const damaged = await checkStore(dir);
+  assert.equal(damaged.problems.map((p) => [p.kind, p.block]), [['data', 3]], 'damage after the loss is still found');
+});
+
 test('a point-in-time view built earlier still reads the past after the volume is overwritten', async () => {
   const store = await Store.create(tempDir(), { sizeBytes: mib, retain: { kind: 'all' } });
   await store.writeVolume('default', 0, Buffer.alloc(8192, 1), false);

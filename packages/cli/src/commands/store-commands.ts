@@ -127,7 +127,7 @@ export function registerStoreCommands(root: Command): void {
       .command('recover')
       .description('replay the journal after a crash: re-apply journaled writes to the layer files and write a checkpoint')
       .argument('<store>', 'store directory')
-      .option('--force', 'salvage a store whose journal is damaged: set damaged LevelDB tables aside in journal/damaged/ and write back what they still hold, then cut the journal at the first damaged or missing record (it and every later record are lost) and recover what comes before')
+      .option('--force', 'salvage a store whose journal is damaged: set damaged LevelDB tables aside in journal/damaged/ and write back what they still hold, then cut the journal at the first damaged or missing record (it and every later record are lost) and recover what comes before; records lost where a checkpoint holds their state are recorded as accepted, and check then reports them as notes')
       .option('--json', 'print the report as JSON')
       .action(async (dirArg: string, opts: { force?: boolean; json?: boolean }) => {
         const dir = resolve(dirArg);
@@ -149,6 +149,7 @@ export function registerStoreCommands(root: Command): void {
             `  checkpoint written  ${report.checkpointWritten ? `yes, seq ${report.lastSeq}` : 'no (nothing to replay)'}`,
             ...(report.tailCut !== undefined ? [`  torn tail cut       ${describeTailCut(report.tailCut)}`] : []),
             ...(report.sealDamage !== undefined ? [`  seal rewritten      ${describeSealDamage(report.sealDamage)}`] : []),
+            ...report.lossesRecorded.map((l) => `  LOSS RECORDED       records seq ${l.fromSeq}..${l.toSeq}: ${l.reason}; check reports it as a note from now on`),
             ...(report.salvage !== undefined
               ? [
                   report.salvage.recordsDiscarded === 0
@@ -182,7 +183,7 @@ export function registerStoreCommands(root: Command): void {
           const head = report.ok
             ? `check ${dir}: ok (${report.eventsChecked} events, ${report.dataBlocksChecked} data blocks verified in ${(report.durationMs / 1000).toFixed(2)} s)`
             : `check ${dir}: ${report.problems.length} problem${report.problems.length > 1 ? 's' : ''} found`;
-          const notes = report.open === undefined ? [] : openNotes(report.open);
+          const notes = [...(report.open === undefined ? [] : openNotes(report.open)), ...report.notes];
           return [head, ...report.problems.map((p) => `  ${p.kind}: ${p.message}`), ...notes.map((n) => `  note: ${n}`)].join('\n');
         });
         if (!report.ok) throw new ProblemsFound();

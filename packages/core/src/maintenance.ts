@@ -193,7 +193,9 @@ async function cutAtDamage(dir: string): Promise<{ fromSeq: number; reason: stri
       };
     }
     const verify = await journal.verify();
-    const first = verify.problems.find((p) => p.kind !== 'checkpoint');
+    // Losses recover --force accepted earlier are not damage to cut at: a checkpoint holds their state.
+    const accepted = await acceptedLosses(journal);
+    const first = verify.problems.find((p) => p.kind !== 'checkpoint' && !(p.kind === 'gap' && accepted.some((a) => p.seq >= a.fromSeq && (p.toSeq ?? p.seq) <= a.toSeq)));
     let fromSeq: number;
     let reason: string;
     if (first !== undefined) {

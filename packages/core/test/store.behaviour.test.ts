@@ -397,6 +397,26 @@ test('recover --force records a gap a checkpoint covers; check then notes it and
   closeSync(fd);
   const damaged = await checkStore(dir);
   assert.equal(damaged.problems.map((p) => [p.kind, p.block]), [['data', 3]], 'damage after the loss is still found');
+
+  // Later journal damage: salvage cuts there, not at the accepted gap before it.
+  const more = await Store.open(dir);
+  await more.writeVolume('default', 16384, Buffer.alloc(4096, 5), true);
+  const damagedSeq = more.lastSeq + 1;
+  await more.writeVolume('default', 20480, Buffer.alloc(4096, 6), true);
+  await more.writeVolume('default', 24576, Buffer.alloc(4096, 7), true);
+  await more.close();
+  const raw = new Level<Buffer, Buffer>(join(dir, 'journal'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
+  key.writeUInt32BE(damagedSeq, 5);
+  const value = (await raw.get(key))!;
+  value[50] ^= 0xff;
+  await raw.put(key, value);
+  for await (const k of raw.keys({ gte: Buffer.from('c'), lt: Buffer.from('d') })) if (k.readUInt32BE(5) >= damagedSeq) await raw.del(k);
+  await raw.close();
+  const salvaged = await recoverStore(dir, { force: true });
+  assert.is(salvaged.salvage?.fromSeq, damagedSeq, 'the cut is at the new damage');
+  const kept = await Store.open(dir);
+  assert.ok(flat(kept.readVolume('default', 16384, 12288)).equals(Buffer.concat([Buffer.alloc(4096, 5), Buffer.alloc(8192, 0)])), 'the write between the gap and the damage is kept, the ones from the damage on are not');
+  await kept.close();
 });
 
 test('a point-in-time view built earlier still reads the past after the volume is overwritten', async () => {

@@ -1024,6 +1024,12 @@ export const scenarios: Record<string, ScenarioFn> = {
     flipFileByte(seal, 10, 0x01);
     s.note('damage: byte 10 of journal/payloads/seal (its committed seq) flipped');
     const text = await checkText(store);
+    const serveCopy = copyStore(store, 'sealserve');
+    const served = await startServe(serveCopy);
+    const logged = served.stderr();
+    await served.stop();
+    dropCopy(serveCopy);
+    s.expect(/cowstack: recovered: seal rewritten: journal\/payloads\/seal was damaged \(it fails its CRC32C\)/.test(logged), `serve does not log the damaged seal: ${logged}`);
     const { check, recover, postCheck } = await observe(s, store, f);
     // The seal is a witness only: its damage loses nothing, so check stays ok, but every report says
     // it was damaged and written anew, and once written anew it is whole again.

@@ -145,6 +145,11 @@ async function acceptedLosses(journal: Journal<StoreEvent>): Promise<AcceptedLos
   return (await journal.getMeta<AcceptedLoss[]>(acceptedLossesMetaKey)) ?? [];
 }
 
+/** The accepted loss that covers a gap of seq fromSeq..toSeq, if one does. */
+function acceptedLossOf(accepted: readonly AcceptedLoss[], fromSeq: number, toSeq: number): AcceptedLoss | undefined {
+  return accepted.find((a) => fromSeq >= a.fromSeq && toSeq <= a.toSeq);
+}
+
 function isDamage(err: unknown, force: boolean | undefined): err is StoreError {
   return force === true && err instanceof StoreError && err.code === 'ECORRUPT';
 }
@@ -195,7 +200,7 @@ async function cutAtDamage(dir: string): Promise<{ fromSeq: number; reason: stri
     const verify = await journal.verify();
     // Losses recover --force accepted earlier are not damage to cut at: a checkpoint holds their state.
     const accepted = await acceptedLosses(journal);
-    const first = verify.problems.find((p) => p.kind !== 'checkpoint' && !(p.kind === 'gap' && accepted.some((a) => p.seq >= a.fromSeq && (p.toSeq ?? p.seq) <= a.toSeq)));
+    const first = verify.problems.find((p) => p.kind !== 'checkpoint' && !(p.kind === 'gap' && acceptedLossOf(accepted, p.seq, p.toSeq ?? p.seq) !== undefined));
     let fromSeq: number;
     let reason: string;
     if (first !== undefined) {
@@ -266,10 +271,9 @@ export async function checkStore(dir: string, options: { onProgress?: ProgressCa
     const accepted = await acceptedLosses(journal);
     // The accepted losses met: their records are missing from the journal as recorded.
     const lost = new Set<AcceptedLoss>();
-    const acceptedFor = (fromSeq: number, toSeq: number): AcceptedLoss | undefined => accepted.find((a) => fromSeq >= a.fromSeq && toSeq <= a.toSeq);
     let journalWhole = true;
     for (const p of (await journal.verify()).problems) {
-      const loss = p.kind === 'gap' && p.toSeq !== undefined ? acceptedFor(p.seq, p.toSeq) : undefined;
+      const loss = p.kind === 'gap' && p.toSeq !== undefined ? acceptedLossOf(accepted, p.seq, p.toSeq) : undefined;
       if (loss !== undefined) lost.add(loss);
       else {
         problems.push({ kind: p.kind === 'checkpoint' ? 'checkpoint' : 'journal', seq: p.seq, message: p.message });
@@ -277,7 +281,7 @@ export async function checkStore(dir: string, options: { onProgress?: ProgressCa
       }
     }
     for (const s of store.openReport.checkpointsSkipped) problems.push({ kind: 'checkpoint', seq: s.seq, message: `checkpoint at seq ${s.seq} was not usable: ${s.reason}` });
-    const history = journal.firstSeq > 1 ? acceptedFor(1, journal.firstSeq - 1) : undefined;
+    const history = journal.firstSeq > 1 ? acceptedLossOf(accepted, 1, journal.firstSeq - 1) : undefined;
     if (history !== undefined) lost.add(history);
     if (journal.firstSeq > 1 && history === undefined) {
       problems.push({ kind: 'projection', message: `the journal starts at seq ${journal.firstSeq} (the records before it are gone), so neither the projection nor the data blocks can be checked against the whole history` });

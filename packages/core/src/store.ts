@@ -1514,10 +1514,44 @@ function blocksWritten(records: ReadonlyArray<{ meta: StoreEvent }>): TornBlocks
 async function restoreTornBlocks(journal: Journal<StoreEvent>, state: Projection, files: LayerFiles, torn: TornBlocks): Promise<number> {
   const from = Math.max(journal.firstSeq, journal.payloadsDroppedThroughSeq + 1);
   if (torn.size === 0 || from > state.seq) return 0;
-  // Layer and block -> the seq of the newest retained write of it, found from the records alone.
+  let newest: Map<number, Map<number, number>>;
+  try {
+    newest = await newestWrites(journal, from, state.seq, torn);
+  } catch (err) {
+    // Damage the checkpoint covers (a missing frame, say) hides which write came last: restore
+    // nothing rather than guess; check names the blocks the cut writes left.
+    if (err instanceof JournalCorruptionError) return 0;
+    throw err;
+  }
+  const bs = state.config!.blockSizeBytes;
+  let restored = 0;
+  for (const [layerId, blocks] of newest) {
+    if (!state.layers.has(layerId)) continue;
+    const bySeq = new Map<number, number[]>();
+    for (const [block, seq] of blocks) bySeq.set(seq, [...(bySeq.get(seq) ?? []), block]);
+    for (const [seq, list] of bySeq) {
+      let record: JournalRecord<StoreEvent>;
+      try {
+        record = await firstValueFrom(journal.replay(seq, seq));
+      } catch (err) {
+        // A damaged payload before the checkpoint: those blocks keep what the cut writes left.
+        if (err instanceof JournalCorruptionError) continue;
+        throw err;
+      }
+      const { meta: event, payload } = record;
+      assert(payload !== undefined && event[0] === EventType.Write && event[1] === layerId, `write seq ${seq} is retained with its payload`);
+      for (const block of list) files.writeBehind(layerId, payload.subarray((block - event[2]) * bs, (block - event[2] + 1) * bs), block * bs, false);
+      restored += list.length;
+    }
+  }
+  return restored;
+}
+
+/** Layer and block -> the seq of the newest Write of it in seqs from..to, for the blocks in `torn`; from the records alone. */
+async function newestWrites(journal: Journal<StoreEvent>, from: number, to: number, torn: TornBlocks): Promise<Map<number, Map<number, number>>> {
   const newest = new Map<number, Map<number, number>>();
-  await lastValueFrom(
-    journal.replayFrames(from, state.seq, { payloads: false }).pipe(
+  return lastValueFrom(
+    journal.replayFrames(from, to, { payloads: false }).pipe(
       scan((found, records) => {
         for (const { seq, meta } of records) {
           if (meta[0] !== EventType.Write) continue;
@@ -1535,20 +1569,6 @@ async function restoreTornBlocks(journal: Journal<StoreEvent>, state: Projection
     ),
     { defaultValue: newest },
   );
-  const bs = state.config!.blockSizeBytes;
-  let restored = 0;
-  for (const [layerId, blocks] of newest) {
-    if (!state.layers.has(layerId)) continue;
-    const bySeq = new Map<number, number[]>();
-    for (const [block, seq] of blocks) bySeq.set(seq, [...(bySeq.get(seq) ?? []), block]);
-    for (const [seq, list] of bySeq) {
-      const { meta: event, payload } = await firstValueFrom(journal.replay(seq, seq));
-      assert(payload !== undefined && event[0] === EventType.Write && event[1] === layerId, `write seq ${seq} is retained with its payload`);
-      for (const block of list) files.writeBehind(layerId, payload.subarray((block - event[2]) * bs, (block - event[2] + 1) * bs), block * bs, false);
-      restored += list.length;
-    }
-  }
-  return restored;
 }
 
 /** Delete layer files that belong to no layer (left by a crash between an event and its cleanup). */

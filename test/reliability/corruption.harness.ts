@@ -902,6 +902,9 @@ export const scenarios: Record<string, ScenarioFn> = {
     dropCopy(postCopy);
     s.note(`after --force, ${checkSummary(post)}; notes: ${(post.notes ?? []).join(' | ')}`);
     s.expect(post.ok && (post.notes ?? []).some((n) => n.startsWith(`records seq ${first}..`)), `after recover --force, check does not pass noting the gap at seq ${first}: ${checkSummary(post)}`);
+    const verify = await cowstack(['journal', 'verify', store, '--json']);
+    const verified = JSON.parse(verify.stdout) as { ok: boolean; problems: Array<{ seq: number; accepted?: unknown }> };
+    s.expect(verify.code === 0 && verified.ok && verified.problems.some((p) => p.seq === first && p.accepted !== undefined), `after recover --force, journal verify does not mark the gap at seq ${first} accepted: exit ${verify.code} ${verify.stdout}`);
     dropCopy(store);
     return s.result();
   },

@@ -17,6 +17,7 @@ import {
   eventTypeName,
   type Projection,
   importDmCow,
+  verifyStoreJournal,
   parseRetention,
   type ProgressCallback,
   resolvePoint,
@@ -258,7 +259,7 @@ export const operations: Record<string, Operation> = {
     return dmCowTable(store, str(args, 'volume'), resolve(str(args, 'bitmaps')));
   },
   async 'journal.verify'({ store }) {
-    return store.eventLog.verify();
+    return verifyStoreJournal(store.eventLog);
   },
   async 'journal.inspect'({ store, emit, signal }, args) {
     const from = num(args, 'from') ?? 1;

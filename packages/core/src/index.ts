@@ -43,8 +43,8 @@ export type {
   VolumeInfo,
   WriteSource,
 } from './store.js';
-export { checkStore, recoverStore } from './maintenance.js';
-export type { AcceptedLoss, CheckProblem, CheckProblemKind, CheckReport, RecoverReport } from './maintenance.js';
+export { checkStore, recoverStore, verifyStoreJournal } from './maintenance.js';
+export type { AcceptedLoss, CheckProblem, CheckProblemKind, CheckReport, RecoverReport, VerifiedProblem } from './maintenance.js';
 export { blame, changedSince, PointInTimeView, pointInTimeView, resolvePoint } from './history.js';
 export type { BlameExtent } from './history.js';
 export { describeRetention, parseRetention } from './retention.js';

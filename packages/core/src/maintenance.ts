@@ -19,7 +19,7 @@
  */
 import { crc32c } from '@node-rs/crc32';
 import { join, resolve } from 'node:path';
-import { Journal, JournalError, type JournalRecord, type TableSalvageReport } from '@cowstack/journal';
+import { Journal, JournalError, type JournalRecord, type TableSalvageReport, type VerifyProblem, type VerifyReport } from '@cowstack/journal';
 import { lastValueFrom, scan } from 'rxjs';
 import { StoreError } from './errors.js';
 import { EventType, type StoreEvent } from './events.js';
@@ -143,6 +143,23 @@ async function recordLosses(store: Store): Promise<AcceptedLoss[]> {
 
 async function acceptedLosses(journal: Journal<StoreEvent>): Promise<AcceptedLoss[]> {
   return (await journal.getMeta<AcceptedLoss[]>(acceptedLossesMetaKey)) ?? [];
+}
+
+/** A journal problem, and the accepted loss that covers it when one does. */
+export type VerifiedProblem = VerifyProblem & { readonly accepted?: AcceptedLoss };
+
+/**
+ * `journal.verify()` of a store's journal, with each gap an accepted loss covers marked `accepted`:
+ * `ok` counts only the others (as check does).
+ */
+export async function verifyStoreJournal(journal: Journal<StoreEvent>): Promise<Omit<VerifyReport, 'problems'> & { problems: VerifiedProblem[] }> {
+  const report = await journal.verify();
+  const accepted = await acceptedLosses(journal);
+  const problems = report.problems.map((p): VerifiedProblem => {
+    const loss = p.kind === 'gap' && p.toSeq !== undefined ? acceptedLossOf(accepted, p.seq, p.toSeq) : undefined;
+    return loss === undefined ? p : { ...p, accepted: loss };
+  });
+  return { ...report, ok: problems.every((p) => p.accepted !== undefined), problems };
 }
 
 /** The accepted loss that covers a gap of seq fromSeq..toSeq, if one does. */

@@ -5,8 +5,8 @@
  * volume its layer belonged to at that moment.
  */
 import { join, resolve } from 'node:path';
-import { Journal, type JournalStats, type VerifyReport } from '@cowstack/journal';
-import { eventTypeNames, StoreError } from '@cowstack/core';
+import { Journal, type JournalStats } from '@cowstack/journal';
+import { eventTypeNames, type StoreEvent, StoreError, verifyStoreJournal } from '@cowstack/core';
 import { type Command, InvalidArgumentError } from 'commander';
 import { example, intArg, ProblemsFound } from '../command-helpers.js';
 import { ControlError } from '../control.js';
@@ -20,14 +20,14 @@ import { runOnStore } from '../store-access.js';
  * (recovery replays through the damage); verify then walks the journal alone, so every damaged
  * record is still named by its seq.
  */
-async function verifyJournal(dir: string): Promise<VerifyReport> {
+async function verifyJournal(dir: string): Promise<Awaited<ReturnType<typeof verifyStoreJournal>>> {
   try {
-    return (await runOnStore(dir, 'journal.verify', {})).result as VerifyReport;
+    return (await runOnStore(dir, 'journal.verify', {})).result as Awaited<ReturnType<typeof verifyStoreJournal>>;
   } catch (err) {
     if (!(err instanceof StoreError) || err.code !== 'ECORRUPT') throw err;
-    const journal = await Journal.open(join(dir, 'journal'));
+    const journal = await Journal.open<StoreEvent>(join(dir, 'journal'));
     try {
-      return await journal.verify();
+      return await verifyStoreJournal(journal);
     } finally {
       await journal.close();
     }
@@ -134,7 +134,7 @@ export function registerJournalCommands(root: Command): void {
   example(
     journal
       .command('verify')
-      .description('walk the whole journal: chained CRCs, gaps, payload CRCs, checkpoints; exit 1 on damage')
+      .description('walk the whole journal: chained CRCs, gaps, payload CRCs, checkpoints; exit 1 on damage (a gap recover --force accepted as a loss is shown, marked, and does not count)')
       .argument('<store>', 'store directory')
       .option('--json', 'print as JSON')
       .action(async (dir: string, opts: { json?: boolean }) => {
@@ -143,7 +143,7 @@ export function registerJournalCommands(root: Command): void {
         out.result(r, () =>
           [
             r.ok ? `journal ok: ${r.recordsChecked} records (seq ${r.firstSeq}..${r.lastSeq}), ${r.payloadsChecked} payloads verified` : `journal damaged:`,
-            ...r.problems.map((p) => `  seq ${p.seq}: ${p.message}`),
+            ...r.problems.map((p) => `  seq ${p.seq}: ${p.message}${p.accepted !== undefined ? ` (an accepted loss, recorded by recover --force at ${new Date(p.accepted.recordedMs).toISOString()})` : ''}`),
           ].join('\n'),
         );
         if (!r.ok) throw new ProblemsFound();

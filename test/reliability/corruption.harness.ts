@@ -349,6 +349,16 @@ interface RecoverOutcome {
   readonly error: string;
 }
 
+/** `check --json` on a copy of a store (opening recovers it, and the copy keeps the store as it was). */
+async function checkCopy(store: string, label: string): Promise<CheckOutcome> {
+  const copy = copyStore(store, label);
+  try {
+    return await runCheck(copy);
+  } finally {
+    dropCopy(copy);
+  }
+}
+
 /** `check`'s text output, on a copy (opening recovers the store). */
 async function checkText(store: string): Promise<string> {
   const copy = copyStore(store, 'checktext');
@@ -511,9 +521,7 @@ async function observe(
   fx: Fixture,
   want: { cut?: (recover: RecoverOutcome) => number | undefined } = {},
 ): Promise<{ check: CheckOutcome; recover: RecoverOutcome; postCheck?: CheckOutcome; served?: Map<string, ServedView>; serveError?: string; wrong: Map<string, number[]> }> {
-  const copy = copyStore(store, 'check');
-  const check = await runCheck(copy);
-  dropCopy(copy);
+  const check = await checkCopy(store, 'check');
   s.note(checkSummary(check));
   s.expect(check.code === 0 || check.code === 1, `check exited ${check.code} (expected 0 or 1): ${check.error}`);
   if (!check.ok) s.expect(check.problems.length > 0 || check.error.length > 0, 'check failed without saying why');
@@ -531,9 +539,7 @@ async function observe(
     if ('error' in attempt) s.note(`serve: refuses to start: ${/cowstack: error: (.*)/.exec(attempt.error)?.[1] ?? attempt.error.split('\n')[0]}`);
     return { check, recover, wrong };
   }
-  const postCopy = copyStore(store, 'postcheck');
-  const postCheck = await runCheck(postCopy);
-  dropCopy(postCopy);
+  const postCheck = await checkCopy(store, 'postcheck');
   s.note(`after recover, ${checkSummary(postCheck)}`);
   const cut = want.cut?.(recover) ?? Infinity;
   const read = await serveAndRead(store, allViews);
@@ -633,9 +639,7 @@ async function tryForce(s: Scenario, store: string, fx: Fixture, expectFrom: num
   if (salvage === undefined) return;
   if (expectFrom !== 'reported') s.expect(salvage.fromSeq === expectFrom, `recover --force cut from seq ${salvage.fromSeq}, expected ${expectFrom}`);
   s.expect(salvage.recordsDiscarded === fx.lastSeq - salvage.fromSeq + 1, `recover --force discarded ${salvage.recordsDiscarded} records, expected ${fx.lastSeq - salvage.fromSeq + 1} (seqs ${salvage.fromSeq}..${fx.lastSeq})`);
-  const postCopy = copyStore(store, 'postcheck');
-  const post = await runCheck(postCopy);
-  dropCopy(postCopy);
+  const post = await checkCopy(store, 'postcheck');
   s.note(`after --force, ${checkSummary(post)}`);
   // Blocks a discarded write overwrote whose last kept write's payload retention had already
   // dropped (at or below the oldest checkpoint) cannot be restored: check must name them. Every
@@ -897,9 +901,7 @@ export const scenarios: Record<string, ScenarioFn> = {
     s.note(`recover --force: ${recoverSummary(forced)}`);
     const recorded = (forced.report?.lossesRecorded ?? []) as Array<{ fromSeq: number; toSeq: number }>;
     s.expect(forced.code === 0 && recorded.some((l) => l.fromSeq === first && l.toSeq >= first), `recover --force does not record the gap at seq ${first} as an accepted loss: ${recoverSummary(forced)}`);
-    const postCopy = copyStore(store, 'postcheck');
-    const post = await runCheck(postCopy);
-    dropCopy(postCopy);
+    const post = await checkCopy(store, 'postcheck');
     s.note(`after --force, ${checkSummary(post)}; notes: ${(post.notes ?? []).join(' | ')}`);
     s.expect(post.ok && (post.notes ?? []).some((n) => n.startsWith(`records seq ${first}..`)), `after recover --force, check does not pass noting the gap at seq ${first}: ${checkSummary(post)}`);
     const verify = await cowstack(['journal', 'verify', store, '--json']);

@@ -214,10 +214,9 @@ async function cutAtDamage(dir: string): Promise<{ fromSeq: number; reason: stri
         recordsDiscarded: lost.toSeq - lost.fromSeq + 1,
       };
     }
-    const verify = await journal.verify();
     // Losses recover --force accepted earlier are not damage to cut at: a checkpoint holds their state.
-    const accepted = await acceptedLosses(journal);
-    const first = verify.problems.find((p) => p.kind !== 'checkpoint' && !(p.kind === 'gap' && acceptedLossOf(accepted, p.seq, p.toSeq ?? p.seq) !== undefined));
+    const verify = await verifyStoreJournal(journal);
+    const first = verify.problems.find((p) => p.kind !== 'checkpoint' && p.accepted === undefined);
     let fromSeq: number;
     let reason: string;
     if (first !== undefined) {
@@ -285,24 +284,19 @@ export async function checkStore(dir: string, options: { onProgress?: ProgressCa
   const notes: string[] = [];
   try {
     const journal = store.eventLog;
-    const accepted = await acceptedLosses(journal);
     // The accepted losses met: their records are missing from the journal as recorded.
     const lost = new Set<AcceptedLoss>();
-    let journalWhole = true;
-    for (const p of (await journal.verify()).problems) {
-      const loss = p.kind === 'gap' && p.toSeq !== undefined ? acceptedLossOf(accepted, p.seq, p.toSeq) : undefined;
-      if (loss !== undefined) lost.add(loss);
-      else {
-        problems.push({ kind: p.kind === 'checkpoint' ? 'checkpoint' : 'journal', seq: p.seq, message: p.message });
-        journalWhole = false;
-      }
+    const verify = await verifyStoreJournal(journal);
+    for (const p of verify.problems) {
+      if (p.accepted !== undefined) lost.add(p.accepted);
+      else problems.push({ kind: p.kind === 'checkpoint' ? 'checkpoint' : 'journal', seq: p.seq, message: p.message });
     }
     for (const s of store.openReport.checkpointsSkipped) problems.push({ kind: 'checkpoint', seq: s.seq, message: `checkpoint at seq ${s.seq} was not usable: ${s.reason}` });
-    const history = journal.firstSeq > 1 ? acceptedLossOf(accepted, 1, journal.firstSeq - 1) : undefined;
+    const history = journal.firstSeq > 1 ? acceptedLossOf(await acceptedLosses(journal), 1, journal.firstSeq - 1) : undefined;
     if (history !== undefined) lost.add(history);
     if (journal.firstSeq > 1 && history === undefined) {
       problems.push({ kind: 'projection', message: `the journal starts at seq ${journal.firstSeq} (the records before it are gone), so neither the projection nor the data blocks can be checked against the whole history` });
-    } else if (journalWhole) {
+    } else if (verify.ok) {
       // Replay the journal with the same reducer, remembering each block's last write: from seq 1,
       // or around the accepted losses (whose state the checkpoints hold).
       const lastWrite = new Map<number, Map<number, [seq: number, crc: number]>>();

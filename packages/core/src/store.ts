@@ -1528,7 +1528,11 @@ async function restoreTornBlocks(journal: Journal<StoreEvent>, state: Projection
   for (const [layerId, blocks] of newest) {
     if (!state.layers.has(layerId)) continue;
     const bySeq = new Map<number, number[]>();
-    for (const [block, seq] of blocks) bySeq.set(seq, [...(bySeq.get(seq) ?? []), block]);
+    for (const [block, seq] of blocks) {
+      const list = bySeq.get(seq);
+      if (list === undefined) bySeq.set(seq, [block]);
+      else list.push(block);
+    }
     for (const [seq, list] of bySeq) {
       let record: JournalRecord<StoreEvent>;
       try {

@@ -246,6 +246,19 @@ test('recovery re-applies large and small overlapping writes in journal order, m
   await reopened.close();
 });
 
+/** The LevelDB key of the journal frame that starts at `seq` (keys.ts in packages/journal). */
+function frameKey(seq: number): Buffer {
+  const key = Buffer.alloc(9);
+  key.write('r', 0);
+  key.writeUInt32BE(seq, 5);
+  return key;
+}
+
+/** Wait (up to 2 s) until a file starts with `block`: a write behind reaching the layer file. */
+async function untilFirstBlockIs(path: string, block: Buffer): Promise<void> {
+  for (let i = 0; i < 200 && !firstBlockOf(path).equals(block); i++) await new Promise((r) => setTimeout(r, 10));
+}
+
 /** The first 4 KiB of a file. */
 function firstBlockOf(path: string): Buffer {
   const fd = openSync(path, 'r');
@@ -306,7 +319,7 @@ test('a cut torn tail gives the blocks its writes had already put in the layer f
   // Written behind after the acknowledgement: wait until the layer file holds it, as the disk may
   // have before an OS crash.
   const layerFile = join(dir, 'layers', `${store.volumes()[0].topLayerId}.data`);
-  for (let i = 0; i < 200 && !firstBlockOf(layerFile).equals(Buffer.alloc(4096, 3)); i++) await new Promise((r) => setTimeout(r, 10));
+  await untilFirstBlockIs(layerFile, Buffer.alloc(4096, 3));
   assert.ok(firstBlockOf(layerFile).equals(Buffer.alloc(4096, 3)), 'precondition: the unsynced write is in the layer file');
   // What an OS crash can leave: the write's LevelDB record and layer data, but not its payload.
   const crashed = await osCrashCopy(dir, store, 100);
@@ -332,12 +345,10 @@ test('a torn tail over a journal with a gap the checkpoint covers still opens; i
   await store.checkpoint();
   await store.writeVolume('default', 0, Buffer.alloc(4096, 3), false);
   const layerFile = join(dir, 'layers', `${store.volumes()[0].topLayerId}.data`);
-  for (let i = 0; i < 200 && !firstBlockOf(layerFile).equals(Buffer.alloc(4096, 3)); i++) await new Promise((r) => setTimeout(r, 10));
+  await untilFirstBlockIs(layerFile, Buffer.alloc(4096, 3));
   const crashed = await osCrashCopy(dir, store, 100);
   const db = new Level<Buffer, Buffer>(join(crashed, 'journal'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
-  const key = Buffer.alloc(9);
-  key.write('r', 0);
-  key.writeUInt32BE(gapSeq, 5);
+  const key = frameKey(gapSeq);
   assert.ok((await db.get(key)) !== undefined, 'the first write has a frame of its own');
   await db.del(key);
   await db.close();
@@ -360,9 +371,7 @@ test('recover --force salvages a journal damaged in the middle: everything befor
   await store.close();
   // Damage the frame of the second write (its records region), then drop the checkpoints past it.
   const db = new Level<Buffer, Buffer>(join(dir, 'journal'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
-  const key = Buffer.alloc(9);
-  key.write('r', 0);
-  key.writeUInt32BE(goodSeq + 1, 5);
+  const key = frameKey(goodSeq + 1);
   const value = (await db.get(key))!;
   value[50] ^= 0xff;
   await db.put(key, value);
@@ -394,9 +403,7 @@ test('recover --force records a gap a checkpoint covers; check then notes it and
   const top = store.volumeInfo('default').topLayerId;
   await store.close();
   const db = new Level<Buffer, Buffer>(join(dir, 'journal'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
-  const key = Buffer.alloc(9);
-  key.write('r', 0);
-  key.writeUInt32BE(lostSeq, 5);
+  const key = frameKey(lostSeq);
   assert.ok((await db.get(key)) !== undefined, 'the second write has a frame of its own');
   await db.del(key);
   await db.close();
@@ -435,10 +442,10 @@ test('recover --force records a gap a checkpoint covers; check then notes it and
   await more.writeVolume('default', 24576, Buffer.alloc(4096, 7), true);
   await more.close();
   const raw = new Level<Buffer, Buffer>(join(dir, 'journal'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
-  key.writeUInt32BE(damagedSeq, 5);
-  const value = (await raw.get(key))!;
+  const damagedKey = frameKey(damagedSeq);
+  const value = (await raw.get(damagedKey))!;
   value[50] ^= 0xff;
-  await raw.put(key, value);
+  await raw.put(damagedKey, value);
   for await (const k of raw.keys({ gte: Buffer.from('c'), lt: Buffer.from('d') })) if (k.readUInt32BE(5) >= damagedSeq) await raw.del(k);
   await raw.close();
   const salvaged = await recoverStore(dir, { force: true });

@@ -6,7 +6,9 @@
  * and report what it did. With force, a journal damaged beyond a torn tail is cut at its first
  * damaged record first (see recoverStore), and records lost where a checkpoint holds the state they
  * made (a gap before it, or the history before a journal salvage resumed) are recorded in the
- * journal's metadata as accepted losses (see recordLosses).
+ * journal's metadata as accepted losses (see recordLosses). Before any of that, force writes damaged
+ * write payloads back from the layer files that still hold their blocks (payload-repair.ts): a
+ * payload mended so costs no record, where the cut would have discarded it and everything after it.
  *
  * check: after the same recovery, verify three things and name every problem found:
  *   - the journal: chained CRCs, no gaps, payload CRCs (by seq);
@@ -16,6 +18,8 @@
  *     (by volume, layer, block and seq).
  * An accepted loss is a note, not a problem: check replays the records around it, cannot compare the
  * projection, and verifies only the blocks last written after it (it says how many it could not).
+ * A damaged payload or checkpoint does not stop the replay (it reads neither); each damaged payload's
+ * problem says whether recover --force can write it back from a layer file.
  */
 import { crc32c } from '@node-rs/crc32';
 import { join, resolve } from 'node:path';
@@ -26,7 +30,8 @@ import { EventType, type StoreEvent } from './events.js';
 import { lockJournal } from './journal-lock.js';
 import { applyEvent, BlockState, emptyProjection, volumesUsing } from './projection.js';
 import { diffProjections } from './projection-codec.js';
-import { type OpenReport, type ProgressCallback, Store } from './store.js';
+import { type PayloadRepair, type PayloadRepairReport, type PayloadUnrepaired, isPayloadDamage, rebuildPayload, repairPayloads } from './payload-repair.js';
+import { type OpenReport, type ProgressCallback, Store, toStoreError } from './store.js';
 
 /** Records lost where a checkpoint holds the state they made, recorded by `recover --force`. */
 export interface AcceptedLoss {
@@ -44,6 +49,12 @@ export interface RecoverReport extends OpenReport {
   readonly eventsPerSecond: number;
   /** Losses this run recorded (with --force; see AcceptedLoss); check reports them as notes from then on. */
   readonly lossesRecorded: AcceptedLoss[];
+  /**
+   * With --force: damaged write payloads rebuilt from the layer files that still held their blocks
+   * (nothing discarded for them), and those that could not be, with why (see payload-repair.ts).
+   */
+  readonly payloadsRepaired: PayloadRepair[];
+  readonly payloadsUnrepaired: PayloadUnrepaired[];
   /**
    * With --force, after damage: the first damaged seq, why, and how many records from there on were
    * discarded (everything after the damage is lost; everything before it is kept). `tables` says
@@ -77,18 +88,21 @@ export interface RecoverReport extends OpenReport {
 export async function recoverStore(dir: string, options: { onProgress?: ProgressCallback; force?: boolean } = {}): Promise<RecoverReport> {
   let salvage: RecoverReport['salvage'];
   let store: Store | undefined;
+  let repairs: PayloadRepairReport | undefined;
+  let failure: unknown;
   try {
     store = await Store.open(dir, { onProgress: options.onProgress });
   } catch (err) {
     if (!isDamage(err, options.force)) throw err;
-    let failure = err;
+    failure = err;
+    // Damaged payloads the layer files still hold are written back first: that discards nothing.
+    repairs = await repairPayloadsAlone(dir);
+    if (repairs !== undefined && repairs.repaired.length > 0) store = await openUnlessDamaged(dir, options, (again) => (failure = again));
+  }
+  if (store === undefined) {
     const tables = await salvageTables(dir);
     if (tables !== undefined) {
-      store = await Store.open(dir, { onProgress: options.onProgress }).catch((again: unknown) => {
-        if (!isDamage(again, true)) throw again;
-        failure = again;
-        return undefined;
-      });
+      store = await openUnlessDamaged(dir, options, (again) => (failure = again));
       if (store !== undefined) salvage = { fromSeq: store.openReport.lastSeq + 1, reason: describeTableSalvage(tables), recordsDiscarded: 0, writesReapplied: 0, tables };
     }
     if (store === undefined) {
@@ -109,12 +123,54 @@ export async function recoverStore(dir: string, options: { onProgress?: Progress
   }
   let lossesRecorded: AcceptedLoss[];
   try {
+    if (options.force === true) {
+      // Payloads damaged where opening does not read them (at or before the checkpoint).
+      const open = await repairPayloads(store.eventLog, join(store.dir, 'layers'));
+      repairs = { repaired: [...(repairs?.repaired ?? []), ...open.repaired], unrepaired: open.unrepaired };
+    }
     lossesRecorded = options.force === true ? await recordLosses(store) : [];
   } finally {
     await store.close();
   }
   const report = store.openReport;
-  return { ...report, eventsPerSecond: report.durationMs > 0 ? (report.eventsReplayed / report.durationMs) * 1000 : 0, salvage, lossesRecorded };
+  return {
+    ...report,
+    eventsPerSecond: report.durationMs > 0 ? (report.eventsReplayed / report.durationMs) * 1000 : 0,
+    salvage,
+    lossesRecorded,
+    payloadsRepaired: repairs?.repaired ?? [],
+    payloadsUnrepaired: repairs?.unrepaired ?? [],
+  };
+}
+
+/** Open the store; undefined (after telling `onDamage`) when it is still damaged. */
+async function openUnlessDamaged(dir: string, options: { onProgress?: ProgressCallback }, onDamage: (err: StoreError) => void): Promise<Store | undefined> {
+  try {
+    return await Store.open(dir, { onProgress: options.onProgress });
+  } catch (err) {
+    if (!isDamage(err, true)) throw err;
+    onDamage(err);
+    return undefined;
+  }
+}
+
+/**
+ * repairPayloads on the journal of a store that will not open; undefined when the journal itself
+ * will not open either (its damage is for table salvage and the cut).
+ */
+async function repairPayloadsAlone(dir: string): Promise<PayloadRepairReport | undefined> {
+  let journal: Journal<StoreEvent>;
+  try {
+    journal = await Journal.open<StoreEvent>(join(resolve(dir), 'journal'));
+  } catch (err) {
+    if (err instanceof JournalError && err.code === 'ECORRUPT') return undefined;
+    throw toStoreError(err, dir);
+  }
+  try {
+    return await repairPayloads(journal, join(resolve(dir), 'layers'));
+  } finally {
+    await journal.close();
+  }
 }
 
 /**
@@ -289,14 +345,21 @@ export async function checkStore(dir: string, options: { onProgress?: ProgressCa
     const verify = await verifyStoreJournal(journal);
     for (const p of verify.problems) {
       if (p.accepted !== undefined) lost.add(p.accepted);
-      else problems.push({ kind: p.kind === 'checkpoint' ? 'checkpoint' : 'journal', seq: p.seq, message: p.message });
+      else if (isPayloadDamage(p)) {
+        // Say whether recover --force can mend it (from the layer file that still holds its blocks).
+        const rebuilt = await rebuildPayload(journal, join(store.dir, 'layers'), p.seq);
+        const remedy = 'reason' in rebuilt ? `it cannot be rebuilt: ${rebuilt.reason}` : `recover --force can write it back from layer ${rebuilt.layerId}'s data file`;
+        problems.push({ kind: 'journal', seq: p.seq, message: `${p.message}; ${remedy}` });
+      } else problems.push({ kind: p.kind === 'checkpoint' ? 'checkpoint' : 'journal', seq: p.seq, message: p.message });
     }
+    // The replay below reads no payloads and no checkpoints: damage to those leaves it possible.
+    const replayable = verify.problems.every((p) => p.accepted !== undefined || p.kind === 'checkpoint' || isPayloadDamage(p));
     for (const s of store.openReport.checkpointsSkipped) problems.push({ kind: 'checkpoint', seq: s.seq, message: `checkpoint at seq ${s.seq} was not usable: ${s.reason}` });
     const history = journal.firstSeq > 1 ? acceptedLossOf(await acceptedLosses(journal), 1, journal.firstSeq - 1) : undefined;
     if (history !== undefined) lost.add(history);
     if (journal.firstSeq > 1 && history === undefined) {
       problems.push({ kind: 'projection', message: `the journal starts at seq ${journal.firstSeq} (the records before it are gone), so neither the projection nor the data blocks can be checked against the whole history` });
-    } else if (verify.ok) {
+    } else if (replayable) {
       // Replay the journal with the same reducer, remembering each block's last write: from seq 1,
       // or around the accepted losses (whose state the checkpoints hold).
       const lastWrite = new Map<number, Map<number, [seq: number, crc: number]>>();

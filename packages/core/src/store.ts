@@ -223,7 +223,8 @@ function checkCheckpointBytes(optionBytes: number | undefined): number {
   return bytes;
 }
 
-function toStoreError(err: unknown, dir: string): unknown {
+/** A journal or projection error as the StoreError an operator reads, naming the store. */
+export function toStoreError(err: unknown, dir: string): unknown {
   if (err instanceof JournalError) {
     switch (err.code) {
       case 'ELOCKED':

@@ -4,7 +4,7 @@
  * bases; recover and check name what they did and what is damaged.
  */
 import { rejects } from 'node:assert/strict';
-import { appendFileSync, closeSync, cpSync, mkdirSync, openSync, readdirSync, readSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { appendFileSync, closeSync, cpSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { Journal } from '@cowstack/journal';
 import { Level } from 'level';
@@ -254,16 +254,16 @@ function frameKey(seq: number): Buffer {
   return key;
 }
 
-/** Wait (up to 2 s) until a file starts with `block`: a write behind reaching the layer file. */
-async function untilFirstBlockIs(path: string, block: Buffer): Promise<void> {
-  for (let i = 0; i < 200 && !firstBlockOf(path).equals(block); i++) await new Promise((r) => setTimeout(r, 10));
+/** Wait (up to 2 s) until a file holds `block` at `offset`: a write behind reaching the layer file. */
+async function untilBlockIs(path: string, block: Buffer, offset = 0): Promise<void> {
+  for (let i = 0; i < 200 && !blockOf(path, offset).equals(block); i++) await new Promise((r) => setTimeout(r, 10));
 }
 
-/** The first 4 KiB of a file. */
-function firstBlockOf(path: string): Buffer {
+/** The 4 KiB of a file at `offset` (the first by default). */
+function blockOf(path: string, offset = 0): Buffer {
   const fd = openSync(path, 'r');
   const buf = Buffer.alloc(4096);
-  readSync(fd, buf, 0, 4096, 0);
+  readSync(fd, buf, 0, 4096, offset);
   closeSync(fd);
   return buf;
 }
@@ -319,8 +319,8 @@ test('a cut torn tail gives the blocks its writes had already put in the layer f
   // Written behind after the acknowledgement: wait until the layer file holds it, as the disk may
   // have before an OS crash.
   const layerFile = join(dir, 'layers', `${store.volumes()[0].topLayerId}.data`);
-  await untilFirstBlockIs(layerFile, Buffer.alloc(4096, 3));
-  assert.ok(firstBlockOf(layerFile).equals(Buffer.alloc(4096, 3)), 'precondition: the unsynced write is in the layer file');
+  await untilBlockIs(layerFile, Buffer.alloc(4096, 3));
+  assert.ok(blockOf(layerFile).equals(Buffer.alloc(4096, 3)), 'precondition: the unsynced write is in the layer file');
   // What an OS crash can leave: the write's LevelDB record and layer data, but not its payload.
   const crashed = await osCrashCopy(dir, store, 100);
   const reopened = await Store.open(crashed);
@@ -345,7 +345,7 @@ test('a torn tail over a journal with a gap the checkpoint covers still opens; i
   await store.checkpoint();
   await store.writeVolume('default', 0, Buffer.alloc(4096, 3), false);
   const layerFile = join(dir, 'layers', `${store.volumes()[0].topLayerId}.data`);
-  await untilFirstBlockIs(layerFile, Buffer.alloc(4096, 3));
+  await untilBlockIs(layerFile, Buffer.alloc(4096, 3));
   const crashed = await osCrashCopy(dir, store, 100);
   const db = new Level<Buffer, Buffer>(join(crashed, 'journal'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
   const key = frameKey(gapSeq);
@@ -453,6 +453,96 @@ test('recover --force records a gap a checkpoint covers; check then notes it and
   const kept = await Store.open(dir);
   assert.ok(flat(kept.readVolume('default', 16384, 12288)).equals(Buffer.concat([Buffer.alloc(4096, 5), Buffer.alloc(8192, 0)])), 'the write between the gap and the damage is kept, the ones from the damage on are not');
   await kept.close();
+});
+
+/** Flip a byte of the payload log inside the first place that holds `data` (a write's payload). */
+function flipPayload(dir: string, data: Buffer): void {
+  const segments = join(dir, 'journal', 'payloads');
+  for (const name of readdirSync(segments).filter((f) => f.endsWith('.seg'))) {
+    const at = readFileSync(join(segments, name)).indexOf(data);
+    if (at < 0) continue;
+    const fd = openSync(join(segments, name), 'r+');
+    writeSync(fd, Buffer.from([data[100] ^ 0xff]), 0, 1, at + 100);
+    closeSync(fd);
+    return;
+  }
+  assert.unreachable('the payload is in the payload log');
+}
+
+test('check says whether a damaged payload can be mended; recover --force writes back those the layer files still hold', async () => {
+  const dir = tempDir();
+  const store = await Store.create(dir, { sizeBytes: mib, retain: parseRetention('all') });
+  await store.writeVolume('default', 0, Buffer.alloc(8192, 0x11), true);
+  const mendable = store.lastSeq;
+  await store.writeVolume('default', 65536, Buffer.alloc(4096, 0x22), true);
+  const overwritten = store.lastSeq;
+  await store.writeVolume('default', 65536, Buffer.alloc(4096, 0x23), true);
+  const top = store.volumeInfo('default').topLayerId;
+  await store.close();
+  flipPayload(dir, Buffer.alloc(8192, 0x11));
+  flipPayload(dir, Buffer.alloc(4096, 0x22));
+
+  const before = await checkStore(dir);
+  assert.equal(before.problems.map((p) => [p.kind, p.seq]), [['journal', mendable], ['journal', overwritten]], JSON.stringify(before.problems));
+  assert.match(before.problems[0].message, new RegExp(`seq ${mendable} is corrupt \\(payload-crc\\).*; recover --force can write it back from layer ${top}'s data file$`));
+  assert.match(before.problems[1].message, new RegExp(`; it cannot be rebuilt: layer ${top} no longer holds it: 1 of its 1 block\\(s\\) \\(16\\) differ from what the write recorded`));
+  assert.is(before.dataBlocksChecked, 3, 'damaged payloads do not stop the replay and the data checks');
+
+  const plain = await recoverStore(dir);
+  assert.equal([plain.payloadsRepaired, plain.payloadsUnrepaired], [[], []], 'without --force nothing is repaired');
+  const forced = await recoverStore(dir, { force: true });
+  assert.equal(forced.payloadsRepaired, [{ seq: mendable, layerId: top, firstBlock: 0, blocks: 2 }]);
+  assert.equal(forced.payloadsUnrepaired.map((u) => u.seq), [overwritten]);
+  assert.is(forced.salvage, undefined);
+  assert.is(forced.lossesRecorded.length, 0);
+
+  const after = await checkStore(dir);
+  assert.equal(after.problems.map((p) => p.seq), [overwritten], 'only the payload no layer holds is still damaged');
+  const reopened = await Store.open(dir);
+  try {
+    assert.ok((await reopened.eventLog.readPayload(mendable))!.equals(Buffer.alloc(8192, 0x11)), 'the journal holds the write again');
+    const past = await pointInTimeView(reopened, 'default', mendable);
+    assert.ok((await past.read(0, 8192)).equals(Buffer.alloc(8192, 0x11)));
+    assert.ok(flat(reopened.readVolume('default', 65536, 4096)).equals(Buffer.alloc(4096, 0x23)));
+  } finally {
+    await reopened.close();
+  }
+});
+
+test('recover --force mends a durable payload after the checkpoint from the layer file, discarding nothing', async () => {
+  const dir = tempDir();
+  const store = await Store.create(dir, { sizeBytes: mib });
+  await store.writeVolume('default', 0, Buffer.alloc(4096, 1), true);
+  await store.checkpoint();
+  await store.writeVolume('default', 16384, Buffer.alloc(8192, 0x44), true);
+  const damagedSeq = store.lastSeq;
+  await store.writeVolume('default', 4096, Buffer.alloc(4096, 0x55), true);
+  const layerFile = join(dir, 'layers', `${store.volumeInfo('default').topLayerId}.data`);
+  await untilBlockIs(layerFile, Buffer.alloc(4096, 0x44), 16384 + 4096);
+  // A process crash (the store is copied open), then rot in the payload log.
+  const crashed = tempDir('crashed');
+  cpSync(dir, crashed, { recursive: true });
+  await store.close();
+  flipPayload(crashed, Buffer.alloc(8192, 0x44));
+
+  await rejects(() => recoverStore(crashed), (e: unknown) => e instanceof StoreError && e.code === 'ECORRUPT' && new RegExp(`seq ${damagedSeq} is corrupt \\(payload-crc\\)`).test(e.message));
+  const forced = await recoverStore(crashed, { force: true });
+  assert.equal(forced.payloadsRepaired.map((r) => [r.seq, r.blocks]), [[damagedSeq, 2]]);
+  assert.is(forced.salvage, undefined, 'nothing is cut');
+  assert.ok(forced.eventsReplayed >= 2, 'the records after the checkpoint are replayed');
+  const reopened = await Store.open(crashed);
+  try {
+    const data = flat(reopened.readVolume('default', 0, 24576));
+    const expected = Buffer.alloc(24576);
+    expected.fill(1, 0, 4096);
+    expected.fill(0x55, 4096, 8192);
+    expected.fill(0x44, 16384, 24576);
+    assert.ok(data.equals(expected), 'every acknowledged write is there, the one after the mended record too');
+  } finally {
+    await reopened.close();
+  }
+  const check = await checkStore(crashed);
+  assert.ok(check.ok, JSON.stringify(check.problems));
 });
 
 test('a point-in-time view built earlier still reads the past after the volume is overwritten', async () => {

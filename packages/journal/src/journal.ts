@@ -130,6 +130,8 @@ export interface VerifyProblem {
   readonly message: string;
   /** For a gap: the last missing seq (the gap is seq..toSeq). */
   readonly toSeq?: number;
+  /** Past the last durable seq: a torn tail a crash left, which opening a store cuts (see cutTail). */
+  readonly tornTail?: boolean;
 }
 
 export interface VerifyReport {
@@ -1128,17 +1130,46 @@ export class Journal<M = unknown> {
    */
   async readPayload(seq: number): Promise<Buffer | undefined> {
     this.checkOpen();
+    const { frame, i } = await this.retainedFrameOf(seq);
+    if (frame === undefined || frame.records[i][0] === 0) return undefined;
+    return this.framePayloads(frame, i, i, this.retention.payloadsThrough)[i];
+  }
+
+  /**
+   * Write the payload of record `seq` back in place, durably: repair after damage to the payload log
+   * (`recover --force` rebuilds a payload from the layer blocks that still hold it). Only the exact
+   * bytes the frame recorded are accepted (its length and CRC32C), so this can mend a payload, never
+   * change one. For a journal at rest: nothing else may be appending.
+   */
+  async rewritePayload(seq: number, payload: Buffer): Promise<void> {
+    this.checkOpen();
+    const { frame, i } = await this.retainedFrameOf(seq);
+    if (frame === undefined) throw new JournalError('ERETAINED', `the payload of record seq ${seq} was dropped by retention`);
+    const [length, crc] = frame.records[i];
+    if (length === 0) throw new JournalError('EINVAL', `record seq ${seq} has no payload`);
+    if (payload.length !== length || crc32c(payload) !== crc) {
+      throw new JournalError('EINVAL', `${payload.length} bytes with CRC ${hex(crc32c(payload))} are not the payload of record seq ${seq} (${length} bytes, CRC ${hex(crc)})`);
+    }
+    let offset = frame.payloadOffset;
+    for (let j = 0; j < i; j++) offset += frame.records[j][0];
+    await this.payloadLog.rewrite(frame.payloadSegment, offset, payload);
+  }
+
+  /**
+   * The frame holding record `seq` and the record's index in it; no frame when retention dropped the
+   * record's payload (ERETAINED when it dropped the record itself).
+   */
+  private async retainedFrameOf(seq: number): Promise<{ frame: DecodedFrame | undefined; i: number }> {
     if (!Number.isSafeInteger(seq) || seq < 1 || seq > this.lastSeq) throw new JournalError('EINVAL', `seq ${seq} is not a committed seq (last is ${this.lastSeq})`);
     if (seq < this.retention.firstSeq) throw new JournalError('ERETAINED', `record seq ${seq} was dropped by retention (the journal starts at seq ${this.retention.firstSeq})`);
-    if (seq <= this.retention.payloadsThrough) return undefined;
+    if (seq <= this.retention.payloadsThrough) return { frame: undefined, i: 0 };
     const key = await this.frameKeyAtOrBefore(seq);
     const value = await this.db.get(key);
     if (value === undefined) throw new JournalCorruptionError(seq, 'gap', `no frame holds seq ${seq}`);
     const frame = decodeFrame(seqOfKey(key), value, undefined, false);
     const i = seq - frame.firstSeq;
     if (i < 0 || i >= frame.count) throw new JournalCorruptionError(seq, 'gap', `no frame holds seq ${seq}`);
-    if (frame.records[i][0] === 0) return undefined;
-    return this.framePayloads(frame, i, i, this.retention.payloadsThrough)[i];
+    return { frame, i };
   }
 
   /** Key of the frame holding `seq`: the last frame key at or before it (or the first key, if none). */
@@ -1163,11 +1194,15 @@ export class Journal<M = unknown> {
         from = undefined;
       } catch (err) {
         if (!(err instanceof JournalCorruptionError)) throw err;
-        // Go on at the next frame, so that every damaged frame and gap is named, not just the first.
-        const [next] = await this.db.keys({ gt: recordKey(err.seq), lt: recordRange.lt, limit: 1 }).all();
-        from = next === undefined ? undefined : seqOfKey(next);
+        // Go on, so that every damaged frame, gap and payload is named, not just the first: at the next
+        // record after a payload that fails its CRC (its frame is whole), else at the next frame.
+        if (err.kind === 'payload-crc' && err.seq < this.lastSeq) from = err.seq + 1;
+        else {
+          const [next] = await this.db.keys({ gt: recordKey(err.seq), lt: recordRange.lt, limit: 1 }).all();
+          from = next === undefined ? undefined : seqOfKey(next);
+        }
         const gapEnd = from === undefined ? Math.max(err.seq, this.lastSeq) : from - 1;
-        problems.push({ seq: err.seq, kind: err.kind, message: err.message, ...(err.kind === 'gap' ? { toSeq: gapEnd } : {}) });
+        problems.push({ seq: err.seq, kind: err.kind, message: err.message, ...(err.kind === 'gap' ? { toSeq: gapEnd } : {}), ...(err instanceof JournalTornTailError ? { tornTail: true } : {}) });
       }
     }
     for (const key of await this.db.keys(checkpointRange).all()) {

@@ -27,11 +27,11 @@
  * tail; after a crash, a recycled active segment counts as full and the next batch starts a new one.
  * A synced batch also fsyncs the directory after a segment appeared, so the name survives a power cut.
  */
-import { closeSync, constants, fdatasync, fstatSync, fsync, ftruncateSync, mkdirSync, openSync, readdirSync, readSync, renameSync, statSync, writevSync } from 'node:fs';
+import { closeSync, constants, fdatasync, fstatSync, fsync, ftruncateSync, mkdirSync, openSync, readdirSync, readSync, renameSync, statSync, writeSync, writevSync } from 'node:fs';
 import { unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { assert } from './errors.js';
+import { assert, JournalError } from './errors.js';
 import { payloadSpareSegments } from './limits.js';
 
 const fdatasyncAsync = promisify(fdatasync);
@@ -236,6 +236,24 @@ export class PayloadLog {
       done += n;
     }
     return out.subarray(0, done);
+  }
+
+  /**
+   * Write bytes back at `offset` of a live segment and make them durable: a damaged payload's repair
+   * (Journal.rewritePayload checked them against its frame). A segment file that is gone stays gone.
+   */
+  async rewrite(segment: number, offset: number, bytes: Buffer): Promise<void> {
+    if (!this.segments.includes(segment)) throw new JournalError('ENOENT', `payload segment ${segmentName(segment)} is gone from ${this.dir}`);
+    const fd = openSync(join(this.dir, segmentName(segment)), constants.O_WRONLY);
+    try {
+      let done = 0;
+      while (done < bytes.length) done += writeSync(fd, bytes, done, bytes.length - done, offset + done);
+      await fdatasyncAsync(fd);
+    } finally {
+      closeSync(fd);
+    }
+    // A repair past the end of a short active segment: the next batch appends after it, and close keeps it.
+    if (segment === this.active) this.tailBytes = Math.max(this.tailBytes, offset + bytes.length);
   }
 
   /**

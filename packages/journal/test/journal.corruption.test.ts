@@ -116,6 +116,76 @@ test('a payload missing from the payload log is named by its seq', async () => {
   await expectDamage(dir, 7, 'payload-missing');
 });
 
+test('verify names every damaged payload of a frame, and rewritePayload mends one with its exact bytes only', async () => {
+  const dir = await makeJournal();
+  const fd = openSync(segment(dir), 'r+');
+  writeSync(fd, Buffer.from([0xee]), 0, 1, 9 * 64 + 5);
+  writeSync(fd, Buffer.from([0xee]), 0, 1, 11 * 64 + 60);
+  closeSync(fd);
+  const journal = await Journal.open(dir);
+  try {
+    const damaged = await journal.verify();
+    assert.equal(
+      damaged.problems.map((p) => [p.seq, p.kind]),
+      [
+        [10, 'payload-crc'],
+        [12, 'payload-crc'],
+      ],
+      damaged.problems.map((p) => p.message).join(' | '),
+    );
+    // Anything but the recorded bytes is refused, and changes nothing.
+    await rejects(
+      () => journal.rewritePayload(10, Buffer.alloc(64, 11)),
+      (err: unknown) => err instanceof Error && /are not the payload of record seq 10 \(64 bytes, CRC 0x/.test(err.message),
+    );
+    await rejects(() => journal.rewritePayload(10, Buffer.alloc(65, 10)), /65 bytes with CRC/);
+    await journal.rewritePayload(10, Buffer.alloc(64, 10));
+    assert.equal(await journal.readPayload(10), Buffer.alloc(64, 10));
+    assert.equal(
+      (await journal.verify()).problems.map((p) => p.seq),
+      [12],
+    );
+  } finally {
+    await journal.close();
+  }
+  // Durable and in place: a reopened journal reads it, and the other records' payloads are untouched.
+  const reopened = await Journal.open(dir);
+  try {
+    await reopened.rewritePayload(12, Buffer.alloc(64, 12));
+    const report = await reopened.verify();
+    assert.ok(report.ok, report.problems.map((p) => p.message).join(' | '));
+    assert.is(report.payloadsChecked, 20);
+    for (let seq = 1; seq <= 20; seq++) assert.equal(await reopened.readPayload(seq), Buffer.alloc(64, seq));
+  } finally {
+    await reopened.close();
+  }
+});
+
+test('rewritePayload fills a payload a short active segment lost, and later appends go after it', async () => {
+  const dir = await makeJournal();
+  truncateSync(segment(dir), 19 * 64);
+  const journal = await Journal.open(dir);
+  try {
+    assert.equal(
+      (await journal.verify()).problems.map((p) => [p.seq, p.kind]),
+      [[20, 'payload-missing']],
+    );
+    await journal.rewritePayload(20, Buffer.alloc(64, 20));
+    await journal.append({ n: 21 }, { payload: Buffer.alloc(64, 21), sync: true });
+  } finally {
+    await journal.close();
+  }
+  const reopened = await Journal.open(dir);
+  try {
+    const report = await reopened.verify();
+    assert.ok(report.ok, report.problems.map((p) => p.message).join(' | '));
+    assert.equal(await reopened.readPayload(20), Buffer.alloc(64, 20));
+    assert.equal(await reopened.readPayload(21), Buffer.alloc(64, 21));
+  } finally {
+    await reopened.close();
+  }
+});
+
 test('after an OS crash, an unsynced tail whose payloads never reached disk is cut cleanly', async () => {
   const dir = tempDir('torn');
   const journal = await Journal.open(dir, { create: true });

@@ -127,7 +127,7 @@ export function registerStoreCommands(root: Command): void {
       .command('recover')
       .description('replay the journal after a crash: re-apply journaled writes to the layer files and write a checkpoint')
       .argument('<store>', 'store directory')
-      .option('--force', 'salvage a store whose journal is damaged: set damaged LevelDB tables aside in journal/damaged/ and write back what they still hold, then cut the journal at the first damaged or missing record (it and every later record are lost) and recover what comes before; records lost where a checkpoint holds their state are recorded as accepted, and check then reports them as notes')
+      .option('--force', 'salvage a store whose journal is damaged: write damaged write payloads back from the layer files that still hold their blocks, set damaged LevelDB tables aside in journal/damaged/ and write back what they still hold, then cut the journal at the first damaged or missing record (it and every later record are lost) and recover what comes before; records lost where a checkpoint holds their state are recorded as accepted, and check then reports them as notes')
       .option('--json', 'print the report as JSON')
       .action(async (dirArg: string, opts: { force?: boolean; json?: boolean }) => {
         const dir = resolve(dirArg);
@@ -149,6 +149,8 @@ export function registerStoreCommands(root: Command): void {
             `  checkpoint written  ${report.checkpointWritten ? `yes, seq ${report.lastSeq}` : 'no (nothing to replay)'}`,
             ...(report.tailCut !== undefined ? [`  torn tail cut       ${describeTailCut(report.tailCut)}`] : []),
             ...(report.sealDamage !== undefined ? [`  seal rewritten      ${describeSealDamage(report.sealDamage)}`] : []),
+            ...report.payloadsRepaired.map((r) => `  PAYLOAD REPAIRED    seq ${r.seq}: written back from layer ${r.layerId} (blocks ${r.firstBlock}..${r.firstBlock + r.blocks - 1}), nothing lost`),
+            ...report.payloadsUnrepaired.map((u) => `  PAYLOAD DAMAGED     seq ${u.seq}: cannot be rebuilt: ${u.reason}`),
             ...report.lossesRecorded.map((l) => `  LOSS RECORDED       records seq ${l.fromSeq}..${l.toSeq}: ${l.reason}; check reports it as a note from now on`),
             ...(report.salvage !== undefined
               ? [

@@ -498,6 +498,10 @@ function recoverSummary(r: RecoverOutcome): string {
   const skipped = rep.checkpointsSkipped as Array<{ seq: number; reason: string }>;
   if (skipped.length > 0) parts.push(`skipped checkpoints ${skipped.map((s) => `${s.seq} (${s.reason})`).join(', ')}`);
   if (rep.tailCut) parts.push(`tail cut ${JSON.stringify(rep.tailCut)}`);
+  const repaired = (rep.payloadsRepaired ?? []) as Array<{ seq: number; layerId: number }>;
+  if (repaired.length > 0) parts.push(`payloads repaired ${repaired.map((p) => `seq ${p.seq} from layer ${p.layerId}`).join(', ')}`);
+  const unrepaired = (rep.payloadsUnrepaired ?? []) as Array<{ seq: number; reason: string }>;
+  if (unrepaired.length > 0) parts.push(`payloads not repairable ${unrepaired.map((p) => `seq ${p.seq} (${p.reason})`).join(', ')}`);
   if (rep.salvage) parts.push(`salvage ${JSON.stringify(rep.salvage)}`);
   return `recover: exit 0, ${parts.join(', ')}`;
 }
@@ -695,6 +699,35 @@ async function refusedThenSetAside(s: Scenario, store: string, fx: Fixture, tabl
   s.expect(existsSync(join(store, 'journal', 'damaged', table)), `recover --force did not set ${table} aside in journal/damaged/`);
 }
 
+/**
+ * recover --force on a store whose only damage is a write's payload that its layer file still holds:
+ * it must write the payload back and discard nothing, and every view must hold every write.
+ */
+async function tryMend(s: Scenario, store: string, fx: Fixture, w: FixtureWrite): Promise<void> {
+  const r = await runRecover(store, true);
+  s.note(`recover --force: ${recoverSummary(r)}`);
+  if (r.code !== 0) {
+    s.expect(false, `recover --force failed: ${r.error}`);
+    return;
+  }
+  const repaired = (r.report!.payloadsRepaired ?? []) as Array<{ seq: number }>;
+  s.expect(repaired.some((p) => p.seq === w.seq), `recover --force did not write the payload of seq ${w.seq} back from the layer file that holds it`);
+  s.expect(r.report!.salvage === undefined, 'recover --force cut the journal, though the damaged payload could be mended');
+  const post = await checkCopy(store, 'postcheck');
+  s.note(`after --force, ${checkSummary(post)}`);
+  s.expect(post.ok, `check after recover --force: ${checkSummary(post)}`);
+  const read = await serveAndRead(store, allViews);
+  if ('error' in read) {
+    s.expect(false, `serve after recover --force: ${read.error}`);
+    return;
+  }
+  for (const view of allViews) {
+    const got = read.views.get(view)!;
+    const bad = wrongBlocks(got, expected(fx, view));
+    s.expect(got.eio.length === 0 && bad.length === 0, `after --force, ${view} does not hold every write: EIO at ${got.eio.length} block(s), blocks ${bad.slice(0, 8).join(', ')} differ`);
+  }
+}
+
 function writeInTail(fx: Fixture, unsynced: boolean, rng: Rng): FixtureWrite {
   const after = fx.checkpoints[fx.checkpoints.length - 1];
   const candidates = fx.writes.filter((w) => w.seq > after && w.unsynced === unsynced);
@@ -710,11 +743,46 @@ export const scenarios: Record<string, ScenarioFn> = {
     const store = copyStore(f.store, 'payload');
     const w = writeInTail(f, false, rng);
     const { file, at } = flipPayload(store, w);
-    s.note(`damage: byte ${at} of ${file.slice(store.length + 1)} (payload of W${w.index}, seq ${w.seq})`);
+    // Half the time the write's data in its layer file is damaged too: recover --force cannot mend the
+    // payload from it then, and must cut the journal there.
+    const layer = w.volume === 'default' ? f.layers.defaultTop : f.layers.vm1Top;
+    const layerFile = join(store, 'layers', `${layer}.data`);
+    const layerToo = rng.chance(0.5);
+    if (layerToo) flipFileByte(layerFile, w.offset + 99, 0xa5);
+    // The layer holds the write unless a later one overwrote it, or the kill came before it got there.
+    const mendable = readFileSync(layerFile).subarray(w.offset, w.offset + writeBytes).equals(w.data);
+    s.note(`damage: byte ${at} of ${file.slice(store.length + 1)} (payload of W${w.index}, seq ${w.seq})${layerToo ? `, and byte ${w.offset + 99} of layers/${layer}.data (its data there)` : ''}; the layer file ${mendable ? 'holds' : 'does not hold'} the write`);
     const { check, recover } = await observe(s, store, f);
     s.expect(!check.ok && check.problems.some((p) => new RegExp(`seq ${w.seq}\\b`).test(p.message)), `check does not name seq ${w.seq}: ${checkSummary(check)}`);
     s.expect(recover.code === 1 && new RegExp(`seq ${w.seq}\\b`).test(recover.error) && /payload/.test(recover.error), `recover does not refuse naming seq ${w.seq} and the payload: ${recoverSummary(recover)}`);
-    if (recover.code === 1) await tryForce(s, store, f, w.seq);
+    if (recover.code === 1 && mendable) await tryMend(s, store, f, w);
+    else if (recover.code === 1) await tryForce(s, store, f, w.seq);
+    dropCopy(store);
+    return s.result();
+  },
+
+  async 'payload-log: flipped byte in a payload the newest checkpoint covers'(fx, rng) {
+    const s = new Scenario('payload-flip-covered');
+    const f = fx.clean;
+    const store = copyStore(f.store, 'payload-covered');
+    const w = rng.pick(f.writes.filter((x) => x.seq > f.checkpoints[0] && x.seq <= f.checkpoints[f.checkpoints.length - 1]));
+    const { file, at } = flipPayload(store, w);
+    const layer = w.volume === 'default' ? f.layers.defaultTop : f.layers.vm1Top;
+    const mendable = readFileSync(join(store, 'layers', `${layer}.data`)).subarray(w.offset, w.offset + writeBytes).equals(w.data);
+    s.note(`damage: byte ${at} of ${file.slice(store.length + 1)} (payload of W${w.index}, seq ${w.seq}, before the checkpoint at seq ${f.checkpoints[f.checkpoints.length - 1]}); the layer file ${mendable ? 'holds' : 'does not hold'} the write`);
+    const { check, recover, wrong } = await observe(s, store, f);
+    const named = check.problems.find((p) => p.seq === w.seq);
+    const remedy = mendable ? /; recover --force can write it back from layer \d+'s data file$/ : /; it cannot be rebuilt: /;
+    s.expect(named !== undefined && remedy.test(named.message), `check does not name seq ${w.seq} with what recover --force can do about it: ${checkSummary(check)}`);
+    s.expect(recover.code === 0, 'recover refuses a store whose only damage is a payload the checkpoint covers');
+    s.expect(wrong.size === 0, `serve returns data other than the acknowledged writes in ${[...wrong.keys()].join(', ')}`);
+    const forced = await runRecover(store, true);
+    s.note(`recover --force: ${recoverSummary(forced)}`);
+    const repaired = ((forced.report?.payloadsRepaired ?? []) as Array<{ seq: number }>).some((p) => p.seq === w.seq);
+    s.expect(forced.code === 0 && repaired === mendable && forced.report!.salvage === undefined, `recover --force should ${mendable ? 'write the payload back' : 'report the payload as not repairable'} and cut nothing: ${recoverSummary(forced)}`);
+    const post = await checkCopy(store, 'forcecheck');
+    s.note(`after --force, ${checkSummary(post)}`);
+    s.expect(mendable ? post.ok : post.problems.every((p) => p.seq === w.seq), `after recover --force, check: ${checkSummary(post)}`);
     dropCopy(store);
     return s.result();
   },

@@ -126,7 +126,9 @@ export async function recoverStore(dir: string, options: { onProgress?: Progress
     if (options.force === true) {
       // Payloads damaged where opening does not read them (at or before the checkpoint).
       const open = await repairPayloads(store.eventLog, join(store.dir, 'layers'));
-      repairs = { repaired: [...(repairs?.repaired ?? []), ...open.repaired], unrepaired: open.unrepaired };
+      // Those that could not be mended before opening stay reported, also when the cut took them.
+      const earlier = (repairs?.unrepaired ?? []).filter((u) => !open.unrepaired.some((o) => o.seq === u.seq));
+      repairs = { repaired: [...(repairs?.repaired ?? []), ...open.repaired], unrepaired: [...earlier, ...open.unrepaired] };
     }
     lossesRecorded = options.force === true ? await recordLosses(store) : [];
   } finally {

@@ -699,6 +699,19 @@ async function refusedThenSetAside(s: Scenario, store: string, fx: Fixture, tabl
   s.expect(existsSync(join(store, 'journal', 'damaged', table)), `recover --force did not set ${table} aside in journal/damaged/`);
 }
 
+/** The layer a write after the snapshot went to: its volume's top. */
+function topLayerOf(fx: Fixture, w: FixtureWrite): number {
+  return w.volume === 'default' ? fx.layers.defaultTop : fx.layers.vm1Top;
+}
+
+/**
+ * Whether a store's copy of the layer file of a write after the snapshot still holds the write: not
+ * when a later write overwrote it, or the kill came before it got there.
+ */
+function layerHolds(store: string, fx: Fixture, w: FixtureWrite): boolean {
+  return readFileSync(join(store, 'layers', `${topLayerOf(fx, w)}.data`)).subarray(w.offset, w.offset + writeBytes).equals(w.data);
+}
+
 /**
  * recover --force on a store whose only damage is a write's payload that its layer file still holds:
  * it must write the payload back and discard nothing, and every view must hold every write.
@@ -745,12 +758,10 @@ export const scenarios: Record<string, ScenarioFn> = {
     const { file, at } = flipPayload(store, w);
     // Half the time the write's data in its layer file is damaged too: recover --force cannot mend the
     // payload from it then, and must cut the journal there.
-    const layer = w.volume === 'default' ? f.layers.defaultTop : f.layers.vm1Top;
-    const layerFile = join(store, 'layers', `${layer}.data`);
+    const layer = topLayerOf(f, w);
     const layerToo = rng.chance(0.5);
-    if (layerToo) flipFileByte(layerFile, w.offset + 99, 0xa5);
-    // The layer holds the write unless a later one overwrote it, or the kill came before it got there.
-    const mendable = readFileSync(layerFile).subarray(w.offset, w.offset + writeBytes).equals(w.data);
+    if (layerToo) flipFileByte(join(store, 'layers', `${layer}.data`), w.offset + 99, 0xa5);
+    const mendable = layerHolds(store, f, w);
     s.note(`damage: byte ${at} of ${file.slice(store.length + 1)} (payload of W${w.index}, seq ${w.seq})${layerToo ? `, and byte ${w.offset + 99} of layers/${layer}.data (its data there)` : ''}; the layer file ${mendable ? 'holds' : 'does not hold'} the write`);
     const { check, recover } = await observe(s, store, f);
     s.expect(!check.ok && check.problems.some((p) => new RegExp(`seq ${w.seq}\\b`).test(p.message)), `check does not name seq ${w.seq}: ${checkSummary(check)}`);
@@ -767,8 +778,7 @@ export const scenarios: Record<string, ScenarioFn> = {
     const store = copyStore(f.store, 'payload-covered');
     const w = rng.pick(f.writes.filter((x) => x.seq > f.checkpoints[0] && x.seq <= f.checkpoints[f.checkpoints.length - 1]));
     const { file, at } = flipPayload(store, w);
-    const layer = w.volume === 'default' ? f.layers.defaultTop : f.layers.vm1Top;
-    const mendable = readFileSync(join(store, 'layers', `${layer}.data`)).subarray(w.offset, w.offset + writeBytes).equals(w.data);
+    const mendable = layerHolds(store, f, w);
     s.note(`damage: byte ${at} of ${file.slice(store.length + 1)} (payload of W${w.index}, seq ${w.seq}, before the checkpoint at seq ${f.checkpoints[f.checkpoints.length - 1]}); the layer file ${mendable ? 'holds' : 'does not hold'} the write`);
     const { check, recover, wrong } = await observe(s, store, f);
     const named = check.problems.find((p) => p.seq === w.seq);

@@ -18,9 +18,10 @@
  * store's block). dmCowTable prints the dm-cow table line for a volume and writes a bitmap file per
  * layer, so the same stack can be assembled with dmsetup.
  */
-import { closeSync, fstatSync, openSync, readSync, writeFileSync } from 'node:fs';
+import { closeSync, fstatSync, openSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { StoreError } from './errors.js';
+import { readAt } from './read-at.js';
 import { BlockState } from './projection.js';
 import type { Store, VolumeInfo } from './store.js';
 
@@ -35,22 +36,6 @@ export function dmCowBitmapSectors(volumeSectors: number): number {
 /** Byte offset of the magic in the bitmap device. */
 export function dmCowMagicOffset(bitmapSectors: number): number {
   return ((bitmapSectors & ~63) + 192) * sectorBytes;
-}
-
-function readAt(path: string, position: number, length: number): Buffer {
-  const fd = openSync(path, 'r');
-  try {
-    const out = Buffer.alloc(length);
-    let done = 0;
-    while (done < length) {
-      const n = readSync(fd, out, done, length - done, position + done);
-      if (n === 0) break;
-      done += n;
-    }
-    return out;
-  } finally {
-    closeSync(fd);
-  }
 }
 
 function sizeOf(path: string): number {

@@ -12,13 +12,13 @@
  * which opening the store cuts. `recover --force` runs this before anything else, so a payload the
  * layer files still hold costs no record; the store is at rest (the caller holds it).
  */
-import { closeSync, openSync, readSync } from 'node:fs';
 import { join } from 'node:path';
 import { crc32c } from '@node-rs/crc32';
 import { type Journal, JournalError, type VerifyProblem } from '@cowstack/journal';
 import { firstValueFrom } from 'rxjs';
 import { assert } from './errors.js';
 import { EventType, eventTypeName, type StoreEvent } from './events.js';
+import { readAt } from './read-at.js';
 
 /** A damaged write payload written back from its layer file. */
 export interface PayloadRepair {
@@ -99,28 +99,11 @@ export async function rebuildPayload(journal: Journal<StoreEvent>, layersDir: st
   const differ: number[] = [];
   for (let i = 0; i < blocks; i++) {
     const block = bytes.subarray(i * blockBytes, (i + 1) * blockBytes);
-    if (block.length < blockBytes || crc32c(block) !== crcs.readUInt32LE(4 * i)) differ.push(firstBlock + i);
+    if (crc32c(block) !== crcs.readUInt32LE(4 * i)) differ.push(firstBlock + i);
   }
   if (differ.length > 0) {
     const shown = differ.length > 4 ? `${differ.slice(0, 4).join(', ')} and ${differ.length - 4} more` : differ.join(', ');
     return { seq, reason: `layer ${layerId} no longer holds it: ${differ.length} of its ${blocks} block(s) (${shown}) differ from what the write recorded (written again since, or damaged)` };
   }
   return { seq, layerId, firstBlock, blocks, bytes };
-}
-
-/** `length` bytes at `offset` of a file (fewer if it ends first). */
-function readAt(path: string, offset: number, length: number): Buffer {
-  const out = Buffer.alloc(length);
-  const fd = openSync(path, 'r');
-  try {
-    let done = 0;
-    while (done < length) {
-      const n = readSync(fd, out, done, length - done, offset + done);
-      if (n === 0) break;
-      done += n;
-    }
-    return out.subarray(0, done);
-  } finally {
-    closeSync(fd);
-  }
 }

@@ -38,6 +38,9 @@ function quietOnClosedStdout(): void {
   });
 }
 
+/** What to run when damage keeps a store from opening (README, "Damage and salvage"). */
+const damageHint = 'cowstack: hint: `cowstack check STORE` lists all the damage; `cowstack recover --force STORE` mends or salvages it (README: "Damage and salvage")';
+
 export async function main(argv: string[]): Promise<number> {
   const json = argv.includes('--json');
   quietOnClosedStdout();
@@ -55,6 +58,8 @@ export async function main(argv: string[]): Promise<number> {
     const message = (err as Error).message ?? String(err);
     if (json) process.stdout.write(`${JSON.stringify({ error: { code: code ?? 'ERROR', message } })}\n`);
     process.stderr.write(`cowstack: error: ${message}\n`);
+    // Damage refused an open: say what to run next (recover --force is that already).
+    if (code === 'ECORRUPT' && !(argv[0] === 'recover' && argv.includes('--force'))) process.stderr.write(`${damageHint}\n`);
     if (process.env.COWSTACK_DEBUG) process.stderr.write(`${(err as Error).stack}\n`);
     return exitProblem;
   }

@@ -8,7 +8,7 @@
  */
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { openSync, closeSync, readdirSync, readSync, writeSync } from 'node:fs';
+import { closeSync, constants, openSync, readdirSync, readFileSync, readSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { blockCrcs, EventType, type StoreEvent } from '@cowstack/core';
 import { Journal } from '@cowstack/journal';
@@ -277,6 +277,46 @@ test('journal verify names a damaged record by seq and exits 1, also when the da
   const check = await cow(['check', store]);
   assert.is(check.code, 1);
   assert.match(check.stdout + check.stderr, `seq ${damaged}`);
+});
+
+test('a damaged payload: recover and serve refuse and say what to run; recover --force writes it back from the layer file', async () => {
+  const store = join(tempDir(), 'store');
+  await cowOk(['init', store, '--size', '8M']);
+  const top = (await cowJson<{ volumes: Array<{ name: string; topLayerId: number }> }>(['ls', store])).volumes[0].topLayerId;
+  // A durable write after the last checkpoint whose data had reached the layer file before a crash,
+  // then a byte of it flipped in the payload log.
+  const journal = await Journal.open<StoreEvent>(join(store, 'journal'));
+  const data = Buffer.alloc(4096, 0x42);
+  await journal.append([EventType.Write, top, 3, 1, blockCrcs(data, 4096)], { payload: data, sync: true });
+  const damaged = journal.lastSeq;
+  await journal.close();
+  const layer = openSync(join(store, 'layers', `${top}.data`), constants.O_RDWR | constants.O_CREAT, 0o600);
+  writeSync(layer, data, 0, data.length, 3 * 4096);
+  closeSync(layer);
+  const payloads = join(store, 'journal', 'payloads');
+  const segment = join(payloads, readdirSync(payloads).filter((f) => f.endsWith('.seg'))[0]);
+  flipAt(segment, readFileSync(segment).lastIndexOf(data) + 100);
+
+  const hint = /\ncowstack: hint: `cowstack check STORE` lists all the damage; `cowstack recover --force STORE` mends or salvages it/;
+  const refused = await cow(['recover', store]);
+  assert.is(refused.code, 1);
+  assert.match(refused.stderr, new RegExp(`^cowstack: error: store ${store}: journal record seq ${damaged} is corrupt \\(payload-crc\\)`));
+  assert.match(refused.stderr, hint);
+  const serve = await cow(['serve', store, '--socket', join(tempDir(), 'nbd.sock')]);
+  assert.is(serve.code, 1, 'serve refuses the damaged store');
+  assert.match(serve.stderr, hint);
+  const forced = await cow(['recover', store, '--force']);
+  assert.is(forced.code, 0, forced.stderr);
+  assert.match(forced.stdout, `\n  PAYLOAD REPAIRED    seq ${damaged}: written back from layer ${top} (blocks 3..3), nothing lost\n`);
+  assert.not.match(forced.stdout + forced.stderr, /SALVAGED|hint/);
+  const check = await cow(['check', store]);
+  assert.is(check.code, 0, check.stdout);
+  const server = await Server.start(store);
+  try {
+    await qemuIo(server.uri('default'), ['read -P 0x42 12k 4k']);
+  } finally {
+    assert.is(await server.stop(), 0);
+  }
 });
 
 test.run();

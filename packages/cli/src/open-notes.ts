@@ -14,7 +14,7 @@ export function describeTailCut(cut: NonNullable<OpenReport['tailCut']>): string
 
 /** A damaged seal and what its damage hid. */
 export function describeSealDamage(reason: string): string {
-  return `journal/payloads/seal was damaged (${reason}) and has been written anew; records LevelDB lost from the journal's end before this open could not be noticed`;
+  return `journal/payloads/seal was damaged (${reason}) and has been written anew; records LevelDB lost from the journal's end before that could not be noticed`;
 }
 
 /** One line per thing opening did that an operator should hear about. */

@@ -136,8 +136,8 @@ export interface OpenReport {
    */
   readonly tailCut: { fromSeq: number; records: number; kind: CorruptionKind; blocksRestored: number } | undefined;
   /**
-   * Why the journal's seal was unreadable, when it was: records LevelDB lost before this open could
-   * not be noticed. The seal has been written anew.
+   * Why the journal's seal was unreadable, when it was: records LevelDB lost before then could not be
+   * noticed. The seal has been written anew. Named by every open until one succeeds (this one did).
    */
   readonly sealDamage: string | undefined;
 }
@@ -460,6 +460,8 @@ export class Store {
       const retention = (await journal.getMeta<RetentionPolicy>(retentionMetaKey)) ?? { kind: 'checkpoint' };
       const store = new Store(dir, journal, state, files, report, retention, checkpointBytes);
       if (eventsReplayed > 0) await store.checkpoint();
+      // The report names it from here on (recover, check, serve say so): later opens need not.
+      await journal.acknowledgeSealDamage();
       return store;
     } catch (err) {
       // Writes re-applied before the failure are journaled data: they finish before the files close.

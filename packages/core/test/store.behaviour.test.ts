@@ -545,6 +545,26 @@ test('recover --force mends a durable payload after the checkpoint from the laye
   assert.ok(check.ok, JSON.stringify(check.problems));
 });
 
+test('a damaged seal found by an open that then fails is reported by the next open that succeeds', async () => {
+  const dir = tempDir();
+  const store = await Store.create(dir, { sizeBytes: mib });
+  await store.writeVolume('default', 0, Buffer.alloc(4096, 1), true);
+  await store.checkpoint();
+  await store.writeVolume('default', 4096, Buffer.alloc(4096, 0x66), true);
+  // The write's data never reached the layer file, so its damaged payload cannot be mended.
+  const crashed = await crashBeforeLayerData(store, dir);
+  flipPayload(crashed, Buffer.alloc(4096, 0x66));
+  const sealPath = join(crashed, 'journal', 'payloads', 'seal');
+  const seal = readFileSync(sealPath);
+  seal[10] ^= 0x01;
+  writeFileSync(sealPath, seal);
+  await rejects(() => Store.open(crashed), code('ECORRUPT'));
+  const forced = await recoverStore(crashed, { force: true });
+  assert.ok(forced.salvage !== undefined, 'the damaged payload is cut');
+  assert.is(forced.sealDamage, 'it fails its CRC32C', 'the seal damage the failed open found is still reported');
+  assert.is((await recoverStore(crashed)).sealDamage, undefined, 'once reported, it is not reported again');
+});
+
 test('a point-in-time view built earlier still reads the past after the volume is overwritten', async () => {
   const store = await Store.create(tempDir(), { sizeBytes: mib, retain: { kind: 'all' } });
   await store.writeVolume('default', 0, Buffer.alloc(8192, 1), false);

@@ -58,6 +58,18 @@ import {
 
 const formatName = 'cowstack-journal';
 const metaPackr = new Packr({ useRecords: false });
+/** Journal metadata: why the seal was damaged, until a caller acknowledges it (see damagedSeal). */
+const sealDamageMetaName = 'seal-damage';
+
+/** A string packed into metadata, or undefined if it is not one. */
+function unpackReason(raw: Buffer): string | undefined {
+  try {
+    const value: unknown = metaPackr.unpack(raw);
+    return typeof value === 'string' ? value : undefined;
+  } catch {
+    return undefined;
+  }
+}
 
 /** One committed record, as replay and the commit hook see it. */
 export interface JournalRecord<M = unknown> {
@@ -345,9 +357,14 @@ export class Journal<M = unknown> {
       journal.retentionRebuilt = retentionRebuilt;
       if (reading.kind === 'damaged') {
         // Unreadable, the seal witnesses nothing: it says again how far LevelDB's records go, so
-        // that losses from here on are noticed.
+        // that losses from here on are noticed. The damage is kept in the metadata until a caller
+        // that reported it acknowledges it: an open that fails after this one must not lose it.
         journal.sealDamage = reading.reason;
+        await db.put(metaKey(sealDamageMetaName), metaPackr.pack(reading.reason), { sync: true });
         journal.writeSeal();
+      } else {
+        const pending = await db.get(metaKey(sealDamageMetaName));
+        if (pending !== undefined) journal.sealDamage = unpackReason(pending) ?? 'an earlier open found it damaged';
       }
       return journal;
     } catch (err) {
@@ -855,11 +872,18 @@ export class Journal<M = unknown> {
   }
 
   /**
-   * Why the seal (`payloads/seal`) was unreadable at open, when it was: records LevelDB lost before
-   * this open went unnoticed. Opening wrote it anew from the records LevelDB holds.
+   * Why the seal (`payloads/seal`) was unreadable, when it was: records LevelDB lost before then went
+   * unnoticed. The open that found it wrote it anew from the records LevelDB holds; every open after
+   * that says it again until `acknowledgeSealDamage`.
    */
   get damagedSeal(): string | undefined {
     return this.sealDamage;
+  }
+
+  /** The damaged seal has been reported to someone: later opens no longer name it. */
+  async acknowledgeSealDamage(): Promise<void> {
+    this.checkOpen();
+    if (this.sealDamage !== undefined) await this.db.del(metaKey(sealDamageMetaName), { sync: true });
   }
 
   /** Whether opening (with skipDamagedTail) rebuilt a damaged retention record. */

@@ -244,7 +244,7 @@ test('a hole in records the seal says were committed in this boot is damage, nam
   await reopened.close();
 });
 
-test('a damaged seal is reported at open and written anew from what LevelDB holds', async () => {
+test('a damaged seal is reported at open and written anew from what LevelDB holds, and named until acknowledged', async () => {
   const dir = tempDir('pipeline');
   const journal = await Journal.open<number>(dir, { create: true });
   assert.is(journal.damagedSeal, undefined, 'a new journal has no seal yet, which is not damage');
@@ -263,9 +263,16 @@ test('a damaged seal is reported at open and written anew from what LevelDB hold
   assert.ok(reading.kind === 'ok', `the seal was not written anew: ${JSON.stringify(reading)}`);
   assert.is(reading.state.committedSeq, 3);
   assert.is(reading.state.durableSeq, 3, 'closing made every record durable');
+  // Until someone acknowledges having reported it, every open names it (an open that failed after
+  // the one that found it must not lose it).
   const again = await Journal.open<number>(dir);
-  assert.is(again.damagedSeal, undefined);
+  assert.is(again.damagedSeal, 'it fails its CRC32C', 'still named by the next open');
+  await again.acknowledgeSealDamage();
+  assert.is(again.damagedSeal, 'it fails its CRC32C', 'this open still says so');
   await again.close();
+  const acknowledged = await Journal.open<number>(dir);
+  assert.is(acknowledged.damagedSeal, undefined);
+  await acknowledged.close();
   truncateSync(sealPath, 17);
   const short = await Journal.open<number>(dir);
   assert.is(short.damagedSeal, '17 bytes long, not 40');

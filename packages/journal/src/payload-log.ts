@@ -239,18 +239,28 @@ export class PayloadLog {
   }
 
   /**
-   * Write bytes back at `offset` of a live segment and make them durable: a damaged payload's repair
-   * (Journal.rewritePayload checked them against its frame). A segment file that is gone stays gone.
+   * Write bytes back at `offset` of a segment and make them durable: a damaged payload's repair
+   * (Journal.rewritePayload checked them against its frame). A segment file removed by hand is made
+   * anew around the repaired payloads (the others it held stay missing), unless it would be newer
+   * than the active segment, which the next batch appends to.
    */
   async rewrite(segment: number, offset: number, bytes: Buffer): Promise<void> {
-    if (!this.segments.includes(segment)) throw new JournalError('ENOENT', `payload segment ${segmentName(segment)} is gone from ${this.dir}`);
-    const fd = openSync(join(this.dir, segmentName(segment)), constants.O_WRONLY);
+    const gone = !this.segments.includes(segment);
+    if (gone && (this.active === undefined || segment > this.active)) {
+      throw new JournalError('ENOENT', `payload segment ${segmentName(segment)} is gone from ${this.dir}, and it was the newest`);
+    }
+    const fd = openSync(join(this.dir, segmentName(segment)), gone ? constants.O_WRONLY | constants.O_CREAT : constants.O_WRONLY, 0o600);
     try {
       let done = 0;
       while (done < bytes.length) done += writeSync(fd, bytes, done, bytes.length - done, offset + done);
       await fdatasyncAsync(fd);
     } finally {
       closeSync(fd);
+    }
+    if (gone) {
+      this.segments.push(segment);
+      this.segments.sort((a, b) => a - b);
+      await this.syncDir();
     }
     // A repair past the end of a short active segment: the next batch appends after it, and close keeps it.
     if (segment === this.active) this.tailBytes = Math.max(this.tailBytes, offset + bytes.length);

@@ -2,7 +2,7 @@
  * Corruption: alter a stored frame, a payload or a checkpoint, or delete a frame or payload in the
  * middle; `verify()` and `replay()` must name the damaged seq and kind, never skip it.
  */
-import { closeSync, openSync, truncateSync, writeSync } from 'node:fs';
+import { closeSync, openSync, rmSync, truncateSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { Level } from 'level';
 import { pack } from 'msgpackr';
@@ -183,6 +183,45 @@ test('rewritePayload fills a payload a short active segment lost, and later appe
     assert.equal(await reopened.readPayload(21), Buffer.alloc(64, 21));
   } finally {
     await reopened.close();
+  }
+});
+
+test('rewritePayload makes a payload segment removed by hand anew, except the newest', async () => {
+  // 256-byte segments: each batch of four 64-byte payloads fills one (segments 1, 5, 9, 13, 17).
+  const dir = tempDir('corrupt');
+  const journal = await Journal.open(dir, { create: true, payloadSegmentBytes: 256 });
+  for (let batch = 0; batch < 5; batch++) {
+    await Promise.all(Array.from({ length: 4 }, (_, i) => journal.append({ n: batch * 4 + i + 1 }, { payload: Buffer.alloc(64, batch * 4 + i + 1) })));
+  }
+  await journal.close();
+  const payloads = join(dir, 'payloads');
+  rmSync(join(payloads, '0000000000000005.seg'));
+  rmSync(join(payloads, '0000000000000017.seg'));
+  const reopened = await Journal.open(dir, { payloadSegmentBytes: 256 });
+  try {
+    assert.equal(
+      (await reopened.verify()).problems.map((p) => [p.seq, p.kind]),
+      [
+        [5, 'payload-missing'],
+        [17, 'payload-missing'],
+      ],
+    );
+    for (let seq = 5; seq <= 8; seq++) await reopened.rewritePayload(seq, Buffer.alloc(64, seq));
+    await rejects(() => reopened.rewritePayload(17, Buffer.alloc(64, 17)), /payload segment 0000000000000017\.seg is gone from .*, and it was the newest/);
+    assert.equal(
+      (await reopened.verify()).problems.map((p) => p.seq),
+      [17],
+    );
+    await reopened.append({ n: 21 }, { payload: Buffer.alloc(64, 21), sync: true });
+  } finally {
+    await reopened.close();
+  }
+  const again = await Journal.open(dir, { payloadSegmentBytes: 256 });
+  try {
+    for (let seq = 5; seq <= 8; seq++) assert.equal(await again.readPayload(seq), Buffer.alloc(64, seq));
+    assert.equal(await again.readPayload(21), Buffer.alloc(64, 21));
+  } finally {
+    await again.close();
   }
 });
 

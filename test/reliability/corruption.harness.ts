@@ -776,10 +776,11 @@ export const scenarios: Record<string, ScenarioFn> = {
     const s = new Scenario('payload-flip-covered');
     const f = fx.clean;
     const store = copyStore(f.store, 'payload-covered');
-    const w = rng.pick(f.writes.filter((x) => x.seq > f.checkpoints[0] && x.seq <= f.checkpoints[f.checkpoints.length - 1]));
+    const newest = f.checkpoints[f.checkpoints.length - 1];
+    const w = rng.pick(f.writes.filter((x) => x.seq > f.checkpoints[0] && x.seq <= newest));
     const { file, at } = flipPayload(store, w);
     const mendable = layerHolds(store, f, w);
-    s.note(`damage: byte ${at} of ${file.slice(store.length + 1)} (payload of W${w.index}, seq ${w.seq}, before the checkpoint at seq ${f.checkpoints[f.checkpoints.length - 1]}); the layer file ${mendable ? 'holds' : 'does not hold'} the write`);
+    s.note(`damage: byte ${at} of ${file.slice(store.length + 1)} (payload of W${w.index}, seq ${w.seq}, before the checkpoint at seq ${newest}); the layer file ${mendable ? 'holds' : 'does not hold'} the write`);
     const { check, recover, wrong } = await observe(s, store, f);
     const named = check.problems.find((p) => p.seq === w.seq);
     const remedy = mendable ? /; recover --force can write it back from layer \d+'s data file$/ : /; it cannot be rebuilt: /;

@@ -249,21 +249,31 @@ test('check names volume, layer, block and seq of each damaged block (text and J
   assert.match(verify.stdout, /^journal ok/);
 });
 
-test('journal verify names a damaged record by seq and exits 1, also when the damage keeps the store from opening', async () => {
+/**
+ * A new 8 MiB store with a durable one-block write of `data` to each of `blocks` of its top layer
+ * after its last checkpoint, one batch each, as a crash leaves them (journaled, not yet in the layer
+ * file). Returns the store, the top layer, the last seq and its one payload segment.
+ */
+async function storeWithWrites(blocks: readonly number[], data: Buffer): Promise<{ store: string; top: number; lastSeq: number; segment: string }> {
   const store = join(tempDir(), 'store');
   await cowOk(['init', store, '--size', '8M']);
   const top = (await cowJson<{ volumes: Array<{ name: string; topLayerId: number }> }>(['ls', store])).volumes[0].topLayerId;
-  // Five durable writes after the last checkpoint, one batch each, as a crash leaves them; then a
-  // byte of the third one's data flipped in the payload log.
   const journal = await Journal.open<StoreEvent>(join(store, 'journal'));
-  const data = Buffer.alloc(4096, 0x42);
-  for (let block = 0; block < 5; block++) await journal.append([EventType.Write, top, block, 1, blockCrcs(data, 4096)], { payload: data, sync: true });
-  const damaged = journal.lastSeq - 2;
+  for (const block of blocks) await journal.append([EventType.Write, top, block, 1, blockCrcs(data, 4096)], { payload: data, sync: true });
+  const lastSeq = journal.lastSeq;
   await journal.close();
   const payloads = join(store, 'journal', 'payloads');
   const segments = readdirSync(payloads).filter((f) => f.endsWith('.seg'));
   assert.is(segments.length, 1);
-  flipAt(join(payloads, segments[0]), 2 * 4096 + 100);
+  return { store, top, lastSeq, segment: join(payloads, segments[0]) };
+}
+
+test('journal verify names a damaged record by seq and exits 1, also when the damage keeps the store from opening', async () => {
+  // Five durable writes after the last checkpoint, then a byte of the third one's data flipped in
+  // the payload log.
+  const { store, lastSeq, segment } = await storeWithWrites([0, 1, 2, 3, 4], Buffer.alloc(4096, 0x42));
+  const damaged = lastSeq - 2;
+  flipAt(segment, 2 * 4096 + 100);
 
   const text = await cow(['journal', 'verify', store]);
   assert.is(text.code, 1, `exit 1 on damage: ${text.stdout}${text.stderr}`);
@@ -280,21 +290,13 @@ test('journal verify names a damaged record by seq and exits 1, also when the da
 });
 
 test('a damaged payload: recover and serve refuse and say what to run; recover --force writes it back from the layer file', async () => {
-  const store = join(tempDir(), 'store');
-  await cowOk(['init', store, '--size', '8M']);
-  const top = (await cowJson<{ volumes: Array<{ name: string; topLayerId: number }> }>(['ls', store])).volumes[0].topLayerId;
   // A durable write after the last checkpoint whose data had reached the layer file before a crash,
   // then a byte of it flipped in the payload log.
-  const journal = await Journal.open<StoreEvent>(join(store, 'journal'));
   const data = Buffer.alloc(4096, 0x42);
-  await journal.append([EventType.Write, top, 3, 1, blockCrcs(data, 4096)], { payload: data, sync: true });
-  const damaged = journal.lastSeq;
-  await journal.close();
+  const { store, top, lastSeq: damaged, segment } = await storeWithWrites([3], data);
   const layer = openSync(join(store, 'layers', `${top}.data`), constants.O_RDWR | constants.O_CREAT, 0o600);
   writeSync(layer, data, 0, data.length, 3 * 4096);
   closeSync(layer);
-  const payloads = join(store, 'journal', 'payloads');
-  const segment = join(payloads, readdirSync(payloads).filter((f) => f.endsWith('.seg'))[0]);
   flipAt(segment, readFileSync(segment).lastIndexOf(data) + 100);
 
   const hint = /\ncowstack: hint: `cowstack check STORE` lists all the damage; `cowstack recover --force STORE` mends or salvages it/;

@@ -44,7 +44,7 @@ export type {
   WriteSource,
 } from './store.js';
 export { checkStore, recoverStore, verifyStoreJournal } from './maintenance.js';
-export type { AcceptedLoss, CheckProblem, CheckProblemKind, CheckReport, RecoverReport, VerifiedProblem } from './maintenance.js';
+export type { AcceptedLoss, CheckProblem, CheckProblemKind, CheckReport, RecoverReport, StoreJournalReport, VerifiedProblem } from './maintenance.js';
 export type { PayloadRepair, PayloadUnrepaired } from './payload-repair.js';
 export { blame, changedSince, PointInTimeView, pointInTimeView, resolvePoint } from './history.js';
 export type { BlameExtent } from './history.js';

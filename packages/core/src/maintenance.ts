@@ -121,16 +121,16 @@ export async function recoverStore(dir: string, options: { onProgress?: Progress
       salvage = { ...cut, reason, writesReapplied: store.openReport.writesReapplied, tables };
     }
   }
-  let lossesRecorded: AcceptedLoss[];
+  let lossesRecorded: AcceptedLoss[] = [];
   try {
     if (options.force === true) {
       // Payloads damaged where opening does not read them (at or before the checkpoint).
       const open = await repairPayloads(store.eventLog, join(store.dir, 'layers'));
       // Those that could not be mended before opening stay reported, also when the cut took them.
       const earlier = (repairs?.unrepaired ?? []).filter((u) => !open.unrepaired.some((o) => o.seq === u.seq));
-      repairs = { repaired: [...(repairs?.repaired ?? []), ...open.repaired], unrepaired: [...earlier, ...open.unrepaired] };
+      repairs = { repaired: [...(repairs?.repaired ?? []), ...open.repaired], unrepaired: [...earlier, ...open.unrepaired], problems: open.problems };
+      lossesRecorded = await recordLosses(store, open.problems);
     }
-    lossesRecorded = options.force === true ? await recordLosses(store) : [];
   } finally {
     await store.close();
   }
@@ -177,10 +177,10 @@ async function repairPayloadsAlone(dir: string): Promise<PayloadRepairReport | u
 
 /**
  * Record the losses an opened store is whole without, each once: gaps at or before the checkpoint
- * it opened from, and the records before a journal that no longer starts at seq 1 (a salvage
- * resumed it after a checkpoint). Returns the ones recorded now.
+ * it opened from (among `problems`, its journal's verify), and the records before a journal that no
+ * longer starts at seq 1 (a salvage resumed it after a checkpoint). Returns the ones recorded now.
  */
-async function recordLosses(store: Store): Promise<AcceptedLoss[]> {
+async function recordLosses(store: Store, problems: readonly VerifyProblem[]): Promise<AcceptedLoss[]> {
   const journal = store.eventLog;
   const known = await acceptedLosses(journal);
   const checkpointSeq = store.openReport.checkpointSeq;
@@ -188,7 +188,7 @@ async function recordLosses(store: Store): Promise<AcceptedLoss[]> {
   if (journal.firstSeq > 1) {
     found.push({ fromSeq: 1, toSeq: journal.firstSeq - 1, reason: `the journal's records before seq ${journal.firstSeq} are gone; its checkpoints hold the state they made` });
   }
-  for (const p of (await journal.verify()).problems) {
+  for (const p of problems) {
     if (p.kind === 'gap' && p.toSeq !== undefined && p.toSeq <= checkpointSeq) {
       found.push({ fromSeq: p.seq, toSeq: p.toSeq, reason: `records seq ${p.seq}..${p.toSeq} are missing; the checkpoint at seq ${checkpointSeq} holds the state they made` });
     }
@@ -206,11 +206,14 @@ async function acceptedLosses(journal: Journal<StoreEvent>): Promise<AcceptedLos
 /** A journal problem, and the accepted loss that covers it when one does. */
 export type VerifiedProblem = VerifyProblem & { readonly accepted?: AcceptedLoss };
 
+/** What verifyStoreJournal finds: a journal verify report whose problems say which losses were accepted. */
+export type StoreJournalReport = Omit<VerifyReport, 'problems'> & { problems: VerifiedProblem[] };
+
 /**
  * `journal.verify()` of a store's journal, with each gap an accepted loss covers marked `accepted`:
  * `ok` counts only the others (as check does).
  */
-export async function verifyStoreJournal(journal: Journal<StoreEvent>): Promise<Omit<VerifyReport, 'problems'> & { problems: VerifiedProblem[] }> {
+export async function verifyStoreJournal(journal: Journal<StoreEvent>): Promise<StoreJournalReport> {
   const report = await journal.verify();
   const accepted = await acceptedLosses(journal);
   const problems = report.problems.map((p): VerifiedProblem => {

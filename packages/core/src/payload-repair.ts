@@ -37,6 +37,8 @@ export interface PayloadUnrepaired {
 export interface PayloadRepairReport {
   readonly repaired: PayloadRepair[];
   readonly unrepaired: PayloadUnrepaired[];
+  /** The journal's problems after the repairs (the last verify's), for callers that need them too. */
+  readonly problems: VerifyProblem[];
 }
 
 /**
@@ -49,8 +51,9 @@ export async function repairPayloads(journal: Journal<StoreEvent>, layersDir: st
   const unrepaired: PayloadUnrepaired[] = [];
   const tried = new Set<number>();
   for (;;) {
-    const damaged = (await journal.verify()).problems.filter((p) => isPayloadDamage(p) && p.tornTail !== true && !tried.has(p.seq));
-    if (damaged.length === 0) return { repaired, unrepaired };
+    const { problems } = await journal.verify();
+    const damaged = problems.filter((p) => isPayloadDamage(p) && p.tornTail !== true && !tried.has(p.seq));
+    if (damaged.length === 0) return { repaired, unrepaired, problems };
     for (const { seq } of damaged) {
       tried.add(seq);
       const outcome = await repairPayload(journal, layersDir, seq);

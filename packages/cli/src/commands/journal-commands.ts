@@ -6,7 +6,7 @@
  */
 import { join, resolve } from 'node:path';
 import { Journal, type JournalStats } from '@cowstack/journal';
-import { eventTypeNames, type StoreEvent, StoreError, verifyStoreJournal } from '@cowstack/core';
+import { eventTypeNames, type StoreEvent, StoreError, type StoreJournalReport, verifyStoreJournal } from '@cowstack/core';
 import { type Command, InvalidArgumentError } from 'commander';
 import { example, intArg, ProblemsFound } from '../command-helpers.js';
 import { ControlError } from '../control.js';
@@ -20,9 +20,9 @@ import { runOnStore } from '../store-access.js';
  * (recovery replays through the damage); verify then walks the journal alone, so every damaged
  * record is still named by its seq.
  */
-async function verifyJournal(dir: string): Promise<Awaited<ReturnType<typeof verifyStoreJournal>>> {
+async function verifyJournal(dir: string): Promise<StoreJournalReport> {
   try {
-    return (await runOnStore(dir, 'journal.verify', {})).result as Awaited<ReturnType<typeof verifyStoreJournal>>;
+    return (await runOnStore(dir, 'journal.verify', {})).result as StoreJournalReport;
   } catch (err) {
     if (!(err instanceof StoreError) || err.code !== 'ECORRUPT') throw err;
     const journal = await Journal.open<StoreEvent>(join(dir, 'journal'));

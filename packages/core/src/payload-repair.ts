@@ -5,8 +5,9 @@
  * Write event recorded for it, and the journal accepts the whole payload back only if it has the
  * payload CRC the frame recorded (Journal.rewritePayload), so a repair restores the journaled bytes
  * exactly or does nothing. A block written again since (in the same layer), damaged in the layer file
- * too, or in a layer that is gone cannot give the payload back; such payloads stay damaged and are
- * reported with the reason.
+ * too, or in a layer that is gone cannot give the payload back, nor can one whose payload segment,
+ * the newest, was removed by hand (Journal.payloadRewriteObstacle); such payloads stay damaged and
+ * are reported with the reason. Check asks the same question and gives the same answer.
  *
  * Only durable records are repaired: a damaged payload past the last durable seq is a torn tail,
  * which opening the store cuts. `recover --force` runs this before anything else, so a payload the
@@ -87,6 +88,8 @@ async function repairPayload(journal: Journal<StoreEvent>, layersDir: string, se
  * mend a damaged payload.
  */
 export async function rebuildPayload(journal: Journal<StoreEvent>, layersDir: string, seq: number): Promise<(PayloadRepair & { readonly bytes: Buffer }) | PayloadUnrepaired> {
+  const obstacle = await journal.payloadRewriteObstacle(seq);
+  if (obstacle !== undefined) return { seq, reason: obstacle };
   const record = await firstValueFrom(journal.replay(seq, seq, { payloads: false }));
   const event = record.meta;
   if (event[0] !== EventType.Write) return { seq, reason: `record seq ${seq} is a ${eventTypeName(event)} event; only write payloads can be rebuilt from a layer file` };

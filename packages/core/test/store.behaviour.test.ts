@@ -4,7 +4,7 @@
  * bases; recover and check name what they did and what is damaged.
  */
 import { rejects } from 'node:assert/strict';
-import { appendFileSync, closeSync, cpSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { appendFileSync, closeSync, cpSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { Journal } from '@cowstack/journal';
 import { Level } from 'level';
@@ -507,6 +507,26 @@ test('check says whether a damaged payload can be mended; recover --force writes
   } finally {
     await reopened.close();
   }
+});
+
+test('check does not promise to write back a payload whose segment, the newest, was removed by hand', async () => {
+  const dir = tempDir();
+  const store = await Store.create(dir, { sizeBytes: mib, retain: parseRetention('all') });
+  await store.writeVolume('default', 0, Buffer.alloc(4096, 0x31), true);
+  const written = store.lastSeq;
+  await store.close();
+  const payloads = join(dir, 'journal', 'payloads');
+  const segments = readdirSync(payloads).filter((f) => f.endsWith('.seg'));
+  assert.is(segments.length, 1);
+  rmSync(join(payloads, segments[0]));
+
+  const report = await checkStore(dir);
+  const problem = report.problems.find((p) => p.seq === written);
+  assert.ok(problem !== undefined, JSON.stringify(report.problems));
+  assert.match(problem.message, new RegExp(`\\(payload-missing\\).*; it cannot be rebuilt: payload segment ${segments[0].replace('.', '\\.')} is gone from .*, and it was the newest$`));
+  const forced = await recoverStore(dir, { force: true });
+  assert.equal(forced.payloadsRepaired, [], 'recover --force agrees with check');
+  assert.equal(forced.payloadsUnrepaired.map((u) => u.seq), [written]);
 });
 
 test('recover --force mends a durable payload after the checkpoint from the layer file, discarding nothing', async () => {

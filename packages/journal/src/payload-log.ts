@@ -238,6 +238,12 @@ export class PayloadLog {
     return out.subarray(0, done);
   }
 
+  /** Why `rewrite` cannot write into `segment`, if it cannot: the segment is gone and was the newest. */
+  rewriteObstacle(segment: number): string | undefined {
+    if (this.segments.includes(segment) || (this.active !== undefined && segment <= this.active)) return undefined;
+    return `payload segment ${segmentName(segment)} is gone from ${this.dir}, and it was the newest`;
+  }
+
   /**
    * Write bytes back at `offset` of a segment and make them durable: a damaged payload's repair
    * (Journal.rewritePayload checked them against its frame). A segment file removed by hand is made
@@ -245,10 +251,9 @@ export class PayloadLog {
    * than the active segment, which the next batch appends to.
    */
   async rewrite(segment: number, offset: number, bytes: Buffer): Promise<void> {
+    const obstacle = this.rewriteObstacle(segment);
+    if (obstacle !== undefined) throw new JournalError('ENOENT', obstacle);
     const gone = !this.segments.includes(segment);
-    if (gone && (this.active === undefined || segment > this.active)) {
-      throw new JournalError('ENOENT', `payload segment ${segmentName(segment)} is gone from ${this.dir}, and it was the newest`);
-    }
     const fd = openSync(join(this.dir, segmentName(segment)), gone ? constants.O_WRONLY | constants.O_CREAT : constants.O_WRONLY, 0o600);
     try {
       let done = 0;

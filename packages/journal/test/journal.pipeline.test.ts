@@ -394,6 +394,33 @@ test('a synced batch is durable at once: after a crash before any later write, i
   }
 });
 
+test('an OS crash between a synced batch\'s LevelDB write and its payload flush leaves a torn tail, never acknowledged', async () => {
+  const dir = tempDir('pipeline');
+  const child = join(import.meta.dirname, 'fixtures/flush-crash-child.ts');
+  const run = spawnSync(process.execPath, ['--conditions=source', '--import', 'tsx', child, dir, '4'], { encoding: 'utf8' });
+  assert.is(run.signal, 'SIGKILL', run.stderr);
+  assert.is(run.stdout, 'acked 4\n', 'the child died before the synced batch committed');
+  // What the OS crash loses: the payload bytes never flushed, and the seal written since its last flush.
+  const payloads = join(dir, 'payloads');
+  const segment = join(payloads, readdirSync(payloads).find((f) => f.endsWith('.seg'))!);
+  truncateSync(segment, [1, 2, 3, 4].reduce((sum, n) => sum + 1000 + n, 0));
+  const seal = new Seal(payloads);
+  seal.write(4, 4);
+  seal.close();
+  const reopened = await Journal.open<number>(dir);
+  try {
+    assert.is(reopened.lastSeq, 5, 'LevelDB kept the synced frame');
+    const err = await replayError(reopened);
+    assert.ok(err instanceof JournalTornTailError, String(err));
+    assert.is(err.seq, 5);
+    assert.is(await reopened.cutTail(5), 1);
+    assert.equal((await replayAll(reopened)).map((r) => [r.seq, r.payload?.length]), [1, 2, 3, 4].map((n) => [n, 1000 + n]));
+    assert.ok((await reopened.verify()).ok);
+  } finally {
+    await reopened.close();
+  }
+});
+
 test('an idle journal carries the durable mark into LevelDB, and sync and close wait for it', async () => {
   const dir = tempDir('pipeline');
   const journal = await Journal.open<number>(dir, { create: true });

@@ -1481,6 +1481,14 @@ export class Journal<M = unknown> {
       await this.db.put(metaKey('durable'), metaPackr.pack(this.durableSeq), { sync: true });
       this.markedDurableSeq = this.durableSeq;
     }
+    // The mark an idle journal carried was not synced: the seal's flush keeps it past an OS crash.
+    if (this.broken === undefined) {
+      try {
+        await this.seal.sync();
+      } catch (err) {
+        this.sealFailure ??= err as Error;
+      }
+    }
     this.closed = true;
     this.batches$.complete();
     this.records$.complete();

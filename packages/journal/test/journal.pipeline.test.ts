@@ -312,6 +312,32 @@ test('an unsynced batch writes its payloads while LevelDB writes its frames; a s
   await journal.close();
 });
 
+/** Run a crash-test child (fixtures/NAME.ts) on `dir`, which must die by SIGKILL; its stdout. */
+function crashChild(name: string, dir: string, acked: number): string {
+  const child = join(import.meta.dirname, `fixtures/${name}.ts`);
+  const run = spawnSync(process.execPath, ['--conditions=source', '--import', 'tsx', child, dir, String(acked)], { encoding: 'utf8' });
+  assert.is(run.signal, 'SIGKILL', run.stderr);
+  return run.stdout;
+}
+
+/** A synced append of 2 must fail with `message`; a synced append of 3 then takes seq 2. */
+async function syncedAppendFails(journal: Journal<number>, message: RegExp): Promise<void> {
+  const failed = await journal.append(2, { payload: payloadOf(2), sync: true }).then(
+    () => undefined,
+    (err: unknown) => err as Error,
+  );
+  assert.match(failed?.message ?? 'resolved', message);
+  assert.is(await journal.append(3, { payload: payloadOf(3), sync: true }), 2, 'the failed batch consumed no seq');
+}
+
+/** The journal holds appends 1 and 3, as seqs 1 and 2, with their payloads. */
+async function expectFirstAndThird(journal: Journal<number>): Promise<void> {
+  assert.equal((await replayAll(journal)).map((r) => [r.seq, r.meta, Buffer.from(r.payload!).equals(payloadOf(r.meta))]), [
+    [1, 1, true],
+    [2, 3, true],
+  ]);
+}
+
 type Flush = () => Promise<void>;
 
 /** Replace the payload log's fdatasync with `wrap(original, callNumber)`; calls count from 1. */
@@ -351,27 +377,16 @@ test('a failed payload flush fails its synced batch, whose frames are taken back
     if (call === 1) throw new Error('injected: EIO on fdatasync');
     await original();
   });
-  const failed = await journal.append(2, { payload: payloadOf(2), sync: true }).then(
-    () => undefined,
-    (err: unknown) => err as Error,
-  );
-  assert.match(failed?.message ?? 'resolved', /batch of 1 records failed: payload log: injected: EIO on fdatasync/);
-  assert.is(await journal.append(3, { payload: payloadOf(3), sync: true }), 2, 'the failed batch consumed no seq');
+  await syncedAppendFails(journal, /batch of 1 records failed: payload log: injected: EIO on fdatasync/);
   await journal.close();
   const reopened = await Journal.open<number>(dir);
-  assert.equal((await replayAll(reopened)).map((r) => [r.seq, r.meta, Buffer.from(r.payload!).equals(payloadOf(r.meta))]), [
-    [1, 1, true],
-    [2, 3, true],
-  ]);
+  await expectFirstAndThird(reopened);
   await reopened.close();
 });
 
 test('a synced batch is durable at once: after a crash before any later write, its damaged payload is damage, not a torn tail', async () => {
   const dir = tempDir('pipeline');
-  const child = join(import.meta.dirname, 'fixtures/synced-crash-child.ts');
-  const run = spawnSync(process.execPath, ['--conditions=source', '--import', 'tsx', child, dir, '5'], { encoding: 'utf8' });
-  assert.is(run.signal, 'SIGKILL', run.stderr);
-  assert.is(run.stdout, 'acked 5\n');
+  assert.is(crashChild('synced-crash-child', dir, 5), 'acked 5\n');
   // LevelDB's durable mark still says what was durable before the synced batch; the seal says 5.
   const raw = new Level<Buffer, Buffer>(dir, { keyEncoding: 'buffer', valueEncoding: 'buffer' });
   const mark = await raw.get(Buffer.from('mdurable'));
@@ -396,10 +411,7 @@ test('a synced batch is durable at once: after a crash before any later write, i
 
 test('an OS crash between a synced batch\'s LevelDB write and its payload flush leaves a torn tail, never acknowledged', async () => {
   const dir = tempDir('pipeline');
-  const child = join(import.meta.dirname, 'fixtures/flush-crash-child.ts');
-  const run = spawnSync(process.execPath, ['--conditions=source', '--import', 'tsx', child, dir, '4'], { encoding: 'utf8' });
-  assert.is(run.signal, 'SIGKILL', run.stderr);
-  assert.is(run.stdout, 'acked 4\n', 'the child died before the synced batch committed');
+  assert.is(crashChild('flush-crash-child', dir, 4), 'acked 4\n', 'the child died before the synced batch committed');
   // What the OS crash loses: the payload bytes never flushed, and the seal written since its last flush.
   const payloads = join(dir, 'payloads');
   const segment = join(payloads, readdirSync(payloads).find((f) => f.endsWith('.seg'))!);
@@ -458,25 +470,14 @@ test('a failed payload write fails a synced batch too, named as the payload log\
     if (call === 1) throw new Error('injected: no space left on device');
     original();
   });
-  const failed = await journal.append(2, { payload: payloadOf(2), sync: true }).then(
-    () => undefined,
-    (err: unknown) => err as Error,
-  );
-  assert.match(failed?.message ?? 'resolved', /batch of 1 records failed: payload log: injected: no space left on device/);
-  assert.is(await journal.append(3, { payload: payloadOf(3), sync: true }), 2, 'the failed batch consumed no seq');
-  assert.equal((await replayAll(journal)).map((r) => [r.seq, r.meta, Buffer.from(r.payload!).equals(payloadOf(r.meta))]), [
-    [1, 1, true],
-    [2, 3, true],
-  ]);
+  await syncedAppendFails(journal, /batch of 1 records failed: payload log: injected: no space left on device/);
+  await expectFirstAndThird(journal);
   await journal.close();
 });
 
 test('a crash after LevelDB took the frames of a batch but before its payloads were written leaves a torn tail', async () => {
   const dir = tempDir('pipeline');
-  const child = join(import.meta.dirname, 'fixtures/payload-crash-child.ts');
-  const run = spawnSync(process.execPath, ['--conditions=source', '--import', 'tsx', child, dir, '5'], { encoding: 'utf8' });
-  assert.is(run.signal, 'SIGKILL', run.stderr);
-  assert.is(run.stdout, 'acked 5\n', 'the child died before the batch committed');
+  assert.is(crashChild('payload-crash-child', dir, 5), 'acked 5\n', 'the child died before the batch committed');
   const reopened = await Journal.open<number>(dir);
   assert.is(reopened.lastSeq, 7, 'LevelDB kept the frames of the batch that never committed');
   const err = await replayError(reopened);

@@ -9,10 +9,8 @@
  * so nothing commits out of order. A failed batch fails the ones behind it (their frames are taken
  * back) and consumes no seq. A crash can leave a later batch's frames without an earlier one's; both
  * are past the durable mark, so replay reports the hole as a torn tail. An unsynced batch writes its
- * payloads to the payload log while LevelDB writes its frames, and a synced one flushes them while
- * LevelDB writes and syncs its frames, so a crash can also leave the newest batch's frames without
- * their payloads: a torn tail too (see payload-log.ts). The durable mark in LevelDB therefore trails
- * a synced batch by one batch; the seal says it at once (see markedDurableSeq).
+ * payloads to the payload log while LevelDB writes its frames, so a crash can also leave the newest
+ * batch's frames without their payloads: a torn tail too (see payload-log.ts).
  *
  * After a batch commits, the `onCommit` hook sees its records in seq order, synchronously, before any
  * member's promise resolves: a consumer that applies records there applies them in exactly journal
@@ -265,15 +263,6 @@ export class Journal<M = unknown> {
   /** Resolves the flush loop's wait for more work (set while it waits). */
   private wakeFlushLoop: (() => void) | undefined;
   private durableSeq: number;
-  /**
-   * The durable mark as LevelDB holds it (metadata key 'durable'). A synced batch's frames are written
-   * while its payloads are being flushed, so its frames can only carry the mark as it stood before
-   * it; the next batch carries the new one, or, with nothing left to write, a put of its own
-   * (carryDurableMark; `sync()` and close wait for it). Meanwhile the seal, rewritten after every
-   * batch, says it: exactly after a process crash, and as of the last synced batch's flush after an
-   * OS crash. Open takes the higher of the two.
-   */
-  private markedDurableSeq: number;
   private retention: Retention;
   private pending: Pending<M>[] = [];
   private pendingSync = false;
@@ -292,7 +281,6 @@ export class Journal<M = unknown> {
     nextSeq: number,
     lastChain: number,
     durableSeq: number,
-    markedDurableSeq: number,
     onCommit: OpenOptions<M>['onCommit'],
   ) {
     this.path = path;
@@ -305,7 +293,6 @@ export class Journal<M = unknown> {
     this.reservedSeq = nextSeq;
     this.reservedChain = lastChain;
     this.durableSeq = Math.min(durableSeq, nextSeq - 1);
-    this.markedDurableSeq = markedDurableSeq;
     this.onCommit = onCommit;
   }
 
@@ -364,7 +351,7 @@ export class Journal<M = unknown> {
           );
         }
       }
-      const journal = new Journal<M>(path, db, payloadLog, seal, retention, nextSeq, lastChain, Math.max(durableSeq, sealed?.durableSeq ?? 0), durableSeq, options.onCommit);
+      const journal = new Journal<M>(path, db, payloadLog, seal, retention, nextSeq, lastChain, durableSeq, options.onCommit);
       journal.missingTail = missingTail;
       if (sealed !== undefined) journal.knownCommittedSeq = Math.min(lastSeq, seal.sameBoot(sealed) ? Math.max(sealed.committedSeq, sealed.durableSeq) : sealed.durableSeq);
       journal.retentionRebuilt = retentionRebuilt;
@@ -618,18 +605,10 @@ export class Journal<M = unknown> {
     });
   }
 
-  /**
-   * Resolves when every record committed before the call is durable, and LevelDB's durable mark says
-   * so (a mark a synced batch left to carry is written first).
-   */
+  /** Resolves when every record committed before the call is durable. */
   sync(): Promise<void> {
     if (this.closed) return Promise.reject(new JournalError('ECLOSED', `journal ${this.path} is closed`));
-    if (this.durableSeq === this.lastSeq) {
-      if (this.markedDurableSeq >= this.durableSeq || this.broken !== undefined) return Promise.resolve();
-      // The flush loop carries the mark before it ends; a loop about to start is assigned by then.
-      this.scheduleFlush();
-      return new Promise<void>((resolve) => setImmediate(resolve)).then(() => this.flushDone);
-    }
+    if (this.durableSeq === this.lastSeq) return Promise.resolve();
     return new Promise<void>((resolve, reject) => {
       this.syncWaiters.push({ resolve, reject });
       this.scheduleFlush();
@@ -657,10 +636,7 @@ export class Journal<M = unknown> {
     try {
       for (;;) {
         const queued = this.pending.length > 0 || this.syncWaiters.length > 0;
-        if (!queued && this.inFlight.length === 0) {
-          if (this.markedDurableSeq < this.durableSeq && this.broken === undefined && (await this.carryDurableMark())) continue;
-          break;
-        }
+        if (!queued && this.inFlight.length === 0) break;
         const sync = this.pendingSync || this.syncWaiters.length > 0;
         const oldest = this.inFlight[0];
         if (!queued || (oldest !== undefined && (sync || oldest.sync || this.rollingBack || this.inFlight.length >= maxBatchesInFlight))) {
@@ -700,23 +676,6 @@ export class Journal<M = unknown> {
     } finally {
       this.flushActive = false;
     }
-  }
-
-  /**
-   * With nothing left to write, carry the durable mark of the last synced batch into LevelDB on its
-   * own (unsynced: it survives a process crash, and an OS crash has the seal's flushed copy). Under
-   * load the next batch carries it instead. False when the write failed: the next batch, or close,
-   * tries again.
-   */
-  private async carryDurableMark(): Promise<boolean> {
-    const mark = this.durableSeq;
-    try {
-      await this.writeBatch([{ type: 'put', key: metaKey('durable'), value: metaPackr.pack(mark) }], false);
-    } catch {
-      return false;
-    }
-    this.markedDurableSeq = Math.max(this.markedDurableSeq, mark);
-    return true;
   }
 
   private failQueued(failure: JournalError): void {
@@ -766,9 +725,12 @@ export class Journal<M = unknown> {
         }
       }
       const reservation = payloadBytes > 0 ? this.payloadLog.reserve(firstSeq, payloadBytes) : undefined;
-      // 2. A synced batch writes its payloads to the page cache before its frames; the payload log's
-      // and the seal's fdatasyncs then run beside LevelDB's synced write (step 4).
-      if (sync && reservation !== undefined) this.writePayloads(reservation, payloads);
+      // 2. A synced batch writes its payloads and makes them (and every earlier one, and the seal)
+      // durable before its frames.
+      if (sync) {
+        if (reservation !== undefined) this.writePayloads(reservation, payloads);
+        await Promise.all([this.payloadLog.sync(), this.seal.sync()]);
+      }
       // 3. The frames: one LevelDB value per maxBatchValueBytes of records, all in one atomic batch.
       // (A synced batch is alone in flight, so the reserved end cannot move during its flushes.)
       let prev = this.reservedChain;
@@ -802,20 +764,16 @@ export class Journal<M = unknown> {
         start = end;
       }
       bytes += payloadBytes;
-      // The durable mark moves only to what was durable before this batch began (see markedDurableSeq).
-      const mark = this.durableSeq > this.markedDurableSeq ? this.durableSeq : undefined;
-      if (mark !== undefined) ops.push({ type: 'put', key: metaKey('durable'), value: metaPackr.pack(mark) });
+      const lastSeq = firstSeq + items.length - 1;
+      if (sync) ops.push({ type: 'put', key: metaKey('durable'), value: metaPackr.pack(lastSeq) });
       batchChain = prev;
       this.reservedSeq = firstSeq + items.length;
       this.reservedChain = prev;
       // 4. An unsynced batch writes its payloads while LevelDB writes its frames in the threadpool
-      // (measured in BENCHMARKS.md); a synced batch fdatasyncs the payload log and the seal while
-      // LevelDB writes and syncs its frames: one round of device flushes instead of two. Either
-      // commits only after both. A crash in between can leave its frames without their payloads: a
-      // torn tail, as after an OS crash (see payload-log.ts). A failed payload write or flush fails
-      // the batch, whose frames are then taken back like any failed one's.
+      // (measured in BENCHMARKS.md); it commits only after both. A crash in between can leave its
+      // frames without their payloads: a torn tail, as after an OS crash (see payload-log.ts). A
+      // failed payload write fails the batch, whose frames are then taken back like any failed one's.
       const framesWritten = this.writeBatch(ops, sync);
-      const flushed = sync ? Promise.all([this.payloadLog.sync(), this.seal.sync()]) : undefined;
       let payloadFailure: unknown;
       if (!sync && reservation !== undefined) {
         try {
@@ -824,14 +782,8 @@ export class Journal<M = unknown> {
           payloadFailure = err;
         }
       }
-      if (flushed === undefined) await framesWritten;
-      else {
-        const [frames, flush] = await Promise.allSettled([framesWritten, flushed]);
-        if (frames.status === 'rejected') throw frames.reason;
-        if (flush.status === 'rejected') payloadFailure = new Error(`payload log: ${(flush.reason as Error).message}`, { cause: flush.reason });
-      }
+      await framesWritten;
       written = true;
-      if (mark !== undefined) this.markedDurableSeq = Math.max(this.markedDurableSeq, mark);
       if (payloadFailure !== undefined) throw payloadFailure;
     } catch (err) {
       failure = new JournalError('EIO', `journal ${this.path}: batch of ${items.length} records failed: ${(err as Error).message}`, { cause: err });
@@ -1157,7 +1109,6 @@ export class Journal<M = unknown> {
     this.reservedChain = lastChain;
     this.knownCommittedSeq = Math.min(this.knownCommittedSeq, nextSeq - 1);
     this.durableSeq = durable;
-    this.markedDurableSeq = durable;
     this.missingTail = undefined;
     this.writeSeal();
     await this.seal.sync();
@@ -1469,26 +1420,8 @@ export class Journal<M = unknown> {
   /** Commit whatever is queued, then close the database. Later calls fail with ECLOSED. */
   async close(): Promise<void> {
     if (this.closed) return;
-    // The flush loop may still be writing after the last sync resolved (carrying the durable mark):
-    // LevelDB must not close under a write.
-    const flushesSettled = async (): Promise<void> => {
-      while (this.flushActive || this.flushScheduled) await (this.flushScheduled ? new Promise((r) => setImmediate(r)) : this.flushDone);
-    };
-    await flushesSettled();
+    while (this.flushActive || this.flushScheduled) await (this.flushScheduled ? new Promise((r) => setImmediate(r)) : this.flushDone);
     if (this.broken === undefined && this.durableSeq < this.lastSeq) await this.sync();
-    await flushesSettled();
-    if (this.broken === undefined && this.markedDurableSeq < this.durableSeq) {
-      await this.db.put(metaKey('durable'), metaPackr.pack(this.durableSeq), { sync: true });
-      this.markedDurableSeq = this.durableSeq;
-    }
-    // The mark an idle journal carried was not synced: the seal's flush keeps it past an OS crash.
-    if (this.broken === undefined) {
-      try {
-        await this.seal.sync();
-      } catch (err) {
-        this.sealFailure ??= err as Error;
-      }
-    }
     this.closed = true;
     this.batches$.complete();
     this.records$.complete();

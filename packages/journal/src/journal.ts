@@ -1167,10 +1167,10 @@ export class Journal<M = unknown> {
    */
   async rewritePayload(seq: number, payload: Buffer): Promise<void> {
     this.checkOpen();
-    const { frame, i } = await this.retainedFrameOf(seq);
-    if (frame === undefined) throw new JournalError('ERETAINED', `the payload of record seq ${seq} was dropped by retention`);
+    const place = await this.payloadPlaceOf(seq);
+    if ('obstacle' in place) throw place.obstacle;
+    const { frame, i } = place;
     const [length, crc] = frame.records[i];
-    if (length === 0) throw new JournalError('EINVAL', `record seq ${seq} has no payload`);
     if (payload.length !== length || crc32c(payload) !== crc) {
       throw new JournalError('EINVAL', `${payload.length} bytes with CRC ${hex(crc32c(payload))} are not the payload of record seq ${seq} (${length} bytes, CRC ${hex(crc)})`);
     }
@@ -1186,17 +1186,27 @@ export class Journal<M = unknown> {
    */
   async payloadRewriteObstacle(seq: number): Promise<string | undefined> {
     this.checkOpen();
+    const place = await this.payloadPlaceOf(seq);
+    if ('obstacle' in place) return place.obstacle.message;
+    return this.payloadLog.rewriteObstacle(place.frame.payloadSegment);
+  }
+
+  /**
+   * The frame holding record `seq`'s retained payload and the record's index in it, or why there is
+   * none to write back (dropped by retention, or a record without a payload).
+   */
+  private async payloadPlaceOf(seq: number): Promise<{ frame: DecodedFrame; i: number } | { obstacle: JournalError }> {
     let found: Awaited<ReturnType<Journal['retainedFrameOf']>>;
     try {
       found = await this.retainedFrameOf(seq);
     } catch (err) {
-      if (err instanceof JournalError && err.code === 'ERETAINED') return err.message;
+      if (err instanceof JournalError && err.code === 'ERETAINED') return { obstacle: err };
       throw err;
     }
     const { frame, i } = found;
-    if (frame === undefined) return `the payload of record seq ${seq} was dropped by retention`;
-    if (frame.records[i][0] === 0) return `record seq ${seq} has no payload`;
-    return this.payloadLog.rewriteObstacle(frame.payloadSegment);
+    if (frame === undefined) return { obstacle: new JournalError('ERETAINED', `the payload of record seq ${seq} was dropped by retention`) };
+    if (frame.records[i][0] === 0) return { obstacle: new JournalError('EINVAL', `record seq ${seq} has no payload`) };
+    return { frame, i };
   }
 
   /**

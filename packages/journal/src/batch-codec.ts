@@ -10,7 +10,7 @@
  *   offset  size  field
  *   0       2     magic 0xC5 0x4A
  *   2       1     frame version (batchFrameVersion)
- *   3       1     flags: bit 0 = written by a synced batch (its payloads were fdatasynced first)
+ *   3       1     flags: bit 0 = written by a synced batch (its payloads fdatasynced beside it)
  *   4       4     count: records in the frame (u32 LE)
  *   8       8     firstSeq (u32 LE high word, u32 LE low word)
  *   16      8     timeMs: commit time (f64 LE)

@@ -9,8 +9,10 @@
  * so nothing commits out of order. A failed batch fails the ones behind it (their frames are taken
  * back) and consumes no seq. A crash can leave a later batch's frames without an earlier one's; both
  * are past the durable mark, so replay reports the hole as a torn tail. An unsynced batch writes its
- * payloads to the payload log while LevelDB writes its frames, so a crash can also leave the newest
- * batch's frames without their payloads: a torn tail too (see payload-log.ts).
+ * payloads to the payload log while LevelDB writes its frames, and a synced one flushes them while
+ * LevelDB writes and syncs its frames, so a crash can also leave the newest batch's frames without
+ * their payloads: a torn tail too (see payload-log.ts). The durable mark in LevelDB therefore trails
+ * a synced batch by one batch; the seal says it at once (see markedDurableSeq).
  *
  * After a batch commits, the `onCommit` hook sees its records in seq order, synchronously, before any
  * member's promise resolves: a consumer that applies records there applies them in exactly journal
@@ -263,6 +265,17 @@ export class Journal<M = unknown> {
   /** Resolves the flush loop's wait for more work (set while it waits). */
   private wakeFlushLoop: (() => void) | undefined;
   private durableSeq: number;
+  /**
+   * The durable mark as LevelDB holds it (metadata key 'durable'). A synced batch's frames are written
+   * while its payloads are being flushed, so its frames can only carry the mark as it stood before
+   * it; the next batch carries the new one, or, with nothing left to write, a put of its own
+   * (carryDurableMark; `sync()` and close wait for it). Meanwhile the seal, rewritten after every
+   * batch, says it: exactly after a process crash, and as of the last synced batch's flush after an
+   * OS crash. Open takes the higher of the two.
+   */
+  private markedDurableSeq: number;
+  /** Syncs waiting for LevelDB's durable mark to reach their seq (see sync). */
+  private markWaiters: Array<{ seq: number; resolve: () => void; reject: (err: unknown) => void }> = [];
   private retention: Retention;
   private pending: Pending<M>[] = [];
   private pendingSync = false;
@@ -281,6 +294,7 @@ export class Journal<M = unknown> {
     nextSeq: number,
     lastChain: number,
     durableSeq: number,
+    markedDurableSeq: number,
     onCommit: OpenOptions<M>['onCommit'],
   ) {
     this.path = path;
@@ -293,6 +307,7 @@ export class Journal<M = unknown> {
     this.reservedSeq = nextSeq;
     this.reservedChain = lastChain;
     this.durableSeq = Math.min(durableSeq, nextSeq - 1);
+    this.markedDurableSeq = markedDurableSeq;
     this.onCommit = onCommit;
   }
 
@@ -351,7 +366,7 @@ export class Journal<M = unknown> {
           );
         }
       }
-      const journal = new Journal<M>(path, db, payloadLog, seal, retention, nextSeq, lastChain, durableSeq, options.onCommit);
+      const journal = new Journal<M>(path, db, payloadLog, seal, retention, nextSeq, lastChain, Math.max(durableSeq, sealed?.durableSeq ?? 0), durableSeq, options.onCommit);
       journal.missingTail = missingTail;
       if (sealed !== undefined) journal.knownCommittedSeq = Math.min(lastSeq, seal.sameBoot(sealed) ? Math.max(sealed.committedSeq, sealed.durableSeq) : sealed.durableSeq);
       journal.retentionRebuilt = retentionRebuilt;
@@ -605,14 +620,41 @@ export class Journal<M = unknown> {
     });
   }
 
-  /** Resolves when every record committed before the call is durable. */
+  /**
+   * Resolves when every record committed before the call is durable, and LevelDB's durable mark says
+   * so: the mark a synced batch leaves to carry goes with the next batch, or in a put of its own when
+   * there is none (see markedDurableSeq), so under load the wait is one batch more, not until idle.
+   */
   sync(): Promise<void> {
     if (this.closed) return Promise.reject(new JournalError('ECLOSED', `journal ${this.path} is closed`));
-    if (this.durableSeq === this.lastSeq) return Promise.resolve();
+    if (this.durableSeq === this.lastSeq) return this.untilMarked(this.durableSeq);
+    const target = this.lastSeq;
     return new Promise<void>((resolve, reject) => {
       this.syncWaiters.push({ resolve, reject });
       this.scheduleFlush();
+    }).then(() => this.untilMarked(target));
+  }
+
+  /** Resolves when LevelDB's durable mark is at `seq` or past it (at once on a broken journal). */
+  private untilMarked(seq: number): Promise<void> {
+    if (this.markedDurableSeq >= seq || this.broken !== undefined) return Promise.resolve();
+    return new Promise<void>((resolve, reject) => {
+      this.markWaiters.push({ seq, resolve, reject });
+      this.scheduleFlush();
     });
+  }
+
+  /** The durable mark in LevelDB moved to `mark`: settle the syncs waiting for it. */
+  private marked(mark: number): void {
+    if (mark <= this.markedDurableSeq) return;
+    this.markedDurableSeq = mark;
+    if (this.markWaiters.length === 0) return;
+    const still = [];
+    for (const waiter of this.markWaiters) {
+      if (waiter.seq <= mark) waiter.resolve();
+      else still.push(waiter);
+    }
+    this.markWaiters = still;
   }
 
   private scheduleFlush(): void {
@@ -636,7 +678,19 @@ export class Journal<M = unknown> {
     try {
       for (;;) {
         const queued = this.pending.length > 0 || this.syncWaiters.length > 0;
-        if (!queued && this.inFlight.length === 0) break;
+        if (!queued && this.inFlight.length === 0) {
+          if (this.markedDurableSeq < this.durableSeq && this.broken === undefined) {
+            const failure = await this.carryDurableMark();
+            if (failure === undefined) continue;
+            // The records are durable; only the mark could not be written. The syncs waiting for it
+            // fail with why; the next batch, or close, carries it.
+            for (const waiter of this.markWaiters) waiter.reject(failure);
+            this.markWaiters = [];
+          }
+          for (const waiter of this.markWaiters) waiter.resolve();
+          this.markWaiters = [];
+          break;
+        }
         const sync = this.pendingSync || this.syncWaiters.length > 0;
         const oldest = this.inFlight[0];
         if (!queued || (oldest !== undefined && (sync || oldest.sync || this.rollingBack || this.inFlight.length >= maxBatchesInFlight))) {
@@ -676,6 +730,23 @@ export class Journal<M = unknown> {
     } finally {
       this.flushActive = false;
     }
+  }
+
+  /**
+   * With nothing left to write, carry the durable mark of the last synced batch into LevelDB on its
+   * own (unsynced: it survives a process crash, and an OS crash has the seal's flushed copy). Under
+   * load the next batch carries it instead. Returns why the write failed, if it did: the next batch,
+   * or close, tries again.
+   */
+  private async carryDurableMark(): Promise<JournalError | undefined> {
+    const mark = this.durableSeq;
+    try {
+      await this.writeBatch([{ type: 'put', key: metaKey('durable'), value: metaPackr.pack(mark) }], false);
+    } catch (err) {
+      return new JournalError('EIO', `journal ${this.path}: records through seq ${mark} are durable, but LevelDB's durable mark could not be written: ${(err as Error).message}`, { cause: err });
+    }
+    this.marked(mark);
+    return undefined;
   }
 
   private failQueued(failure: JournalError): void {
@@ -725,12 +796,9 @@ export class Journal<M = unknown> {
         }
       }
       const reservation = payloadBytes > 0 ? this.payloadLog.reserve(firstSeq, payloadBytes) : undefined;
-      // 2. A synced batch writes its payloads and makes them (and every earlier one, and the seal)
-      // durable before its frames.
-      if (sync) {
-        if (reservation !== undefined) this.writePayloads(reservation, payloads);
-        await Promise.all([this.payloadLog.sync(), this.seal.sync()]);
-      }
+      // 2. A synced batch writes its payloads to the page cache before its frames; the payload log's
+      // and the seal's fdatasyncs then run beside LevelDB's synced write (step 4).
+      if (sync && reservation !== undefined) this.writePayloads(reservation, payloads);
       // 3. The frames: one LevelDB value per maxBatchValueBytes of records, all in one atomic batch.
       // (A synced batch is alone in flight, so the reserved end cannot move during its flushes.)
       let prev = this.reservedChain;
@@ -764,16 +832,20 @@ export class Journal<M = unknown> {
         start = end;
       }
       bytes += payloadBytes;
-      const lastSeq = firstSeq + items.length - 1;
-      if (sync) ops.push({ type: 'put', key: metaKey('durable'), value: metaPackr.pack(lastSeq) });
+      // The durable mark moves only to what was durable before this batch began (see markedDurableSeq).
+      const mark = this.durableSeq > this.markedDurableSeq ? this.durableSeq : undefined;
+      if (mark !== undefined) ops.push({ type: 'put', key: metaKey('durable'), value: metaPackr.pack(mark) });
       batchChain = prev;
       this.reservedSeq = firstSeq + items.length;
       this.reservedChain = prev;
       // 4. An unsynced batch writes its payloads while LevelDB writes its frames in the threadpool
-      // (measured in BENCHMARKS.md); it commits only after both. A crash in between can leave its
-      // frames without their payloads: a torn tail, as after an OS crash (see payload-log.ts). A
-      // failed payload write fails the batch, whose frames are then taken back like any failed one's.
+      // (measured in BENCHMARKS.md); a synced batch fdatasyncs the payload log and the seal while
+      // LevelDB writes and syncs its frames: one round of device flushes instead of two. Either
+      // commits only after both. A crash in between can leave its frames without their payloads: a
+      // torn tail, as after an OS crash (see payload-log.ts). A failed payload write or flush fails
+      // the batch, whose frames are then taken back like any failed one's.
       const framesWritten = this.writeBatch(ops, sync);
+      const flushed = sync ? Promise.all([this.payloadLog.sync(), this.seal.sync()]) : undefined;
       let payloadFailure: unknown;
       if (!sync && reservation !== undefined) {
         try {
@@ -782,8 +854,14 @@ export class Journal<M = unknown> {
           payloadFailure = err;
         }
       }
-      await framesWritten;
+      if (flushed === undefined) await framesWritten;
+      else {
+        const [frames, flush] = await Promise.allSettled([framesWritten, flushed]);
+        if (frames.status === 'rejected') throw frames.reason;
+        if (flush.status === 'rejected') payloadFailure = new Error(`payload log: ${(flush.reason as Error).message}`, { cause: flush.reason });
+      }
       written = true;
+      if (mark !== undefined) this.marked(mark);
       if (payloadFailure !== undefined) throw payloadFailure;
     } catch (err) {
       failure = new JournalError('EIO', `journal ${this.path}: batch of ${items.length} records failed: ${(err as Error).message}`, { cause: err });
@@ -1109,6 +1187,7 @@ export class Journal<M = unknown> {
     this.reservedChain = lastChain;
     this.knownCommittedSeq = Math.min(this.knownCommittedSeq, nextSeq - 1);
     this.durableSeq = durable;
+    this.markedDurableSeq = durable;
     this.missingTail = undefined;
     this.writeSeal();
     await this.seal.sync();
@@ -1430,8 +1509,26 @@ export class Journal<M = unknown> {
   /** Commit whatever is queued, then close the database. Later calls fail with ECLOSED. */
   async close(): Promise<void> {
     if (this.closed) return;
-    while (this.flushActive || this.flushScheduled) await (this.flushScheduled ? new Promise((r) => setImmediate(r)) : this.flushDone);
+    // The flush loop may still be writing after the last sync resolved (carrying the durable mark):
+    // LevelDB must not close under a write.
+    const flushesSettled = async (): Promise<void> => {
+      while (this.flushActive || this.flushScheduled) await (this.flushScheduled ? new Promise((r) => setImmediate(r)) : this.flushDone);
+    };
+    await flushesSettled();
     if (this.broken === undefined && this.durableSeq < this.lastSeq) await this.sync();
+    await flushesSettled();
+    if (this.broken === undefined && this.markedDurableSeq < this.durableSeq) {
+      await this.db.put(metaKey('durable'), metaPackr.pack(this.durableSeq), { sync: true });
+      this.marked(this.durableSeq);
+    }
+    // The mark an idle journal carried was not synced: the seal's flush keeps it past an OS crash.
+    if (this.broken === undefined) {
+      try {
+        await this.seal.sync();
+      } catch (err) {
+        this.sealFailure ??= err as Error;
+      }
+    }
     this.closed = true;
     this.batches$.complete();
     this.records$.complete();

@@ -11,7 +11,9 @@
  *     was written: a process crash keeps the page cache, so those records should be there: damage.
  *   - LevelDB ends before the committed seq after a reboot: unsynced records lost to an OS crash,
  *     which nothing promised to keep: not damage.
- * The seal is written only after LevelDB has the records it names, so it never claims too much.
+ * The seal is written only after LevelDB has the records it names (and their payloads are flushed,
+ * for the durable seq), so it never claims too much. Its durable seq also stands in for LevelDB's
+ * durable mark, which trails a synced batch by one batch (journal.ts, markedDurableSeq).
  */
 import { closeSync, constants, fdatasync, openSync, readFileSync, readSync, writeSync } from 'node:fs';
 import { join } from 'node:path';

@@ -11,6 +11,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { rejects } from 'node:assert/strict';
 import { Journal, JournalCorruptionError, JournalTornTailError } from '../src/index.js';
+import { Seal } from '../src/seal.js';
 import { tempDir } from './helpers.js';
 
 /** A closed journal of 5 batches of 4 records (seqs 1..20), each record with a 64-byte payload. */
@@ -231,11 +232,15 @@ test('after an OS crash, an unsynced tail whose payloads never reached disk is c
   const dir = tempDir('torn');
   const journal = await Journal.open(dir, { create: true });
   for (let i = 1; i <= 10; i++) await journal.append(i, { payload: Buffer.alloc(100, i), sync: i === 5 });
-  // Simulate the crash: frames 6..10 reached LevelDB, their payload bytes did not reach the file.
+  // Simulate the crash: frames 6..10 reached LevelDB, their payload bytes did not reach the file, and
+  // neither did a durable mark past 5, in LevelDB or in the seal.
   await journal.close();
   const raw = new Level<Buffer, Buffer>(dir, { keyEncoding: 'buffer', valueEncoding: 'buffer' });
   await raw.put(Buffer.from('mdurable'), pack(5));
   await raw.close();
+  const seal = new Seal(join(dir, 'payloads'));
+  seal.write(10, 5);
+  seal.close();
   truncateSync(segment(dir), 5 * 100 + 30);
   const reopened = await Journal.open(dir);
   try {

@@ -2,16 +2,19 @@
  * Batches in flight together: two unsynced batches are written to LevelDB at once, commit in seq
  * order, and when one fails the one behind it fails too and is taken back, so seqs stay dense. An
  * unsynced batch writes its payloads while LevelDB writes its frames; a failed payload write fails
- * the batch, and a crash between the two leaves a torn tail. A hole a crash leaves past the durable
- * mark and the seal's committed seq is a torn tail; a hole in committed records is damage.
- * LevelDB's batch write (`_batch`) and the payload log's write are wrapped here to slow, fail or
- * watch chosen calls (the only way to make a real write fail on demand).
+ * the batch, and a crash between the two leaves a torn tail. A synced batch flushes its payloads
+ * while LevelDB writes its frames; the seal names it durable at once, and LevelDB's durable mark
+ * follows with the next batch or close. A hole a crash leaves past the durable mark and the seal's
+ * committed seq is a torn tail; a hole in committed records is damage. LevelDB's batch write
+ * (`_batch`) and the payload log's write and flush are wrapped here to slow, fail or watch chosen
+ * calls (the only way to make a real write fail on demand).
  */
+import { rejects } from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { readFileSync, truncateSync, writeFileSync } from 'node:fs';
+import { closeSync, openSync, readdirSync, readFileSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { Level } from 'level';
-import { pack } from 'msgpackr';
+import { pack, unpack } from 'msgpackr';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { Journal, JournalCorruptionError, JournalError, JournalTornTailError } from '../src/index.js';
@@ -27,12 +30,15 @@ type Batch = (ops: BatchOp[], options?: { sync?: boolean }) => Promise<void>;
  * Replace the journal's LevelDB batch write (`_batch`, which the write path calls and the public
  * `batch` calls in turn) with `wrap(original, callNumber, ops)`; calls count from 1.
  */
-function wrapBatch(journal: Journal<number>, wrap: (original: Batch, call: number, ops: BatchOp[]) => Promise<void>): void {
+function wrapBatch(journal: Journal<number>, wrap: (original: Batch, call: number, ops: BatchOp[], options: Parameters<Batch>[1]) => Promise<void>): void {
   const db = (journal as unknown as { db: { _batch: Batch } }).db;
   const original = db._batch.bind(db) as Batch;
   let calls = 0;
-  db._batch = (ops, options) => wrap((o, opt) => original(o, opt ?? options), ++calls, ops);
+  db._batch = (ops, options) => wrap((o, opt) => original(o, opt ?? options), ++calls, ops, options);
 }
+
+/** The durable mark's own put, which an idle journal makes after a synced batch: not a batch of records. */
+const markOnly = (ops: BatchOp[]): boolean => ops.every((op) => op.key.toString('latin1', 0, 1) === 'm');
 
 type PayloadWrite = (reservation: unknown, payloads: readonly Buffer[]) => void;
 
@@ -141,9 +147,9 @@ test('two unsynced batches are written at once and commit in seq order', async (
 test('a synced batch waits for the batches in flight and is alone in flight', async () => {
   const journal = await Journal.open<number>(tempDir('pipeline'), { create: true });
   const log: string[] = [];
-  wrapBatch(journal, async (original, call, ops) => {
-    const sync = ops.some((op) => op.key.toString('latin1', 0, 1) === 'm');
-    log.push(`start ${call}${sync ? ' sync' : ''}`);
+  wrapBatch(journal, async (original, call, ops, options) => {
+    if (markOnly(ops)) return original(ops);
+    log.push(`start ${call}${options?.sync === true ? ' sync' : ''}`);
     await sleep(3);
     await original(ops);
     log.push(`end ${call}`);
@@ -283,6 +289,7 @@ test('an unsynced batch writes its payloads while LevelDB writes its frames; a s
   const journal = await Journal.open<number>(tempDir('pipeline'), { create: true });
   const log: string[] = [];
   wrapBatch(journal, async (original, call, ops) => {
+    if (markOnly(ops)) return original(ops);
     log.push(`frames ${call} start`);
     await sleep(2);
     await original(ops);
@@ -303,6 +310,187 @@ test('an unsynced batch writes its payloads while LevelDB writes its frames; a s
     [2, true],
   ]);
   await journal.close();
+});
+
+/** Run a crash-test child (fixtures/NAME.ts) on `dir`, which must die by SIGKILL; its stdout. */
+function crashChild(name: string, dir: string, acked: number): string {
+  const child = join(import.meta.dirname, `fixtures/${name}.ts`);
+  const run = spawnSync(process.execPath, ['--conditions=source', '--import', 'tsx', child, dir, String(acked)], { encoding: 'utf8' });
+  assert.is(run.signal, 'SIGKILL', run.stderr);
+  return run.stdout;
+}
+
+/** A synced append of 2 must fail with `message`; a synced append of 3 then takes seq 2. */
+async function syncedAppendFails(journal: Journal<number>, message: RegExp): Promise<void> {
+  const failed = await journal.append(2, { payload: payloadOf(2), sync: true }).then(
+    () => undefined,
+    (err: unknown) => err as Error,
+  );
+  assert.match(failed?.message ?? 'resolved', message);
+  assert.is(await journal.append(3, { payload: payloadOf(3), sync: true }), 2, 'the failed batch consumed no seq');
+}
+
+/** The journal holds appends 1 and 3, as seqs 1 and 2, with their payloads. */
+async function expectFirstAndThird(journal: Journal<number>): Promise<void> {
+  assert.equal((await replayAll(journal)).map((r) => [r.seq, r.meta, Buffer.from(r.payload!).equals(payloadOf(r.meta))]), [
+    [1, 1, true],
+    [2, 3, true],
+  ]);
+}
+
+type Flush = () => Promise<void>;
+
+/** Replace the payload log's fdatasync with `wrap(original, callNumber)`; calls count from 1. */
+function wrapPayloadFlush(journal: Journal<number>, wrap: (original: Flush, call: number) => Promise<void>): void {
+  const log = (journal as unknown as { payloadLog: { sync: Flush } }).payloadLog;
+  const original = log.sync.bind(log);
+  let calls = 0;
+  log.sync = () => wrap(original, ++calls);
+}
+
+test('a synced batch flushes its payloads while LevelDB writes and syncs its frames, and resolves after both', async () => {
+  const journal = await Journal.open<number>(tempDir('pipeline'), { create: true });
+  const log: string[] = [];
+  wrapBatch(journal, async (original, call, ops, options) => {
+    if (markOnly(ops)) return original(ops);
+    log.push(`frames ${call}${options?.sync === true ? ' sync' : ''} start`);
+    await original(ops);
+    log.push(`frames ${call} end`);
+  });
+  wrapPayloadFlush(journal, async (original) => {
+    log.push('flush start');
+    await sleep(30);
+    await original();
+    log.push('flush end');
+  });
+  await journal.append(1, { payload: payloadOf(1), sync: true });
+  log.push('append 1 resolved');
+  assert.equal(log, ['frames 1 sync start', 'flush start', 'frames 1 end', 'flush end', 'append 1 resolved']);
+  await journal.close();
+});
+
+test('a failed payload flush fails its synced batch, whose frames are taken back; seqs stay dense', async () => {
+  const dir = tempDir('pipeline');
+  const journal = await Journal.open<number>(dir, { create: true });
+  await journal.append(1, { payload: payloadOf(1), sync: true });
+  wrapPayloadFlush(journal, async (original, call) => {
+    if (call === 1) throw new Error('injected: EIO on fdatasync');
+    await original();
+  });
+  await syncedAppendFails(journal, /batch of 1 records failed: payload log: injected: EIO on fdatasync/);
+  await journal.close();
+  const reopened = await Journal.open<number>(dir);
+  await expectFirstAndThird(reopened);
+  await reopened.close();
+});
+
+test('a synced batch is durable at once: after a crash before any later write, its damaged payload is damage, not a torn tail', async () => {
+  const dir = tempDir('pipeline');
+  assert.is(crashChild('synced-crash-child', dir, 5), 'acked 5\n');
+  // LevelDB's durable mark still says what was durable before the synced batch; the seal says 5.
+  const raw = new Level<Buffer, Buffer>(dir, { keyEncoding: 'buffer', valueEncoding: 'buffer' });
+  const mark = await raw.get(Buffer.from('mdurable'));
+  assert.ok(mark === undefined || unpack(mark) < 5, 'the synced batch could not carry its own durable mark');
+  await raw.close();
+  const segment = join(dir, 'payloads', readdirSync(join(dir, 'payloads')).find((f) => f.endsWith('.seg'))!);
+  const offset = [1, 2, 3, 4].reduce((sum, n) => sum + 1000 + n, 0) + 7;
+  const fd = openSync(segment, 'r+');
+  writeSync(fd, Buffer.from([0x5a]), 0, 1, offset);
+  closeSync(fd);
+  const reopened = await Journal.open<number>(dir);
+  try {
+    const err = await replayError(reopened);
+    assert.ok(err instanceof JournalCorruptionError && !(err instanceof JournalTornTailError), String(err));
+    assert.is(err.seq, 5);
+    assert.is(err.kind, 'payload-crc');
+    await rejects(() => reopened.cutTail(5), /is durable/);
+  } finally {
+    await reopened.close();
+  }
+});
+
+test('an OS crash between a synced batch\'s LevelDB write and its payload flush leaves a torn tail, never acknowledged', async () => {
+  const dir = tempDir('pipeline');
+  assert.is(crashChild('flush-crash-child', dir, 4), 'acked 4\n', 'the child died before the synced batch committed');
+  // What the OS crash loses: the payload bytes never flushed, and the seal written since its last flush.
+  const payloads = join(dir, 'payloads');
+  const segment = join(payloads, readdirSync(payloads).find((f) => f.endsWith('.seg'))!);
+  truncateSync(segment, [1, 2, 3, 4].reduce((sum, n) => sum + 1000 + n, 0));
+  const seal = new Seal(payloads);
+  seal.write(4, 4);
+  seal.close();
+  const reopened = await Journal.open<number>(dir);
+  try {
+    assert.is(reopened.lastSeq, 5, 'LevelDB kept the synced frame');
+    const err = await replayError(reopened);
+    assert.ok(err instanceof JournalTornTailError, String(err));
+    assert.is(err.seq, 5);
+    assert.is(await reopened.cutTail(5), 1);
+    assert.equal((await replayAll(reopened)).map((r) => [r.seq, r.payload?.length]), [1, 2, 3, 4].map((n) => [n, 1000 + n]));
+    assert.ok((await reopened.verify()).ok);
+  } finally {
+    await reopened.close();
+  }
+});
+
+test('an idle journal carries the durable mark into LevelDB, and sync and close wait for it', async () => {
+  const dir = tempDir('pipeline');
+  const journal = await Journal.open<number>(dir, { create: true });
+  for (let n = 1; n <= 3; n++) await journal.append(n, { payload: payloadOf(n), sync: n === 3 });
+  await journal.sync();
+  const db = (journal as unknown as { db: Level<Buffer, Buffer> }).db;
+  assert.is(unpack((await db.get(Buffer.from('mdurable')))!), 3, 'sync waited for the mark');
+  await journal.append(4, { payload: payloadOf(4), sync: true });
+  await journal.close();
+  const raw = new Level<Buffer, Buffer>(dir, { keyEncoding: 'buffer', valueEncoding: 'buffer' });
+  assert.is(unpack((await raw.get(Buffer.from('mdurable')))!), 4, 'close waited for the mark');
+  await raw.close();
+});
+
+test('under continuous load, sync waits for the next batch to carry the durable mark, not for the journal to go idle', async () => {
+  const dir = tempDir('pipeline');
+  const journal = await Journal.open<number>(dir, { create: true });
+  const db = (journal as unknown as { db: Level<Buffer, Buffer> }).db;
+  await journal.append(0, { payload: payloadOf(0), sync: true });
+  // The synced batch is durable; LevelDB's mark still trails it.
+  const synced = journal.sync();
+  // Two writers keep an append queued at every moment, so the flush loop never goes idle.
+  let stop = false;
+  let appended = 0;
+  const writer = async (): Promise<void> => {
+    while (!stop) {
+      await journal.append(1, { payload: payloadOf(1) });
+      appended++;
+    }
+  };
+  const writers = [writer(), writer()];
+  const outcome = await Promise.race([synced.then(() => 'synced'), sleep(5000).then(() => 'still waiting')]);
+  const appendedAtSync = appended;
+  const mark = unpack((await db.get(Buffer.from('mdurable')))!) as number;
+  stop = true;
+  await Promise.all(writers);
+  assert.is(outcome, 'synced', 'sync resolved while the load went on');
+  assert.ok(appendedAtSync < 1000, `sync waited for ${appendedAtSync} appends; one or two batches carry the mark`);
+  assert.ok(mark >= 1, `LevelDB's durable mark is ${mark} after sync`);
+  await journal.close();
+});
+
+test('when the idle put of the durable mark fails, sync says so; the records stay durable and the next sync carries it', async () => {
+  const dir = tempDir('pipeline');
+  const journal = await Journal.open<number>(dir, { create: true });
+  let markPuts = 0;
+  wrapBatch(journal, (original, _call, ops) => {
+    if (markOnly(ops) && ++markPuts === 1) return Promise.reject(new Error('injected: I/O error'));
+    return original(ops);
+  });
+  await journal.append(1, { payload: payloadOf(1), sync: true });
+  await rejects(journal.sync(), /records through seq 1 are durable, but LevelDB's durable mark could not be written: injected: I\/O error/);
+  await journal.sync();
+  assert.is(markPuts, 2);
+  await journal.close();
+  const raw = new Level<Buffer, Buffer>(dir, { keyEncoding: 'buffer', valueEncoding: 'buffer' });
+  assert.is(unpack((await raw.get(Buffer.from('mdurable')))!), 1);
+  await raw.close();
 });
 
 test('a failed payload write fails its batch, whose frames are taken back; seqs stay dense', async () => {
@@ -328,25 +516,14 @@ test('a failed payload write fails a synced batch too, named as the payload log\
     if (call === 1) throw new Error('injected: no space left on device');
     original();
   });
-  const failed = await journal.append(2, { payload: payloadOf(2), sync: true }).then(
-    () => undefined,
-    (err: unknown) => err as Error,
-  );
-  assert.match(failed?.message ?? 'resolved', /batch of 1 records failed: payload log: injected: no space left on device/);
-  assert.is(await journal.append(3, { payload: payloadOf(3), sync: true }), 2, 'the failed batch consumed no seq');
-  assert.equal((await replayAll(journal)).map((r) => [r.seq, r.meta, Buffer.from(r.payload!).equals(payloadOf(r.meta))]), [
-    [1, 1, true],
-    [2, 3, true],
-  ]);
+  await syncedAppendFails(journal, /batch of 1 records failed: payload log: injected: no space left on device/);
+  await expectFirstAndThird(journal);
   await journal.close();
 });
 
 test('a crash after LevelDB took the frames of a batch but before its payloads were written leaves a torn tail', async () => {
   const dir = tempDir('pipeline');
-  const child = join(import.meta.dirname, 'fixtures/payload-crash-child.ts');
-  const run = spawnSync(process.execPath, ['--conditions=source', '--import', 'tsx', child, dir, '5'], { encoding: 'utf8' });
-  assert.is(run.signal, 'SIGKILL', run.stderr);
-  assert.is(run.stdout, 'acked 5\n', 'the child died before the batch committed');
+  assert.is(crashChild('payload-crash-child', dir, 5), 'acked 5\n', 'the child died before the batch committed');
   const reopened = await Journal.open<number>(dir);
   assert.is(reopened.lastSeq, 7, 'LevelDB kept the frames of the batch that never committed');
   const err = await replayError(reopened);

@@ -265,6 +265,12 @@ function checkSnapshot(model: VolumeModel, snap: SnapshotRecord, bytes: Buffer, 
   return fromLoad;
 }
 
+/** The torn tails a process kill can leave (see recoverJson): the trial's stat and the run's total for each. */
+const killTails: ReadonlyMap<string, { readonly stat: string; readonly total: string }> = new Map([
+  ['gap', { stat: 'gapCut', total: 'gapTailsCut' }],
+  ['payload-missing', { stat: 'payloadMissingCut', total: 'payloadMissingTailsCut' }],
+]);
+
 async function recoverJson(store: string): Promise<Record<string, unknown>> {
   const r = await cowstack(['recover', store, '--json'], { timeoutMs: commandTimeoutMs });
   if (r.code !== 0) fail(`recover failed: ${describe('cowstack', ['recover', store, '--json'], r)}`);
@@ -278,7 +284,7 @@ async function recoverJson(store: string): Promise<Record<string, unknown>> {
   // both writes and after the batch before it), which the region checks below verify. Any other
   // kind (a CRC mismatch, a broken chain) would be damage, not a kill's tail.
   const cut = report.tailCut as { kind?: string } | undefined | null;
-  if (cut !== undefined && cut !== null && cut.kind !== 'gap' && cut.kind !== 'payload-missing') fail(`recover cut a torn tail a process kill cannot leave (acknowledged writes may be lost): ${r.stdout}`);
+  if (cut !== undefined && cut !== null && !killTails.has(cut.kind ?? '')) fail(`recover cut a torn tail a process kill cannot leave (acknowledged writes may be lost): ${r.stdout}`);
   if (!Array.isArray(report.checkpointsSkipped) || report.checkpointsSkipped.length > 0) fail(`recover skipped checkpoints after a process kill: ${r.stdout}`);
   return report;
 }
@@ -432,7 +438,7 @@ async function runTrial(index: number, kind: TrialKind, seed: number, opts: Tort
     recoverWallMs = recoverWallMs * 0.7 + wall * 0.3;
     stats.replayed = Number(report.eventsReplayed);
     const cut = report.tailCut as { records: number; kind: string } | null | undefined;
-    if (cut !== undefined && cut !== null) stats[cut.kind === 'gap' ? 'gapCut' : 'payloadMissingCut'] = cut.records;
+    if (cut !== undefined && cut !== null) stats[killTails.get(cut.kind)!.stat] = cut.records;
     await checkOk(store, 'after recover');
     if (target !== undefined) {
       // How far the copy had got: its Write events are the ones into the commit target (vol2's base,
@@ -549,8 +555,7 @@ export async function runCrashTorture(opts: TortureOptions): Promise<TortureResu
       const v = r.stats[key];
       if (typeof v === 'number') totals[key] = (totals[key] ?? 0) + v;
     }
-    if (typeof r.stats.gapCut === 'number') totals.gapTailsCut = (totals.gapTailsCut ?? 0) + 1;
-    if (typeof r.stats.payloadMissingCut === 'number') totals.payloadMissingTailsCut = (totals.payloadMissingTailsCut ?? 0) + 1;
+    for (const { stat, total } of killTails.values()) if (typeof r.stats[stat] === 'number') totals[total] = (totals[total] ?? 0) + 1;
     if (typeof r.stats.recoverKills === 'string') {
       const [landed, rounds] = r.stats.recoverKills.split('/').map(Number);
       totals.recoverKillsLanded = (totals.recoverKillsLanded ?? 0) + landed;

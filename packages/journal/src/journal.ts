@@ -60,6 +60,11 @@ import {
 
 const formatName = 'cowstack-journal';
 const metaPackr = new Packr({ useRecords: false });
+
+/** The LevelDB put that moves the durable mark (metadata key 'durable') to `seq`. */
+function durableMarkOp(seq: number): { type: 'put'; key: Buffer; value: Buffer } {
+  return { type: 'put', key: metaKey('durable'), value: metaPackr.pack(seq) };
+}
 /** Journal metadata: why the seal was damaged, until a caller acknowledges it (see damagedSeal). */
 const sealDamageMetaName = 'seal-damage';
 
@@ -687,6 +692,7 @@ export class Journal<M = unknown> {
             for (const waiter of this.markWaiters) waiter.reject(failure);
             this.markWaiters = [];
           }
+          // Any still waiting are on a broken journal, whose sync does not wait for the mark.
           for (const waiter of this.markWaiters) waiter.resolve();
           this.markWaiters = [];
           break;
@@ -741,7 +747,7 @@ export class Journal<M = unknown> {
   private async carryDurableMark(): Promise<JournalError | undefined> {
     const mark = this.durableSeq;
     try {
-      await this.writeBatch([{ type: 'put', key: metaKey('durable'), value: metaPackr.pack(mark) }], false);
+      await this.writeBatch([durableMarkOp(mark)], false);
     } catch (err) {
       return new JournalError('EIO', `journal ${this.path}: records through seq ${mark} are durable, but LevelDB's durable mark could not be written: ${(err as Error).message}`, { cause: err });
     }
@@ -834,7 +840,7 @@ export class Journal<M = unknown> {
       bytes += payloadBytes;
       // The durable mark moves only to what was durable before this batch began (see markedDurableSeq).
       const mark = this.durableSeq > this.markedDurableSeq ? this.durableSeq : undefined;
-      if (mark !== undefined) ops.push({ type: 'put', key: metaKey('durable'), value: metaPackr.pack(mark) });
+      if (mark !== undefined) ops.push(durableMarkOp(mark));
       batchChain = prev;
       this.reservedSeq = firstSeq + items.length;
       this.reservedChain = prev;
@@ -1176,7 +1182,7 @@ export class Journal<M = unknown> {
       [
         ...doomed.map((k) => ({ type: 'del' as const, key: k })),
         ...checkpoints.map((c) => ({ type: 'del' as const, key: checkpointKey(c) })),
-        { type: 'put' as const, key: metaKey('durable'), value: metaPackr.pack(durable) },
+        durableMarkOp(durable),
       ],
       { sync: true },
     );
@@ -1518,7 +1524,7 @@ export class Journal<M = unknown> {
     if (this.broken === undefined && this.durableSeq < this.lastSeq) await this.sync();
     await flushesSettled();
     if (this.broken === undefined && this.markedDurableSeq < this.durableSeq) {
-      await this.db.put(metaKey('durable'), metaPackr.pack(this.durableSeq), { sync: true });
+      await this.writeBatch([durableMarkOp(this.durableSeq)], true);
       this.marked(this.durableSeq);
     }
     // The mark an idle journal carried was not synced: the seal's flush keeps it past an OS crash.

@@ -685,6 +685,50 @@ async function tryForce(s: Scenario, store: string, fx: Fixture, expectFrom: num
   s.note(`recover --force: writes lost (reported as seqs ${salvage.fromSeq}..${fx.lastSeq}): ${lost.join(' ')}`);
 }
 
+/**
+ * A frame between the last two checkpoints of the clean store deleted, or a byte of it flipped: the
+ * newest checkpoint holds the state its records made, so recover works and serves the acknowledged
+ * data, and check names the damage; recover --force records it as an accepted loss, after which
+ * check passes noting it and journal verify marks it accepted.
+ */
+async function coveredFrameDamage(fx: { clean: Fixture }, rng: Rng, damage: 'deleted' | 'flipped'): Promise<ScenarioResult> {
+  const s = new Scenario(damage === 'deleted' ? 'frame-delete-covered' : 'frame-flip-covered');
+  const f = fx.clean;
+  const store = copyStore(f.store, damage === 'deleted' ? 'framedel2' : 'frameflip2');
+  const [older, newest] = f.checkpoints.slice(-2);
+  const w = rng.pick(f.writes.filter((x) => x.seq > older && x.seq < newest));
+  const first = await withLevel(store, async (db) => {
+    const key = await frameKeyOf(db, w.seq);
+    if (damage === 'deleted') await db.del(key);
+    else {
+      const value = (await db.get(key))!;
+      value[rng.int(0, value.length - 1)] ^= rng.int(1, 255);
+      await db.put(key, value);
+    }
+    return frameSeq(key);
+  });
+  s.note(`damage: frame r${first} (holding W${w.index}, seq ${w.seq}, between checkpoints ${older} and ${newest}) ${damage === 'deleted' ? 'deleted' : 'with one byte flipped'}`);
+  const { check, wrong } = await observe(s, store, f);
+  const named = (p: { seq?: number }): boolean => p.seq !== undefined && p.seq >= first && p.seq <= w.seq;
+  s.expect(!check.ok && check.problems.some((p) => p.kind === 'journal' && named(p)), `check does not report the damage at seq ${first}: ${checkSummary(check)}`);
+  s.expect(wrong.size === 0, `data differs although the newest checkpoint covers the ${damage} frame`);
+  const forced = await runRecover(store, true);
+  s.note(`recover --force: ${recoverSummary(forced)}`);
+  const recorded = (forced.report?.lossesRecorded ?? []) as Array<{ fromSeq: number; toSeq: number }>;
+  s.expect(forced.code === 0 && recorded.some((l) => l.fromSeq === first && l.toSeq >= w.seq), `recover --force does not record the frame at seq ${first} as an accepted loss: ${recoverSummary(forced)}`);
+  const post = await checkCopy(store, 'postcheck');
+  s.note(`after --force, ${checkSummary(post)}; notes: ${(post.notes ?? []).join(' | ')}`);
+  s.expect(post.ok && (post.notes ?? []).some((n) => n.startsWith(`records seq ${first}..`)), `after recover --force, check does not pass noting the loss at seq ${first}: ${checkSummary(post)}`);
+  const verify = await cowstack(['journal', 'verify', store, '--json']);
+  const verified = JSON.parse(verify.stdout) as { ok: boolean; problems: Array<{ seq: number; accepted?: unknown }> };
+  s.expect(verify.code === 0 && verified.ok && verified.problems.some((p) => named(p) && p.accepted !== undefined), `after recover --force, journal verify does not mark the damage at seq ${first} accepted: exit ${verify.code} ${verify.stdout}`);
+  const read = await serveAndRead(store, allViews);
+  if ('error' in read) s.expect(false, `serve after recover --force: ${read.error}`);
+  else for (const view of allViews) s.expect(wrongBlocks(read.views.get(view)!, expected(f, view, Infinity)).length === 0, `after recover --force, ${view} does not hold the acknowledged writes`);
+  dropCopy(store);
+  return s.result();
+}
+
 /** The layers a view reads, top first. */
 function stackOf(fx: Fixture, view: string): number[] {
   return view === 'default' ? [fx.layers.defaultTop, fx.layers.snap1] : view === 'vm1' ? [fx.layers.vm1Top, fx.layers.snap1] : [fx.layers.snap1];
@@ -961,33 +1005,11 @@ export const scenarios: Record<string, ScenarioFn> = {
   },
 
   async 'journal: frame deleted before the last checkpoint'(fx, rng) {
-    const s = new Scenario('frame-delete-covered');
-    const f = fx.clean;
-    const store = copyStore(f.store, 'framedel2');
-    const [older, newest] = f.checkpoints.slice(-2);
-    const w = rng.pick(f.writes.filter((x) => x.seq > older && x.seq < newest));
-    const first = await withLevel(store, async (db) => {
-      const key = await frameKeyOf(db, w.seq);
-      await db.del(key);
-      return frameSeq(key);
-    });
-    s.note(`damage: frame r${first} (holding W${w.index}, seq ${w.seq}, between checkpoints ${older} and ${newest}) deleted`);
-    const { check, wrong } = await observe(s, store, f);
-    s.expect(!check.ok && check.problems.some((p) => p.kind === 'journal' && p.seq === first), `check does not report the gap at seq ${first}: ${checkSummary(check)}`);
-    s.expect(wrong.size === 0, 'data differs although the newest checkpoint covers the deleted frame');
-    // recover --force records the gap as an accepted loss; check then notes it and passes.
-    const forced = await runRecover(store, true);
-    s.note(`recover --force: ${recoverSummary(forced)}`);
-    const recorded = (forced.report?.lossesRecorded ?? []) as Array<{ fromSeq: number; toSeq: number }>;
-    s.expect(forced.code === 0 && recorded.some((l) => l.fromSeq === first && l.toSeq >= first), `recover --force does not record the gap at seq ${first} as an accepted loss: ${recoverSummary(forced)}`);
-    const post = await checkCopy(store, 'postcheck');
-    s.note(`after --force, ${checkSummary(post)}; notes: ${(post.notes ?? []).join(' | ')}`);
-    s.expect(post.ok && (post.notes ?? []).some((n) => n.startsWith(`records seq ${first}..`)), `after recover --force, check does not pass noting the gap at seq ${first}: ${checkSummary(post)}`);
-    const verify = await cowstack(['journal', 'verify', store, '--json']);
-    const verified = JSON.parse(verify.stdout) as { ok: boolean; problems: Array<{ seq: number; accepted?: unknown }> };
-    s.expect(verify.code === 0 && verified.ok && verified.problems.some((p) => p.seq === first && p.accepted !== undefined), `after recover --force, journal verify does not mark the gap at seq ${first} accepted: exit ${verify.code} ${verify.stdout}`);
-    dropCopy(store);
-    return s.result();
+    return coveredFrameDamage(fx, rng, 'deleted');
+  },
+
+  async 'journal: frame damaged before the last checkpoint'(fx, rng) {
+    return coveredFrameDamage(fx, rng, 'flipped');
   },
 
   async "LevelDB write-ahead log: flipped byte in a durable frame of the crashed store's .log"(fx) {
@@ -1179,8 +1201,19 @@ export async function randomLevelFlip(fx: { clean: Fixture; crashed: Fixture }, 
     outcome = s.failures.length === failuresBefore ? 'recover refused, --force salvaged' : 'recover refused, --force failed';
   }
   else if (serveError !== undefined) outcome = 'serve refused';
-  else if (!check.ok || !(postCheck?.ok ?? true) || hasWarning(recover)) outcome = wrong.size > 0 ? 'flagged (wrong data served, reported)' : 'flagged';
-  else outcome = 'harmless (no effect found)';
+  else if (!check.ok || !(postCheck?.ok ?? true) || hasWarning(recover)) {
+    outcome = wrong.size > 0 ? 'flagged (wrong data served, reported)' : 'flagged';
+    // Journal damage the checkpoint covers: recover --force records it as an accepted loss, and
+    // check then passes noting it. Whatever else is flagged, --force must not make it worse.
+    if (postCheck !== undefined && postCheck.problems.some((p) => p.kind === 'journal')) {
+      const forced = await runRecover(store, true);
+      s.note(`recover --force: ${recoverSummary(forced)}`);
+      const after = await checkCopy(store, 'forcecheck');
+      s.note(`after --force, ${checkSummary(after)}`);
+      s.expect(forced.code === 0 && after.problems.length <= postCheck.problems.length, `recover --force on a store that recovers made check worse: ${recoverSummary(forced)}; ${checkSummary(after)}`);
+      if (after.ok) outcome += ', --force accepted the loss';
+    }
+  } else outcome = 'harmless (no effect found)';
   if (recover.code === 0 && wrong.size > 0) s.note(`wrong data: ${[...wrong.keys()].join(', ')}`);
   dropCopy(store);
   return s.result(outcome);

@@ -4,9 +4,10 @@
  * recover: open the store (which loads the newest usable checkpoint, replays every later event,
  * re-applies the data of their writes to the layer files and writes a fresh checkpoint), close it,
  * and report what it did. With force, a journal damaged beyond a torn tail is cut at its first
- * damaged record first (see recoverStore), and records lost where a checkpoint holds the state they
- * made (a gap before it, or the history before a journal salvage resumed) are recorded in the
- * journal's metadata as accepted losses (see recordLosses). Before any of that, force writes damaged
+ * damaged record that no checkpoint before it covers (see recoverStore, cutPoint), and records lost
+ * where a checkpoint holds the state they made (a gap or a damaged frame before it, or the history
+ * before a journal salvage resumed) are recorded in the journal's metadata as accepted losses (see
+ * recordLosses). Before any of that, force writes damaged
  * write payloads back from the layer files that still hold their blocks (payload-repair.ts): a
  * payload mended so costs no record, where the cut would have discarded it and everything after it.
  *
@@ -78,9 +79,11 @@ export interface RecoverReport extends OpenReport {
  *     `journal/damaged/`, the MANIFEST is rebuilt, and what the tables still held is written back.
  *     If the store then opens, the records lost with them were older than its newest checkpoint and
  *     nothing more is cut;
- *   - then the journal is cut at the first damaged record (the damaged record and every record
- *     after it are discarded, acknowledged or not), the store opens from its newest usable
- *     checkpoint as usual, and every retained write payload is written to its layer file again, so
+ *   - then the journal is cut at the first damaged record that no checkpoint before it covers (the
+ *     damaged record and every record after it are discarded, acknowledged or not; damage the
+ *     checkpoint covers is recorded as an accepted loss instead, see cutPoint), the store opens
+ *     from its newest usable checkpoint as usual, and every retained write payload is written to
+ *     its layer file again, so
  *     blocks that discarded events had overwritten get their last kept content back (blocks whose
  *     payloads retention already dropped cannot be restored; check names them).
  * Damaged checkpoints need no force: older ones are used automatically.
@@ -189,8 +192,10 @@ async function recordLosses(store: Store, problems: readonly VerifyProblem[]): P
     found.push({ fromSeq: 1, toSeq: journal.firstSeq - 1, reason: `the journal's records before seq ${journal.firstSeq} are gone; its checkpoints hold the state they made` });
   }
   for (const p of problems) {
-    if (p.kind === 'gap' && p.toSeq !== undefined && p.toSeq <= checkpointSeq) {
-      found.push({ fromSeq: p.seq, toSeq: p.toSeq, reason: `records seq ${p.seq}..${p.toSeq} are missing; the checkpoint at seq ${checkpointSeq} holds the state they made` });
+    const lost = passedOver(p);
+    if (lost !== undefined && lost.toSeq <= checkpointSeq) {
+      const what = p.kind === 'gap' ? 'are missing' : `cannot be read (${p.message})`;
+      found.push({ ...lost, reason: `records seq ${lost.fromSeq}..${lost.toSeq} ${what}; the checkpoint at seq ${checkpointSeq} holds the state they made` });
     }
   }
   const recordedMs = Date.now();
@@ -210,20 +215,31 @@ export type VerifiedProblem = VerifyProblem & { readonly accepted?: AcceptedLoss
 export type StoreJournalReport = Omit<VerifyReport, 'problems'> & { problems: VerifiedProblem[] };
 
 /**
- * `journal.verify()` of a store's journal, with each gap an accepted loss covers marked `accepted`:
- * `ok` counts only the others (as check does).
+ * `journal.verify()` of a store's journal, with each gap or damaged frame an accepted loss covers
+ * marked `accepted`: `ok` counts only the others (as check does).
  */
 export async function verifyStoreJournal(journal: Journal<StoreEvent>): Promise<StoreJournalReport> {
   const report = await journal.verify();
   const accepted = await acceptedLosses(journal);
   const problems = report.problems.map((p): VerifiedProblem => {
-    const loss = p.kind === 'gap' && p.toSeq !== undefined ? acceptedLossOf(accepted, p.seq, p.toSeq) : undefined;
+    const lost = passedOver(p);
+    const loss = lost === undefined ? undefined : acceptedLossOf(accepted, lost.fromSeq, lost.toSeq);
     return loss === undefined ? p : { ...p, accepted: loss };
   });
   return { ...report, ok: problems.every((p) => p.accepted !== undefined), problems };
 }
 
-/** The accepted loss that covers a gap of seq fromSeq..toSeq, if one does. */
+/**
+ * The records a journal problem costs, when a checkpoint can stand in for them: a gap's, or a damaged
+ * frame's (with any missing up to the next frame). Not a torn tail (opening cuts it), not a damaged
+ * payload (its record is whole; payload-repair.ts mends it).
+ */
+function passedOver(p: VerifyProblem): { fromSeq: number; toSeq: number } | undefined {
+  if (p.tornTail === true || p.fromSeq === undefined || p.toSeq === undefined) return undefined;
+  return { fromSeq: p.fromSeq, toSeq: p.toSeq };
+}
+
+/** The accepted loss that covers records fromSeq..toSeq, if one does. */
 function acceptedLossOf(accepted: readonly AcceptedLoss[], fromSeq: number, toSeq: number): AcceptedLoss | undefined {
   return accepted.find((a) => fromSeq >= a.fromSeq && toSeq <= a.toSeq);
 }
@@ -261,7 +277,7 @@ function describeTableSalvage(tables: TableSalvageReport): string {
   return parts.join('; ');
 }
 
-/** Find the first damaged journal record and discard it and everything after it. */
+/** Find the journal record to cut at (see cutPoint) and discard it and everything after it. */
 async function cutAtDamage(dir: string): Promise<{ fromSeq: number; reason: string; recordsDiscarded: number } | undefined> {
   const journal = await Journal.open<StoreEvent>(join(resolve(dir), 'journal'), { skipDamagedTail: true });
   try {
@@ -275,14 +291,14 @@ async function cutAtDamage(dir: string): Promise<{ fromSeq: number; reason: stri
         recordsDiscarded: lost.toSeq - lost.fromSeq + 1,
       };
     }
-    // Losses recover --force accepted earlier are not damage to cut at: a checkpoint holds their state.
     const verify = await verifyStoreJournal(journal);
-    const first = verify.problems.find((p) => p.kind !== 'checkpoint' && p.accepted === undefined);
+    const damaged = new Set(verify.problems.filter((p) => p.kind === 'checkpoint').map((p) => p.seq));
+    const cut = cutPoint(verify.problems, (await journal.checkpointSeqs()).filter((seq) => !damaged.has(seq)));
     let fromSeq: number;
     let reason: string;
-    if (first !== undefined) {
-      fromSeq = first.seq;
-      reason = first.message;
+    if (cut !== undefined) {
+      fromSeq = cut.seq;
+      reason = cut.message;
     } else if (journal.lastSeq < (await journal.lastFrameKeySeq())) {
       // Only the damaged tail frames were wrong, and open skipped them.
       fromSeq = journal.lastSeq + 1;
@@ -300,6 +316,21 @@ async function cutAtDamage(dir: string): Promise<{ fromSeq: number; reason: stri
   }
 }
 
+/**
+ * Where to cut a damaged journal: at the latest problem such that the newest checkpoint before it
+ * holds the state of every record lost before it (a gap or a damaged frame the store, opening from
+ * that checkpoint, never reads; recordLosses then accepts them). Losses recover --force accepted
+ * earlier are no damage to cut at. Cutting at old damage a checkpoint covers would discard the
+ * checkpoint and every record after it; the first problem is always a valid cut.
+ */
+function cutPoint(problems: readonly VerifiedProblem[], checkpointSeqs: readonly number[]): VerifiedProblem | undefined {
+  const damage = problems.filter((p) => p.kind !== 'checkpoint' && p.accepted === undefined);
+  for (let k = damage.length - 1; k > 0; k--) {
+    const checkpoint = Math.max(0, ...checkpointSeqs.filter((seq) => seq < damage[k].seq));
+    if (damage.slice(0, k).every((p) => (passedOver(p)?.toSeq ?? Infinity) <= checkpoint)) return damage[k];
+  }
+  return damage[0];
+}
 
 export type CheckProblemKind = 'open' | 'journal' | 'checkpoint' | 'projection' | 'data';
 

@@ -11,7 +11,7 @@ import { Level } from 'level';
 import { pack } from 'msgpackr';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { BlockDeviceError, type CheckpointWritten, checkStore, EventType, parseRetention, pointInTimeView, recoverStore, Store, StoreError, type StoreEvent, StoreExports } from '../src/index.js';
+import { BlockDeviceError, type CheckpointWritten, checkStore, EventType, parseRetention, pointInTimeView, recoverStore, Store, StoreError, type StoreEvent, StoreExports, type StoreJournalReport, verifyStoreJournal } from '../src/index.js';
 import { maxWritebackBytes } from '../src/limits.js';
 import { flat, tempDir } from './helpers.js';
 
@@ -392,41 +392,15 @@ test('recover --force salvages a journal damaged in the middle: everything befor
 });
 
 test('recover --force records a gap a checkpoint covers; check then notes it and verifies the blocks written after it', async () => {
-  const dir = tempDir();
-  const store = await Store.create(dir, { sizeBytes: mib });
-  await store.writeVolume('default', 0, Buffer.alloc(4096, 1), true);
-  const lostSeq = store.lastSeq + 1;
-  await store.writeVolume('default', 4096, Buffer.alloc(4096, 2), true);
-  await store.writeVolume('default', 8192, Buffer.alloc(4096, 3), true);
-  await store.checkpoint();
-  await store.writeVolume('default', 12288, Buffer.alloc(4096, 4), true);
-  const top = store.volumeInfo('default').topLayerId;
-  await store.close();
-  const db = new Level<Buffer, Buffer>(join(dir, 'journal'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
-  const key = frameKey(lostSeq);
-  assert.ok((await db.get(key)) !== undefined, 'the second write has a frame of its own');
-  await db.del(key);
-  await db.close();
-
-  const before = await checkStore(dir);
-  assert.equal(before.problems.map((p) => [p.kind, p.seq]), [['journal', lostSeq]], JSON.stringify(before.problems));
-  assert.is((await recoverStore(dir)).lossesRecorded.length, 0, 'without --force nothing is recorded');
-  const forced = await recoverStore(dir, { force: true });
-  assert.equal(
-    forced.lossesRecorded.map((l) => [l.fromSeq, l.toSeq]),
-    [[lostSeq, lostSeq]],
+  const { dir, top } = await lossTheCheckpointCovers(
+    async (dir, seq) => {
+      const db = new Level<Buffer, Buffer>(join(dir, 'journal'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
+      assert.ok((await db.get(frameKey(seq))) !== undefined, 'the second write has a frame of its own');
+      await db.del(frameKey(seq));
+      await db.close();
+    },
+    (seq) => new RegExp(`records seq ${seq}\\.\\.${seq} are missing; the checkpoint at seq \\d+ holds the state they made`),
   );
-  assert.match(forced.lossesRecorded[0].reason, /the checkpoint at seq \d+ holds the state they made/);
-  assert.is((await recoverStore(dir, { force: true })).lossesRecorded.length, 0, 'a loss is recorded once');
-
-  const after = await checkStore(dir);
-  assert.ok(after.ok, JSON.stringify(after.problems));
-  assert.match(after.notes[0], new RegExp(`records seq ${lostSeq}\\.\\.${lostSeq} are lost, accepted by recover --force at 20`));
-  assert.is(after.dataBlocksChecked, 2, 'the blocks last written after the loss are verified');
-  assert.is(after.dataBlocksUnverifiable, 2, "the lost write's block and the one written before it cannot be");
-  const reopened = await Store.open(dir);
-  assert.ok(flat(reopened.readVolume('default', 0, 16384)).equals(Buffer.concat([1, 2, 3, 4].map((v) => Buffer.alloc(4096, v)))), 'the checkpoint held the lost write');
-  await reopened.close();
 
   const fd = openSync(join(dir, 'layers', `${top}.data`), 'r+');
   writeSync(fd, Buffer.from([0xee]), 0, 1, 12288 + 5);
@@ -441,13 +415,8 @@ test('recover --force records a gap a checkpoint covers; check then notes it and
   await more.writeVolume('default', 20480, Buffer.alloc(4096, 6), true);
   await more.writeVolume('default', 24576, Buffer.alloc(4096, 7), true);
   await more.close();
-  const raw = new Level<Buffer, Buffer>(join(dir, 'journal'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
-  const damagedKey = frameKey(damagedSeq);
-  const value = (await raw.get(damagedKey))!;
-  value[50] ^= 0xff;
-  await raw.put(damagedKey, value);
-  for await (const k of raw.keys({ gte: Buffer.from('c'), lt: Buffer.from('d') })) if (k.readUInt32BE(5) >= damagedSeq) await raw.del(k);
-  await raw.close();
+  await flipFrameByte(dir, damagedSeq);
+  await dropCheckpointsFrom(dir, damagedSeq);
   const salvaged = await recoverStore(dir, { force: true });
   assert.is(salvaged.salvage?.fromSeq, damagedSeq, 'the cut is at the new damage');
   const kept = await Store.open(dir);
@@ -455,6 +424,117 @@ test('recover --force records a gap a checkpoint covers; check then notes it and
   await kept.close();
 });
 
+test('recover --force records a damaged frame a checkpoint covers as a loss; check then notes it and verifies the blocks written after it', async () => {
+  const { dir } = await lossTheCheckpointCovers(
+    async (dir, seq) => {
+      await flipFrameByte(dir, seq);
+      const verified = await verifyJournalOf(dir);
+      assert.equal(verified.problems.map((p) => [p.fromSeq, p.toSeq]), [[seq, seq]], 'verify names the records the damaged frame held');
+    },
+    (seq) => new RegExp(`records seq ${seq}\\.\\.${seq} cannot be read \\(journal record seq ${seq} is corrupt \\(crc\\): .+\\); the checkpoint at seq \\d+ holds the state they made`),
+  );
+  const verified = await verifyJournalOf(dir);
+  assert.equal(verified.problems.map((p) => [p.kind, p.accepted !== undefined]), [['crc', true]], 'the damaged frame stays in the journal, marked accepted');
+  assert.ok(verified.ok);
+});
+
+/**
+ * Writes 1, 2 and 3, a checkpoint, write 4; then `damage` takes the record of write 2 (seq
+ * `lostSeq`). check names it; recover --force records it once as a loss the checkpoint covers (with
+ * `reason`); check then passes, noting it, verifying the blocks last written after it; every write
+ * reads back.
+ */
+async function lossTheCheckpointCovers(damage: (dir: string, lostSeq: number) => Promise<void>, reason: (lostSeq: number) => RegExp): Promise<{ dir: string; lostSeq: number; top: number }> {
+  const dir = tempDir();
+  const store = await Store.create(dir, { sizeBytes: mib });
+  await store.writeVolume('default', 0, Buffer.alloc(4096, 1), true);
+  const lostSeq = store.lastSeq + 1;
+  await store.writeVolume('default', 4096, Buffer.alloc(4096, 2), true);
+  await store.writeVolume('default', 8192, Buffer.alloc(4096, 3), true);
+  await store.checkpoint();
+  await store.writeVolume('default', 12288, Buffer.alloc(4096, 4), true);
+  const top = store.volumeInfo('default').topLayerId;
+  await store.close();
+  await damage(dir, lostSeq);
+
+  const before = await checkStore(dir);
+  assert.equal(before.problems.map((p) => [p.kind, p.seq]), [['journal', lostSeq]], JSON.stringify(before.problems));
+  assert.is((await recoverStore(dir)).lossesRecorded.length, 0, 'without --force nothing is recorded');
+  const forced = await recoverStore(dir, { force: true });
+  assert.equal(forced.lossesRecorded.map((l) => [l.fromSeq, l.toSeq]), [[lostSeq, lostSeq]]);
+  assert.match(forced.lossesRecorded[0].reason, reason(lostSeq));
+  assert.is(forced.salvage, undefined, 'nothing is cut');
+  assert.is((await recoverStore(dir, { force: true })).lossesRecorded.length, 0, 'a loss is recorded once');
+
+  const after = await checkStore(dir);
+  assert.ok(after.ok, JSON.stringify(after.problems));
+  assert.match(after.notes[0], new RegExp(`records seq ${lostSeq}\\.\\.${lostSeq} are lost, accepted by recover --force at 20`));
+  assert.is(after.dataBlocksChecked, 2, 'the blocks last written after the loss are verified');
+  assert.is(after.dataBlocksUnverifiable, 2, "the lost write's block and the one written before it cannot be");
+  const reopened = await Store.open(dir);
+  assert.ok(flat(reopened.readVolume('default', 0, 16384)).equals(Buffer.concat([1, 2, 3, 4].map((v) => Buffer.alloc(4096, v)))), 'the checkpoint held the lost write');
+  await reopened.close();
+  return { dir, lostSeq, top };
+}
+
+test('recover --force cuts at damage after the newest checkpoint, not at older damage the checkpoint covers', async () => {
+  const dir = tempDir();
+  const store = await Store.create(dir, { sizeBytes: mib });
+  await store.writeVolume('default', 0, Buffer.alloc(4096, 1), true);
+  const oldSeq = store.lastSeq + 1;
+  await store.writeVolume('default', 4096, Buffer.alloc(4096, 2), true);
+  const missingSeq = store.lastSeq + 1;
+  await store.writeVolume('default', 8192, Buffer.alloc(4096, 3), true);
+  await store.checkpoint();
+  await store.writeVolume('default', 12288, Buffer.alloc(4096, 4), true);
+  const newSeq = store.lastSeq + 1;
+  await store.writeVolume('default', 16384, Buffer.alloc(4096, 5), true);
+  await store.writeVolume('default', 20480, Buffer.alloc(4096, 6), true);
+  await store.close();
+  await flipFrameByte(dir, oldSeq);
+  const db = new Level<Buffer, Buffer>(join(dir, 'journal'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
+  await db.del(frameKey(missingSeq));
+  await db.close();
+  await flipFrameByte(dir, newSeq);
+  await dropCheckpointsFrom(dir, newSeq);
+  await rejects(() => recoverStore(dir), (e: unknown) => e instanceof StoreError && e.code === 'ECORRUPT');
+
+  const forced = await recoverStore(dir, { force: true });
+  assert.is(forced.salvage?.fromSeq, newSeq, 'the cut is at the damage after the checkpoint');
+  assert.equal(forced.lossesRecorded.map((l) => [l.fromSeq, l.toSeq]), [[oldSeq, missingSeq]], 'the damage before it is recorded as a loss the checkpoint covers');
+  const kept = await Store.open(dir);
+  assert.ok(flat(kept.readVolume('default', 0, 24576)).equals(Buffer.concat([1, 2, 3, 4, 0, 0].map((v) => Buffer.alloc(4096, v)))), 'the checkpoint and the write after it are kept; the writes from the new damage on are not');
+  await kept.close();
+  const after = await checkStore(dir);
+  assert.ok(after.ok, JSON.stringify(after.problems));
+});
+
+/** Flip a byte inside the journal frame of `seq` (LevelDB key `r` + seq). */
+async function flipFrameByte(dir: string, seq: number): Promise<void> {
+  const db = new Level<Buffer, Buffer>(join(dir, 'journal'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
+  const value = await db.get(frameKey(seq));
+  assert.ok(value !== undefined, `record ${seq} has a frame of its own`);
+  value[50] ^= 0xff;
+  await db.put(frameKey(seq), value);
+  await db.close();
+}
+
+/** Delete the checkpoints at or after `seq`, so that damage there is after the newest one. */
+async function dropCheckpointsFrom(dir: string, seq: number): Promise<void> {
+  const db = new Level<Buffer, Buffer>(join(dir, 'journal'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
+  for await (const k of db.keys({ gte: Buffer.from('c'), lt: Buffer.from('d') })) if (k.readUInt32BE(5) >= seq) await db.del(k);
+  await db.close();
+}
+
+/** The verify report of a store's journal at rest (`journal verify`). */
+async function verifyJournalOf(dir: string): Promise<StoreJournalReport> {
+  const journal = await Journal.open<StoreEvent>(join(dir, 'journal'));
+  try {
+    return await verifyStoreJournal(journal);
+  } finally {
+    await journal.close();
+  }
+}
 /** Flip a byte of the payload log inside the first place that holds `data` (a write's payload). */
 function flipPayload(dir: string, data: Buffer): void {
   const segments = join(dir, 'journal', 'payloads');

@@ -133,13 +133,13 @@ export interface DecodedFrame {
 export function decodeFrame(keySeq: number, value: Uint8Array, expectPrev: number | undefined, fullCheck: boolean): DecodedFrame {
   const buf = Buffer.isBuffer(value) ? value : Buffer.from(value.buffer, value.byteOffset, value.byteLength);
   if (buf.length < frameHeaderBytes) {
-    throw new JournalCorruptionError(keySeq, 'decode', `frame is ${buf.length} bytes, shorter than its ${frameHeaderBytes}-byte header`);
+    throw new JournalCorruptionError(keySeq, 'decode', `frame is ${buf.length} bytes, shorter than its ${frameHeaderBytes}-byte header`, keySeq);
   }
   if (buf[0] !== magic0 || buf[1] !== magic1) {
-    throw new JournalCorruptionError(keySeq, 'decode', `bad frame magic 0x${buf[0].toString(16)}${buf[1].toString(16)}`);
+    throw new JournalCorruptionError(keySeq, 'decode', `bad frame magic 0x${buf[0].toString(16)}${buf[1].toString(16)}`, keySeq);
   }
   if (buf[2] !== batchFrameVersion) {
-    throw new JournalCorruptionError(keySeq, 'decode', `unknown frame version ${buf[2]}`);
+    throw new JournalCorruptionError(keySeq, 'decode', `unknown frame version ${buf[2]}`, keySeq);
   }
   const count = buf.readUInt32LE(4);
   const firstSeq = readU64(buf, 8);
@@ -149,13 +149,13 @@ export function decodeFrame(keySeq: number, value: Uint8Array, expectPrev: numbe
   const prevChain = buf.readUInt32LE(40);
   const regionBytes = buf.readUInt32LE(44);
   if (firstSeq !== keySeq) {
-    throw new JournalCorruptionError(keySeq, 'key', `key names seq ${keySeq} but the frame starts at seq ${firstSeq}`);
+    throw new JournalCorruptionError(keySeq, 'key', `key names seq ${keySeq} but the frame starts at seq ${firstSeq}`, keySeq);
   }
   if (count === 0 || frameHeaderBytes + regionBytes + 4 * count !== buf.length) {
-    throw new JournalCorruptionError(keySeq, 'decode', `frame length ${buf.length} does not match ${count} records in a ${regionBytes}-byte region`);
+    throw new JournalCorruptionError(keySeq, 'decode', `frame length ${buf.length} does not match ${count} records in a ${regionBytes}-byte region`, keySeq);
   }
   if (expectPrev !== undefined && expectPrev !== prevChain) {
-    throw new JournalCorruptionError(keySeq, 'chain', `frame chains to CRC ${hex(prevChain)} but the record before it ends with CRC ${hex(expectPrev)}`);
+    throw new JournalCorruptionError(keySeq, 'chain', `frame chains to CRC ${hex(prevChain)} but the record before it ends with CRC ${hex(expectPrev)}`, keySeq);
   }
   const chainsAt = frameHeaderBytes + regionBytes;
   const chains = new Uint32Array(count);
@@ -167,12 +167,12 @@ export function decodeFrame(keySeq: number, value: Uint8Array, expectPrev: numbe
       ? decodeVerifiedRegion(firstSeq, region)
       : walkRegion(firstSeq, region, start, chains);
   if (records.length !== count) {
-    throw new JournalCorruptionError(firstSeq + Math.min(records.length, count - 1), 'decode', `frame says ${count} records but holds ${records.length}`);
+    throw new JournalCorruptionError(firstSeq + Math.min(records.length, count - 1), 'decode', `frame says ${count} records but holds ${records.length}`, firstSeq);
   }
   for (let i = 0; i < count; i++) {
     const r = records[i];
     if (!Array.isArray(r) || r.length !== 3 || typeof r[0] !== 'number' || typeof r[1] !== 'number') {
-      throw new JournalCorruptionError(firstSeq + i, 'decode', 'record is not [payloadLength, payloadCrc, meta]');
+      throw new JournalCorruptionError(firstSeq + i, 'decode', 'record is not [payloadLength, payloadCrc, meta]', firstSeq);
     }
   }
   return {
@@ -196,7 +196,7 @@ function decodeVerifiedRegion(firstSeq: number, region: Buffer): RawRecord[] {
   try {
     return packr.unpackMultiple(region) as RawRecord[];
   } catch (cause) {
-    throw new JournalCorruptionError(firstSeq, 'decode', `records region cannot be decoded: ${(cause as Error).message}`);
+    throw new JournalCorruptionError(firstSeq, 'decode', `records region cannot be decoded: ${(cause as Error).message}`, firstSeq);
   }
 }
 
@@ -209,16 +209,16 @@ function walkRegion(firstSeq: number, region: Buffer, start: number, chains: Uin
       const i = records.length;
       chain = crc32c(region.subarray(from ?? 0, to ?? 0), chain);
       if (i >= chains.length || chain !== chains[i]) {
-        throw new JournalCorruptionError(firstSeq + i, 'crc', `stored CRC ${hex(chains[i] ?? 0)}, content gives ${hex(chain)}`);
+        throw new JournalCorruptionError(firstSeq + i, 'crc', `stored CRC ${hex(chains[i] ?? 0)}, content gives ${hex(chain)}`, firstSeq);
       }
       records.push(value as RawRecord);
     });
   } catch (cause) {
     if (cause instanceof JournalCorruptionError) throw cause;
-    throw new JournalCorruptionError(firstSeq + records.length, 'decode', `record cannot be decoded: ${(cause as Error).message}`);
+    throw new JournalCorruptionError(firstSeq + records.length, 'decode', `record cannot be decoded: ${(cause as Error).message}`, firstSeq);
   }
   if (records.length === chains.length && chain !== chains[chains.length - 1]) {
-    throw new JournalCorruptionError(firstSeq + records.length - 1, 'crc', 'records region does not match its last chained CRC');
+    throw new JournalCorruptionError(firstSeq + records.length - 1, 'crc', 'records region does not match its last chained CRC', firstSeq);
   }
   return records;
 }

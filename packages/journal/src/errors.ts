@@ -37,12 +37,15 @@ export class JournalError extends Error {
 export class JournalCorruptionError extends JournalError {
   readonly seq: number;
   readonly kind: CorruptionKind;
+  /** Damage inside a stored frame: the frame's first seq (its key), which may come before `seq`. */
+  readonly frameSeq: number | undefined;
 
-  constructor(seq: number, kind: CorruptionKind, detail: string) {
+  constructor(seq: number, kind: CorruptionKind, detail: string, frameSeq?: number) {
     super('ECORRUPT', `journal record seq ${seq} is corrupt (${kind}): ${detail}`);
     this.name = 'JournalCorruptionError';
     this.seq = seq;
     this.kind = kind;
+    this.frameSeq = frameSeq;
   }
 }
 

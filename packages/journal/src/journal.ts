@@ -147,7 +147,12 @@ export interface VerifyProblem {
   readonly seq: number;
   readonly kind: string;
   readonly message: string;
-  /** For a gap: the last missing seq (the gap is seq..toSeq). */
+  /**
+   * For a gap or a damaged frame, the records the walk passed over, fromSeq..toSeq: a gap's missing
+   * seqs; a damaged frame's records from its first (which may come before `seq`) up to the next
+   * frame, so with any missing right after it.
+   */
+  readonly fromSeq?: number;
   readonly toSeq?: number;
   /** Past the last durable seq: a torn tail a crash left, which opening a store cuts (see cutTail). */
   readonly tornTail?: boolean;
@@ -1337,11 +1342,12 @@ export class Journal<M = unknown> {
         // record after a payload that fails its CRC (its frame is whole), else at the next frame.
         if (err.kind === 'payload-crc' && err.seq < this.lastSeq) from = err.seq + 1;
         else {
-          const [next] = await this.db.keys({ gt: recordKey(err.seq), lt: recordRange.lt, limit: 1 }).all();
+          const [next] = await this.db.keys({ gt: recordKey(err.frameSeq ?? err.seq), lt: recordRange.lt, limit: 1 }).all();
           from = next === undefined ? undefined : seqOfKey(next);
         }
-        const gapEnd = from === undefined ? Math.max(err.seq, this.lastSeq) : from - 1;
-        problems.push({ seq: err.seq, kind: err.kind, message: err.message, ...(err.kind === 'gap' ? { toSeq: gapEnd } : {}), ...(err instanceof JournalTornTailError ? { tornTail: true } : {}) });
+        const passedOver = err.kind === 'gap' || err.frameSeq !== undefined;
+        const skipped = { fromSeq: err.frameSeq ?? err.seq, toSeq: from === undefined ? Math.max(err.seq, this.lastSeq) : from - 1 };
+        problems.push({ seq: err.seq, kind: err.kind, message: err.message, ...(passedOver ? skipped : {}), ...(err instanceof JournalTornTailError ? { tornTail: true } : {}) });
       }
     }
     for (const key of await this.db.keys(checkpointRange).all()) {

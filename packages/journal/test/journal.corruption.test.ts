@@ -57,7 +57,7 @@ async function expectDamage(dir: string, seq: number, kind: string): Promise<voi
   }
 }
 
-test('verify goes on past damage: every gap and damaged frame is named, a gap with its range', async () => {
+test('verify goes on past damage: every gap and damaged frame is named, with the records it passed over', async () => {
   const dir = await makeJournal();
   await tamper(dir, async (db) => {
     await db.del(key('r', 5));
@@ -69,10 +69,11 @@ test('verify goes on past damage: every gap and damaged frame is named, a gap wi
   try {
     const report = await journal.verify();
     assert.equal(
-      report.problems.map((p) => [p.seq, p.kind, p.toSeq]),
+      report.problems.map((p) => [p.seq, p.kind, p.fromSeq, p.toSeq]),
       [
-        [5, 'gap', 8],
-        [16, 'crc', undefined],
+        [5, 'gap', 5, 8],
+        // The damage is in the frame's last record; the walk passed over the whole frame.
+        [16, 'crc', 13, 16],
       ],
       report.problems.map((p) => p.message).join(' | '),
     );

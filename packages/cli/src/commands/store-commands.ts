@@ -127,7 +127,7 @@ export function registerStoreCommands(root: Command): void {
       .command('recover')
       .description('replay the journal after a crash: re-apply journaled writes to the layer files and write a checkpoint')
       .argument('<store>', 'store directory')
-      .option('--force', 'salvage a store whose journal is damaged: write damaged write payloads back from the layer files that still hold their blocks, set damaged LevelDB tables aside in journal/damaged/ and write back what they still hold, then cut the journal at the first damaged or missing record (it and every later record are lost) and recover what comes before; records lost where a checkpoint holds their state are recorded as accepted, and check then reports them as notes')
+      .option('--force', 'salvage a store whose journal is damaged: write damaged write payloads back from the layer files that still hold their blocks, set damaged LevelDB tables aside in journal/damaged/ and write back what they still hold, then cut the journal at the first damaged or missing record that no checkpoint before it covers (it and every later record are lost) and recover what comes before; records lost where a checkpoint holds their state (a missing or damaged frame) are recorded as accepted, and check then reports them as notes')
       .option('--json', 'print the report as JSON')
       .action(async (dirArg: string, opts: { force?: boolean; json?: boolean }) => {
         const dir = resolve(dirArg);

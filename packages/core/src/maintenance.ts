@@ -239,6 +239,15 @@ function passedOver(p: VerifyProblem): { fromSeq: number; toSeq: number } | unde
   return { fromSeq: p.fromSeq, toSeq: p.toSeq };
 }
 
+/**
+ * The newest seq a checkpoint must reach to hold the state a journal problem's records made: the end
+ * of a gap or damaged frame, or a damaged payload's own record (whole: only its bytes are bad).
+ */
+function coveredThrough(p: VerifyProblem): number {
+  if (isPayloadDamage(p) && p.tornTail !== true) return p.seq;
+  return passedOver(p)?.toSeq ?? Infinity;
+}
+
 /** The accepted loss that covers records fromSeq..toSeq, if one does. */
 function acceptedLossOf(accepted: readonly AcceptedLoss[], fromSeq: number, toSeq: number): AcceptedLoss | undefined {
   return accepted.find((a) => fromSeq >= a.fromSeq && toSeq <= a.toSeq);
@@ -318,8 +327,8 @@ async function cutAtDamage(dir: string): Promise<{ fromSeq: number; reason: stri
 
 /**
  * Where to cut a damaged journal: at the latest problem such that the newest checkpoint before it
- * holds the state of every record lost before it (a gap or a damaged frame the store, opening from
- * that checkpoint, never reads; recordLosses then accepts them). Losses recover --force accepted
+ * holds the state of every problem's records before it (a gap, a damaged frame or a damaged payload
+ * the store, opening from that checkpoint, never reads; recordLosses then accepts the first two). Losses recover --force accepted
  * earlier are no damage to cut at. Cutting at old damage a checkpoint covers would discard the
  * checkpoint and every record after it; the first problem is always a valid cut.
  */
@@ -327,7 +336,7 @@ function cutPoint(problems: readonly VerifiedProblem[], checkpointSeqs: readonly
   const damage = problems.filter((p) => p.kind !== 'checkpoint' && p.accepted === undefined);
   for (let k = damage.length - 1; k > 0; k--) {
     const checkpoint = Math.max(0, ...checkpointSeqs.filter((seq) => seq < damage[k].seq));
-    if (damage.slice(0, k).every((p) => (passedOver(p)?.toSeq ?? Infinity) <= checkpoint)) return damage[k];
+    if (damage.slice(0, k).every((p) => coveredThrough(p) <= checkpoint)) return damage[k];
   }
   return damage[0];
 }

@@ -396,11 +396,12 @@ export class Store {
         const from = options.reapplyRetained === true ? Math.min(checkpointed + 1, Math.max(openJournal.firstSeq, openJournal.payloadsDroppedThroughSeq + 1)) : checkpointed + 1;
         // A frame's records at a time: one RxJS notification per record cost more than applying it.
         await lastValueFrom(
-          openJournal.replayFrames(from, undefined, { pause: () => layerFiles.settle() }).pipe(
+          openJournal.replayFrames(from, undefined, { pause: () => layerFiles.settle(), damagedPayloadsThrough: options.reapplyRetained === true ? checkpointed : 0 }).pipe(
             scan((s, records) => {
               for (const record of records) {
                 // After the checkpoint every write is re-applied (a missing payload is damage);
-                // before it (salvage only) those whose payloads are still kept. Record by record, as
+                // before it (salvage only) those whose payloads are still kept and whole (a damaged
+                // one is passed over like a dropped one: check names a block it leaves wrong). Record by record, as
                 // the write must meet the layers of the records before it, not of the whole frame.
                 if (record.meta[0] === EventType.Write && (record.seq > checkpointed || record.payload !== undefined)) {
                   reapplyWrite(s, layerFiles, record);

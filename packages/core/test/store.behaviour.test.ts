@@ -589,6 +589,32 @@ test('check says whether a damaged payload can be mended; recover --force writes
   }
 });
 
+test('recover --force salvages past a damaged payload a checkpoint covers: it cuts at the later damage and re-applies the rest', async () => {
+  const dir = tempDir();
+  const store = await Store.create(dir, { sizeBytes: mib, retain: parseRetention('all') });
+  await store.writeVolume('default', 0, Buffer.alloc(4096, 0x22), true);
+  const overwritten = store.lastSeq;
+  await store.writeVolume('default', 0, Buffer.alloc(4096, 0x23), true);
+  await store.checkpoint();
+  await store.writeVolume('default', 4096, Buffer.alloc(4096, 4), true);
+  const newSeq = store.lastSeq + 1;
+  await store.writeVolume('default', 8192, Buffer.alloc(4096, 5), true);
+  await store.writeVolume('default', 12288, Buffer.alloc(4096, 6), true);
+  await store.close();
+  flipPayload(dir, Buffer.alloc(4096, 0x22));
+  await flipFrameByte(dir, newSeq);
+  await dropCheckpointsFrom(dir, newSeq);
+
+  const forced = await recoverStore(dir, { force: true });
+  assert.equal([forced.salvage?.fromSeq, forced.salvage?.recordsDiscarded], [newSeq, 2], 'the cut is at the damage after the checkpoint');
+  assert.equal(forced.payloadsUnrepaired.map((u) => u.seq), [overwritten], 'the payload no layer holds any more is not mended');
+  const kept = await Store.open(dir);
+  assert.ok(flat(kept.readVolume('default', 0, 16384)).equals(Buffer.concat([0x23, 4, 0, 0].map((v) => Buffer.alloc(4096, v)))), 'every write before the cut is kept');
+  await kept.close();
+  const after = await checkStore(dir);
+  assert.equal(after.problems.map((p) => [p.kind, p.seq]), [['journal', overwritten]], 'check still names the damaged payload, and nothing else');
+});
+
 test('check does not promise to write back a payload whose segment, the newest, was removed by hand', async () => {
   const dir = tempDir();
   const store = await Store.create(dir, { sizeBytes: mib, retain: parseRetention('all') });

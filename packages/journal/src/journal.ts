@@ -116,6 +116,12 @@ export interface ReplayOptions {
    * called after each frame's records are delivered; replay reads on once a returned promise resolves.
    */
   readonly pause?: () => Promise<void> | undefined;
+  /**
+   * Payloads of records at or before this seq that are missing or fail their CRC come back undefined
+   * instead of failing the replay (salvage re-applying what is kept where a checkpoint holds the
+   * state; default: none).
+   */
+  readonly damagedPayloadsThrough?: number;
 }
 
 export interface BatchCommitted {
@@ -1034,6 +1040,7 @@ export class Journal<M = unknown> {
     if (fromSeq > end) return;
     const wantPayloads = options.payloads ?? true;
     const fullCheck = options.fullCheck ?? false;
+    const damagedPayloadsThrough = options.damagedPayloadsThrough ?? 0;
     const startKey = await this.frameKeyAtOrBefore(fromSeq);
     const frames = this.db.iterator({ gte: startKey, lt: recordRange.lt, highWaterMarkBytes: replayChunkBytes });
     // The next chunk is read (in the threadpool) while this one is decoded and consumed. A read is
@@ -1067,7 +1074,7 @@ export class Journal<M = unknown> {
           const frame = decodeFrame(keySeq, value, expectPrev, fullCheck);
           const first = Math.max(0, fromSeq - frame.firstSeq);
           const last = Math.min(frame.count - 1, end - frame.firstSeq);
-          const payloads = wantPayloads ? this.framePayloads(frame, first, last, retention.payloadsThrough) : undefined;
+          const payloads = wantPayloads ? this.framePayloads(frame, first, last, retention.payloadsThrough, damagedPayloadsThrough) : undefined;
           // One array per frame: short-lived, so records die young instead of being promoted.
           const out: JournalRecord<M>[] = [];
           for (let i = first; i <= last; i++) {
@@ -1098,7 +1105,7 @@ export class Journal<M = unknown> {
    * from the payload log. A missing or damaged payload is corruption, or a torn tail when the record
    * is past the last durable seq.
    */
-  private framePayloads(frame: DecodedFrame, first: number, last: number, droppedThrough: number): Array<Buffer | undefined> {
+  private framePayloads(frame: DecodedFrame, first: number, last: number, droppedThrough: number, damagedThrough: number): Array<Buffer | undefined> {
     const out: Array<Buffer | undefined> = new Array(frame.count);
     let skip = 0;
     let want = 0;
@@ -1119,13 +1126,17 @@ export class Journal<M = unknown> {
       const [length, crc] = frame.records[i];
       if (length === 0) continue;
       const seq = frame.firstSeq + i;
-      if (at + length > bytes.length) {
-        this.payloadDamage(seq, 'payload-missing', `payload of ${length} bytes is not in payload segment ${frame.payloadSegment} (it ends ${at + length - bytes.length} bytes short)`);
-      }
       const payload = bytes.subarray(at, at + length);
-      if (crc32c(payload) !== crc) this.payloadDamage(seq, 'payload-crc', `payload of ${length} bytes does not match its CRC ${hex(crc)}`);
-      out[i] = payload;
       at += length;
+      if (payload.length < length) {
+        if (seq <= damagedThrough) continue;
+        this.payloadDamage(seq, 'payload-missing', `payload of ${length} bytes is not in payload segment ${frame.payloadSegment} (it ends ${at - bytes.length} bytes short)`);
+      }
+      if (crc32c(payload) !== crc) {
+        if (seq <= damagedThrough) continue;
+        this.payloadDamage(seq, 'payload-crc', `payload of ${length} bytes does not match its CRC ${hex(crc)}`);
+      }
+      out[i] = payload;
     }
     return out;
   }
@@ -1246,7 +1257,7 @@ export class Journal<M = unknown> {
     this.checkOpen();
     const { frame, i } = await this.retainedFrameOf(seq);
     if (frame === undefined || frame.records[i][0] === 0) return undefined;
-    return this.framePayloads(frame, i, i, this.retention.payloadsThrough)[i];
+    return this.framePayloads(frame, i, i, this.retention.payloadsThrough, 0)[i];
   }
 
   /**

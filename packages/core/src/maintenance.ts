@@ -20,7 +20,9 @@
  * An accepted loss is a note, not a problem: check replays the records around it, cannot compare the
  * projection, and verifies only the blocks last written after it (it says how many it could not).
  * A damaged payload or checkpoint does not stop the replay (it reads neither); each damaged payload's
- * problem says whether recover --force can write it back from a layer file.
+ * problem says whether recover --force can write it back from a layer file. One that cannot be, at or
+ * before the checkpoint, recover --force records as an accepted loss of that payload alone: a note,
+ * with nothing else left unchecked.
  */
 import { crc32c } from '@node-rs/crc32';
 import { join, resolve } from 'node:path';
@@ -39,6 +41,12 @@ export interface AcceptedLoss {
   readonly fromSeq: number;
   readonly toSeq: number;
   readonly reason: string;
+  /**
+   * Only the write payload of record `fromSeq` is lost (damaged, and no layer file holds its blocks
+   * any more); the record is whole, so check replays and verifies as before, and only views of the
+   * past that need the payload fail.
+   */
+  readonly payloadOnly?: true;
   /** When recover --force recorded it (ms since the epoch). */
   readonly recordedMs: number;
 }
@@ -196,10 +204,13 @@ async function recordLosses(store: Store, problems: readonly VerifyProblem[]): P
     if (lost !== undefined && lost.toSeq <= checkpointSeq) {
       const what = p.kind === 'gap' ? 'are missing' : `cannot be read (${p.message})`;
       found.push({ ...lost, reason: `records seq ${lost.fromSeq}..${lost.toSeq} ${what}; the checkpoint at seq ${checkpointSeq} holds the state they made` });
+    } else if (isPayloadDamage(p) && p.tornTail !== true && p.seq <= checkpointSeq) {
+      // Left after repairPayloads: no layer file holds the write any more.
+      found.push({ fromSeq: p.seq, toSeq: p.seq, payloadOnly: true, reason: `${p.message}, and no layer file holds the write any more; the checkpoint at seq ${checkpointSeq} holds the state it made` });
     }
   }
   const recordedMs = Date.now();
-  const fresh = found.filter((f) => !known.some((k) => k.fromSeq === f.fromSeq && k.toSeq === f.toSeq)).map((f) => ({ ...f, recordedMs }));
+  const fresh = found.filter((f) => !known.some((k) => k.fromSeq === f.fromSeq && k.toSeq === f.toSeq && k.payloadOnly === f.payloadOnly)).map((f) => ({ ...f, recordedMs }));
   if (fresh.length > 0) await journal.putMeta(acceptedLossesMetaKey, [...known, ...fresh]);
   return fresh;
 }
@@ -223,7 +234,7 @@ export async function verifyStoreJournal(journal: Journal<StoreEvent>): Promise<
   const accepted = await acceptedLosses(journal);
   const problems = report.problems.map((p): VerifiedProblem => {
     const lost = passedOver(p);
-    const loss = lost === undefined ? undefined : acceptedLossOf(accepted, lost.fromSeq, lost.toSeq);
+    const loss = lost !== undefined ? acceptedLossOf(accepted, lost.fromSeq, lost.toSeq) : isPayloadDamage(p) ? accepted.find((a) => a.payloadOnly === true && a.fromSeq === p.seq) : undefined;
     return loss === undefined ? p : { ...p, accepted: loss };
   });
   return { ...report, ok: problems.every((p) => p.accepted !== undefined), problems };
@@ -248,9 +259,9 @@ function coveredThrough(p: VerifyProblem): number {
   return passedOver(p)?.toSeq ?? Infinity;
 }
 
-/** The accepted loss that covers records fromSeq..toSeq, if one does. */
+/** The accepted loss of records that covers records fromSeq..toSeq, if one does. */
 function acceptedLossOf(accepted: readonly AcceptedLoss[], fromSeq: number, toSeq: number): AcceptedLoss | undefined {
-  return accepted.find((a) => fromSeq >= a.fromSeq && toSeq <= a.toSeq);
+  return accepted.find((a) => a.payloadOnly !== true && fromSeq >= a.fromSeq && toSeq <= a.toSeq);
 }
 
 function isDamage(err: unknown, force: boolean | undefined): err is StoreError {
@@ -385,11 +396,12 @@ export async function checkStore(dir: string, options: { onProgress?: ProgressCa
   const notes: string[] = [];
   try {
     const journal = store.eventLog;
-    // The accepted losses met: their records are missing from the journal as recorded.
+    // The accepted losses met: their records (or, payloadOnly, a payload) are missing as recorded.
     const lost = new Set<AcceptedLoss>();
+    const payloadsLost = new Set<AcceptedLoss>();
     const verify = await verifyStoreJournal(journal);
     for (const p of verify.problems) {
-      if (p.accepted !== undefined) lost.add(p.accepted);
+      if (p.accepted !== undefined) (p.accepted.payloadOnly === true ? payloadsLost : lost).add(p.accepted);
       else if (isPayloadDamage(p)) {
         // Say whether recover --force can mend it (from the layer file that still holds its blocks).
         const rebuilt = await rebuildPayload(journal, join(store.dir, 'layers'), p.seq);
@@ -445,6 +457,9 @@ export async function checkStore(dir: string, options: { onProgress?: ProgressCa
       if (losses.length > 0) {
         notes.push(`with them lost, the projection was not compared with a replay, and ${dataBlocksUnverifiable} data block(s) last written at or before seq ${lostThroughSeq} could not be verified`);
       }
+    }
+    for (const loss of payloadsLost) {
+      notes.push(`the payload of write seq ${loss.fromSeq} is lost, accepted by recover --force at ${new Date(loss.recordedMs).toISOString()}: ${loss.reason}; a view of the past that needs it fails`);
     }
   } finally {
     await store.close();

@@ -574,10 +574,19 @@ test('check says whether a damaged payload can be mended; recover --force writes
   assert.equal(forced.payloadsRepaired, [{ seq: mendable, layerId: top, firstBlock: 0, blocks: 2 }]);
   assert.equal(forced.payloadsUnrepaired.map((u) => u.seq), [overwritten]);
   assert.is(forced.salvage, undefined);
-  assert.is(forced.lossesRecorded.length, 0);
+  // The payload no layer holds is lost for good; the checkpoint holds the state its write made.
+  assert.equal(forced.lossesRecorded.map((l) => [l.fromSeq, l.toSeq, l.payloadOnly]), [[overwritten, overwritten, true]]);
+  assert.match(forced.lossesRecorded[0].reason, new RegExp(`seq ${overwritten} is corrupt \\(payload-crc\\).*, and no layer file holds the write any more; the checkpoint at seq \\d+ holds the state it made$`));
+  assert.is((await recoverStore(dir, { force: true })).lossesRecorded.length, 0, 'a loss is recorded once');
 
   const after = await checkStore(dir);
-  assert.equal(after.problems.map((p) => p.seq), [overwritten], 'only the payload no layer holds is still damaged');
+  assert.ok(after.ok, JSON.stringify(after.problems));
+  assert.equal(after.notes.length, 1, after.notes.join(' | '));
+  assert.match(after.notes[0], new RegExp(`^the payload of write seq ${overwritten} is lost, accepted by recover --force at 20.*; a view of the past that needs it fails$`));
+  assert.is(after.dataBlocksChecked, 3, 'a lost payload leaves every data block checked');
+  assert.is(after.dataBlocksUnverifiable, 0);
+  const verified = await verifyJournalOf(dir);
+  assert.equal(verified.problems.map((p) => [p.seq, p.accepted !== undefined]), [[overwritten, true]]);
   const reopened = await Store.open(dir);
   try {
     assert.ok((await reopened.eventLog.readPayload(mendable))!.equals(Buffer.alloc(8192, 0x11)), 'the journal holds the write again');
@@ -589,7 +598,7 @@ test('check says whether a damaged payload can be mended; recover --force writes
   }
 });
 
-test('recover --force salvages past a damaged payload a checkpoint covers: it cuts at the later damage and re-applies the rest', async () => {
+test('recover --force salvages past a damaged payload a checkpoint covers: it cuts at the later damage, re-applies the rest and records the payload as lost', async () => {
   const dir = tempDir();
   const store = await Store.create(dir, { sizeBytes: mib, retain: parseRetention('all') });
   await store.writeVolume('default', 0, Buffer.alloc(4096, 0x22), true);
@@ -611,8 +620,9 @@ test('recover --force salvages past a damaged payload a checkpoint covers: it cu
   const kept = await Store.open(dir);
   assert.ok(flat(kept.readVolume('default', 0, 16384)).equals(Buffer.concat([0x23, 4, 0, 0].map((v) => Buffer.alloc(4096, v)))), 'every write before the cut is kept');
   await kept.close();
+  assert.equal(forced.lossesRecorded.map((l) => [l.fromSeq, l.payloadOnly]), [[overwritten, true]], 'the damaged payload is recorded as lost');
   const after = await checkStore(dir);
-  assert.equal(after.problems.map((p) => [p.kind, p.seq]), [['journal', overwritten]], 'check still names the damaged payload, and nothing else');
+  assert.ok(after.ok, JSON.stringify(after.problems));
 });
 
 test('check does not promise to write back a payload whose segment, the newest, was removed by hand', async () => {

@@ -151,7 +151,7 @@ export function registerStoreCommands(root: Command): void {
             ...(report.sealDamage !== undefined ? [`  seal rewritten      ${describeSealDamage(report.sealDamage)}`] : []),
             ...report.payloadsRepaired.map((r) => `  PAYLOAD REPAIRED    seq ${r.seq}: written back from layer ${r.layerId} (blocks ${r.firstBlock}..${r.firstBlock + r.blocks - 1}), nothing lost`),
             ...report.payloadsUnrepaired.map((u) => `  PAYLOAD DAMAGED     seq ${u.seq}: cannot be rebuilt: ${u.reason}`),
-            ...report.lossesRecorded.map((l) => `  LOSS RECORDED       records seq ${l.fromSeq}..${l.toSeq}: ${l.reason}; check reports it as a note from now on`),
+            ...report.lossesRecorded.map((l) => `  LOSS RECORDED       ${l.payloadOnly === true ? `the payload of write seq ${l.fromSeq}` : `records seq ${l.fromSeq}..${l.toSeq}`}: ${l.reason}; check reports it as a note from now on`),
             ...(report.salvage !== undefined
               ? [
                   report.salvage.recordsDiscarded === 0

@@ -7,9 +7,9 @@
  * damaged record that no checkpoint before it covers (see recoverStore, cutPoint), and records lost
  * where a checkpoint holds the state they made (a gap or a damaged frame before it, or the history
  * before a journal salvage resumed) are recorded in the journal's metadata as accepted losses (see
- * recordLosses). Before any of that, force writes damaged
- * write payloads back from the layer files that still hold their blocks (payload-repair.ts): a
- * payload mended so costs no record, where the cut would have discarded it and everything after it.
+ * recordLosses). Before any of that, force writes damaged write payloads back from the layer files
+ * that still hold their blocks (payload-repair.ts): a payload mended so costs no record, where the
+ * cut would have discarded it and everything after it.
  *
  * check: after the same recovery, verify three things and name every problem found:
  *   - the journal: chained CRCs, no gaps, payload CRCs (by seq);
@@ -42,8 +42,8 @@ export interface AcceptedLoss {
   readonly toSeq: number;
   readonly reason: string;
   /**
-   * Only the write payload of record `fromSeq` is lost (damaged, and no layer file holds its blocks
-   * any more); the record is whole, so check replays and verifies as before, and only views of the
+   * Only the write payload of record `fromSeq` is lost (damaged, and it cannot be rebuilt from a
+   * layer file); the record is whole, so check replays and verifies as before, and only views of the
    * past that need the payload fail.
    */
   readonly payloadOnly?: true;
@@ -91,9 +91,9 @@ export interface RecoverReport extends OpenReport {
  *     damaged record and every record after it are discarded, acknowledged or not; damage the
  *     checkpoint covers is recorded as an accepted loss instead, see cutPoint), the store opens
  *     from its newest usable checkpoint as usual, and every retained write payload is written to
- *     its layer file again, so
- *     blocks that discarded events had overwritten get their last kept content back (blocks whose
- *     payloads retention already dropped cannot be restored; check names them).
+ *     its layer file again, so blocks that discarded events had overwritten get their last kept
+ *     content back (blocks whose payloads retention already dropped, or whose kept payload is
+ *     damaged, cannot be restored; check names them).
  * Damaged checkpoints need no force: older ones are used automatically.
  */
 export async function recoverStore(dir: string, options: { onProgress?: ProgressCallback; force?: boolean } = {}): Promise<RecoverReport> {
@@ -140,7 +140,7 @@ export async function recoverStore(dir: string, options: { onProgress?: Progress
       // Those that could not be mended before opening stay reported, also when the cut took them.
       const earlier = (repairs?.unrepaired ?? []).filter((u) => !open.unrepaired.some((o) => o.seq === u.seq));
       repairs = { repaired: [...(repairs?.repaired ?? []), ...open.repaired], unrepaired: [...earlier, ...open.unrepaired], problems: open.problems };
-      lossesRecorded = await recordLosses(store, open.problems);
+      lossesRecorded = await recordLosses(store, open.problems, repairs.unrepaired);
     }
   } finally {
     await store.close();
@@ -187,11 +187,13 @@ async function repairPayloadsAlone(dir: string): Promise<PayloadRepairReport | u
 }
 
 /**
- * Record the losses an opened store is whole without, each once: gaps at or before the checkpoint
- * it opened from (among `problems`, its journal's verify), and the records before a journal that no
- * longer starts at seq 1 (a salvage resumed it after a checkpoint). Returns the ones recorded now.
+ * Record the losses an opened store is whole without, each once: gaps and damaged frames at or
+ * before the checkpoint it opened from (among `problems`, its journal's verify), damaged payloads
+ * there that repairPayloads could not rebuild (`unrepaired` says why), and the records before a
+ * journal that no longer starts at seq 1 (a salvage resumed it after a checkpoint). Returns the ones
+ * recorded now.
  */
-async function recordLosses(store: Store, problems: readonly VerifyProblem[]): Promise<AcceptedLoss[]> {
+async function recordLosses(store: Store, problems: readonly VerifyProblem[], unrepaired: readonly PayloadUnrepaired[]): Promise<AcceptedLoss[]> {
   const journal = store.eventLog;
   const known = await acceptedLosses(journal);
   const checkpointSeq = store.openReport.checkpointSeq;
@@ -205,8 +207,9 @@ async function recordLosses(store: Store, problems: readonly VerifyProblem[]): P
       const what = p.kind === 'gap' ? 'are missing' : `cannot be read (${p.message})`;
       found.push({ ...lost, reason: `records seq ${lost.fromSeq}..${lost.toSeq} ${what}; the checkpoint at seq ${checkpointSeq} holds the state they made` });
     } else if (isPayloadDamage(p) && p.tornTail !== true && p.seq <= checkpointSeq) {
-      // Left after repairPayloads: no layer file holds the write any more.
-      found.push({ fromSeq: p.seq, toSeq: p.seq, payloadOnly: true, reason: `${p.message}, and no layer file holds the write any more; the checkpoint at seq ${checkpointSeq} holds the state it made` });
+      // Left after repairPayloads, which says why it could not rebuild it.
+      const why = unrepaired.find((u) => u.seq === p.seq)?.reason ?? 'no layer file gives it back';
+      found.push({ fromSeq: p.seq, toSeq: p.seq, payloadOnly: true, reason: `${p.message}; it cannot be rebuilt: ${why}; the checkpoint at seq ${checkpointSeq} holds the state it made` });
     }
   }
   const recordedMs = Date.now();
@@ -339,9 +342,10 @@ async function cutAtDamage(dir: string): Promise<{ fromSeq: number; reason: stri
 /**
  * Where to cut a damaged journal: at the latest problem such that the newest checkpoint before it
  * holds the state of every problem's records before it (a gap, a damaged frame or a damaged payload
- * the store, opening from that checkpoint, never reads; recordLosses then accepts the first two). Losses recover --force accepted
- * earlier are no damage to cut at. Cutting at old damage a checkpoint covers would discard the
- * checkpoint and every record after it; the first problem is always a valid cut.
+ * that the store, opening from that checkpoint, never reads; recordLosses then accepts them).
+ * Losses recover --force accepted earlier are no damage to cut at. Cutting at old damage a
+ * checkpoint covers would discard the checkpoint and every record after it; the first problem is
+ * always a valid cut.
  */
 function cutPoint(problems: readonly VerifiedProblem[], checkpointSeqs: readonly number[]): VerifiedProblem | undefined {
   const damage = problems.filter((p) => p.kind !== 'checkpoint' && p.accepted === undefined);

@@ -401,8 +401,9 @@ export class Store {
               for (const record of records) {
                 // After the checkpoint every write is re-applied (a missing payload is damage);
                 // before it (salvage only) those whose payloads are still kept and whole (a damaged
-                // one is passed over like a dropped one: check names a block it leaves wrong). Record by record, as
-                // the write must meet the layers of the records before it, not of the whole frame.
+                // one is passed over like a dropped one: check names a block it leaves wrong).
+                // Record by record, as the write must meet the layers of the records before it, not
+                // of the whole frame.
                 if (record.meta[0] === EventType.Write && (record.seq > checkpointed || record.payload !== undefined)) {
                   reapplyWrite(s, layerFiles, record);
                   writesReapplied++;

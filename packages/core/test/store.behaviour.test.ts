@@ -576,7 +576,7 @@ test('check says whether a damaged payload can be mended; recover --force writes
   assert.is(forced.salvage, undefined);
   // The payload no layer holds is lost for good; the checkpoint holds the state its write made.
   assert.equal(forced.lossesRecorded.map((l) => [l.fromSeq, l.toSeq, l.payloadOnly]), [[overwritten, overwritten, true]]);
-  assert.match(forced.lossesRecorded[0].reason, new RegExp(`seq ${overwritten} is corrupt \\(payload-crc\\).*, and no layer file holds the write any more; the checkpoint at seq \\d+ holds the state it made$`));
+  assert.match(forced.lossesRecorded[0].reason, new RegExp(`seq ${overwritten} is corrupt \\(payload-crc\\).*; it cannot be rebuilt: layer ${top} no longer holds it: .*; the checkpoint at seq \\d+ holds the state it made$`));
   assert.is((await recoverStore(dir, { force: true })).lossesRecorded.length, 0, 'a loss is recorded once');
 
   const after = await checkStore(dir);

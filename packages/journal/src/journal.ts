@@ -1356,9 +1356,9 @@ export class Journal<M = unknown> {
           const [next] = await this.db.keys({ gt: recordKey(err.frameSeq ?? err.seq), lt: recordRange.lt, limit: 1 }).all();
           from = next === undefined ? undefined : seqOfKey(next);
         }
-        const passedOver = err.kind === 'gap' || err.frameSeq !== undefined;
+        const skipsRecords = err.kind === 'gap' || err.frameSeq !== undefined;
         const skipped = { fromSeq: err.frameSeq ?? err.seq, toSeq: from === undefined ? Math.max(err.seq, this.lastSeq) : from - 1 };
-        problems.push({ seq: err.seq, kind: err.kind, message: err.message, ...(passedOver ? skipped : {}), ...(err instanceof JournalTornTailError ? { tornTail: true } : {}) });
+        problems.push({ seq: err.seq, kind: err.kind, message: err.message, ...(skipsRecords ? skipped : {}), ...(err instanceof JournalTornTailError ? { tornTail: true } : {}) });
       }
     }
     for (const key of await this.db.keys(checkpointRange).all()) {

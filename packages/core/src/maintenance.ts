@@ -202,12 +202,13 @@ async function recordLosses(store: Store, problems: readonly VerifyProblem[], un
     found.push({ fromSeq: 1, toSeq: journal.firstSeq - 1, reason: `the journal's records before seq ${journal.firstSeq} are gone; its checkpoints hold the state they made` });
   }
   for (const p of problems) {
+    if (coveredThrough(p) > checkpointSeq) continue;
     const lost = passedOver(p);
-    if (lost !== undefined && lost.toSeq <= checkpointSeq) {
+    if (lost !== undefined) {
       const what = p.kind === 'gap' ? 'are missing' : `cannot be read (${p.message})`;
       found.push({ ...lost, reason: `records seq ${lost.fromSeq}..${lost.toSeq} ${what}; the checkpoint at seq ${checkpointSeq} holds the state they made` });
-    } else if (isPayloadDamage(p) && p.tornTail !== true && p.seq <= checkpointSeq) {
-      // Left after repairPayloads, which says why it could not rebuild it.
+    } else {
+      // A damaged payload left after repairPayloads, which says why it could not rebuild it.
       const why = unrepaired.find((u) => u.seq === p.seq)?.reason ?? 'no layer file gives it back';
       found.push({ fromSeq: p.seq, toSeq: p.seq, payloadOnly: true, reason: `${p.message}; it cannot be rebuilt: ${why}; the checkpoint at seq ${checkpointSeq} holds the state it made` });
     }

@@ -1105,7 +1105,7 @@ export class Journal<M = unknown> {
    * from the payload log. A missing or damaged payload is corruption, or a torn tail when the record
    * is past the last durable seq.
    */
-  private framePayloads(frame: DecodedFrame, first: number, last: number, droppedThrough: number, damagedThrough: number): Array<Buffer | undefined> {
+  private framePayloads(frame: DecodedFrame, first: number, last: number, droppedThrough: number, damagedThrough = 0): Array<Buffer | undefined> {
     const out: Array<Buffer | undefined> = new Array(frame.count);
     let skip = 0;
     let want = 0;
@@ -1128,12 +1128,10 @@ export class Journal<M = unknown> {
       const seq = frame.firstSeq + i;
       const payload = bytes.subarray(at, at + length);
       at += length;
-      if (payload.length < length) {
+      const missing = payload.length < length;
+      if (missing || crc32c(payload) !== crc) {
         if (seq <= damagedThrough) continue;
-        this.payloadDamage(seq, 'payload-missing', `payload of ${length} bytes is not in payload segment ${frame.payloadSegment} (it ends ${at - bytes.length} bytes short)`);
-      }
-      if (crc32c(payload) !== crc) {
-        if (seq <= damagedThrough) continue;
+        if (missing) this.payloadDamage(seq, 'payload-missing', `payload of ${length} bytes is not in payload segment ${frame.payloadSegment} (it ends ${at - bytes.length} bytes short)`);
         this.payloadDamage(seq, 'payload-crc', `payload of ${length} bytes does not match its CRC ${hex(crc)}`);
       }
       out[i] = payload;
@@ -1257,7 +1255,7 @@ export class Journal<M = unknown> {
     this.checkOpen();
     const { frame, i } = await this.retainedFrameOf(seq);
     if (frame === undefined || frame.records[i][0] === 0) return undefined;
-    return this.framePayloads(frame, i, i, this.retention.payloadsThrough, 0)[i];
+    return this.framePayloads(frame, i, i, this.retention.payloadsThrough)[i];
   }
 
   /**
